@@ -1,0 +1,46 @@
+# Single entry point. `make demo` and `make test` do all the set-up on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MLFLOW_DIR := $(CURDIR)/mlflow
+UI_PORT ?= 5000
+
+# Offline by default: no telemetry from Prefect or MLflow (../shared/reference/prefect.md §10, mlflow.md §7).
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: install demo test lint format ui clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/pets demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/python -m pytest
+
+ui: $(STAMP)
+	mkdir -p $(MLFLOW_DIR)/artifacts
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui \
+		--backend-store-uri sqlite:///$(MLFLOW_DIR)/mlflow.db \
+		--default-artifact-root file://$(MLFLOW_DIR)/artifacts \
+		--host 127.0.0.1 --port $(UI_PORT) --workers 1
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache

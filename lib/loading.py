@@ -1,0 +1,137 @@
+"""Datasets and loaders over the presize cache, yielding uint8 batches at the presize.
+
+Random square crops (train) and centre crops (valid) reproduce fastai's `Resize(460)` crop on the cached images. The
+crop fractions are drawn in the main process by the sampler, so a run is reproducible for a seed whatever the number
+of workers, and no global RNG state is read or changed.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator, Sequence
+
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+# fastai DataLoaders defaults (fastai-recipe.md §1.4): bs=64, val_bs=bs, shuffle+drop_last on train only.
+DEFAULT_BATCH_SIZE = 64
+MAX_DEFAULT_WORKERS = 16  # fastai: num_workers = min(16, cpus)
+
+CropRequest = tuple[int, float, float]  # (item index, fraction along x, fraction along y)
+
+
+def default_workers() -> int:
+    """Return fastai's default worker count: min(16, usable CPUs)."""
+    return min(MAX_DEFAULT_WORKERS, len(os.sched_getaffinity(0)))
+
+
+def crop_offset(length: int, crop: int, fraction: float) -> int:
+    """Return the start of a crop along one axis, int(fraction * (length - crop)) as fastai's Resize does."""
+    return int(fraction * (length - crop))
+
+
+class PresizedImages(Dataset):
+    """Square crops of presized images, as uint8 CxSxS tensors, with their integer targets."""
+
+    def __init__(self, paths: Sequence[str], targets: Sequence[int], size: int):
+        if len(paths) != len(targets):
+            raise ValueError(f"{len(paths)} paths but {len(targets)} targets")
+        self.paths = list(paths)
+        self.targets = [int(t) for t in targets]
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, request: CropRequest) -> tuple[torch.Tensor, int]:
+        index, fraction_x, fraction_y = request
+        with Image.open(self.paths[index]) as cached:
+            image = cached.convert("RGB")
+        width, height = image.size
+        if min(height, width) < self.size:
+            raise ValueError(
+                f"{self.paths[index]} is {width}x{height}, smaller than the {self.size}px crop: it was presized for "
+                "another size. Re-run the presize stage with the same --presize."
+            )
+        top = crop_offset(height, self.size, fraction_y)
+        left = crop_offset(width, self.size, fraction_x)
+        crop = image.crop((left, top, left + self.size, top + self.size))
+        return pil_to_tensor(crop), self.targets[index]
+
+
+class CropSampler(Sampler[CropRequest]):
+    """Yield (index, fraction_x, fraction_y): shuffled random crops for training, in-order centre crops otherwise."""
+
+    def __init__(self, length: int, *, train: bool, seed: int | None = None):
+        self.length = length
+        self.train = train
+        self.generator = torch.Generator()
+        self.generator.manual_seed(secrets.randbits(63) if seed is None else seed)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[CropRequest]:
+        if not self.train:
+            return iter([(i, 0.5, 0.5) for i in range(self.length)])
+        order = torch.randperm(self.length, generator=self.generator).tolist()
+        fractions = torch.rand(self.length, 2, generator=self.generator).tolist()
+        return iter([(i, fx, fy) for i, (fx, fy) in zip(order, fractions, strict=True)])
+
+
+def make_loader(
+    manifest: pd.DataFrame,
+    *,
+    size: int,
+    train: bool,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: int | None = None,
+    seed: int | None = None,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Build a loader over manifest rows (needs `presized_path` and `target` columns).
+
+    Training loaders shuffle and drop the last incomplete batch, as fastai's do.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    if train and len(manifest) < batch_size:
+        raise ValueError(
+            f"The training set has {len(manifest)} images, fewer than one batch of {batch_size}: with drop_last "
+            "there would be no batch at all. Lower --bs or add images."
+        )
+    dataset = PresizedImages(manifest["presized_path"].tolist(), manifest["target"].tolist(), size)
+    workers = default_workers() if workers is None else workers
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=CropSampler(len(dataset), train=train, seed=seed),
+        drop_last=train,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        # Worker seeds are drawn from this generator, not from the global RNG.
+        generator=torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed),
+    )
+
+
+def make_loaders(
+    manifest: pd.DataFrame,
+    *,
+    size: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: int | None = None,
+    seed: int | None = None,
+    pin_memory: bool = False,
+) -> tuple[DataLoader, DataLoader]:
+    """Build (train_loader, valid_loader) from a split manifest."""
+    by_split = {name: manifest[manifest["split"] == name] for name in ("train", "valid")}
+    common = {"size": size, "batch_size": batch_size, "workers": workers, "pin_memory": pin_memory}
+    return (
+        make_loader(by_split["train"], train=True, seed=seed, **common),
+        make_loader(by_split["valid"], train=False, seed=seed, **common),
+    )

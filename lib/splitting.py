@@ -1,0 +1,64 @@
+"""Split a manifest into training and validation sets the way fastai's RandomSplitter does."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+# fastbook ch. 5: RandomSplitter(valid_pct=0.2, seed=42)
+DEFAULT_VALID_PCT = 0.2
+DEFAULT_SEED = 42
+
+
+@dataclass(frozen=True)
+class SplitManifest:
+    """Rows with a `split` ('train'/'valid') and a `target` column, the class vocabulary, and what was dropped."""
+
+    manifest: pd.DataFrame
+    vocab: tuple[str, ...]
+    valid_only: pd.DataFrame
+
+    def sizes(self) -> dict[str, int]:
+        """Return the number of rows in each split."""
+        counts = self.manifest["split"].value_counts()
+        return {"train": int(counts.get("train", 0)), "valid": int(counts.get("valid", 0))}
+
+
+def random_split(n: int, *, valid_pct: float = DEFAULT_VALID_PCT, seed: int | None = DEFAULT_SEED):
+    """Return (train_indices, valid_indices) of a seeded permutation of range(n).
+
+    Validation is the first int(valid_pct * n) items of torch.randperm(n), as in fastai's RandomSplitter. A private
+    generator seeded like torch.manual_seed(seed) gives the same permutation without touching global RNG state.
+    """
+    if not 0 < valid_pct < 1:
+        raise ValueError(f"valid_pct must be between 0 and 1 (exclusive), got {valid_pct}: e.g. --valid-pct 0.2.")
+    if n < 2:
+        raise ValueError(f"Cannot split {n} item(s) into training and validation sets: at least 2 are needed.")
+    generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
+    permutation = torch.randperm(n, generator=generator)
+    cut = int(valid_pct * n)
+    return permutation[cut:].tolist(), permutation[:cut].tolist()
+
+
+def split_manifest(
+    manifest: pd.DataFrame, *, valid_pct: float = DEFAULT_VALID_PCT, seed: int | None = DEFAULT_SEED
+) -> SplitManifest:
+    """Add split and target columns; build the vocabulary from the training split.
+
+    Validation rows whose label never occurs in training cannot be scored by a model that lacks the class: they are
+    removed from the manifest and returned in `valid_only` so callers can report them.
+    """
+    train_idx, valid_idx = random_split(len(manifest), valid_pct=valid_pct, seed=seed)
+    split = pd.Series("train", index=range(len(manifest)))
+    split.iloc[valid_idx] = "valid"
+    result = manifest.reset_index(drop=True).assign(split=split.to_numpy())
+    # fastai Categorize: sorted unique training labels, Python string order (upper-case cat breeds first).
+    vocab = tuple(sorted(set(result.loc[result["split"] == "train", "label"])))
+    known = result["label"].isin(vocab)
+    valid_only = result[~known].reset_index(drop=True)
+    kept = result[known].reset_index(drop=True)
+    kept["target"] = kept["label"].map({label: i for i, label in enumerate(vocab)}).astype("int64")
+    return SplitManifest(manifest=kept, vocab=vocab, valid_only=valid_only)

@@ -1,0 +1,179 @@
+"""The `DataBlock.summary` analogue and a show_batch image grid."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from lib.images import open_rgb
+from lib.loading import PresizedImages, make_loader
+from lib.presize import presized_shape
+from lib.splitting import SplitManifest
+
+SHOW_BATCH_MAX = 9  # fastai show_batch: max_n=9
+INCHES_PER_IMAGE = 3  # fastai show_batch: figsize from 3 inches per image
+MAX_VOCAB_SHOWN = 40
+
+
+def collate_or_explain(images: list[torch.Tensor]) -> tuple[torch.Tensor | None, str]:
+    """Stack images into a batch, or return None and a message listing the shapes that cannot be stacked."""
+    shapes = [tuple(image.shape) for image in images]
+    if len(set(shapes)) > 1:
+        listed = ", ".join("x".join(map(str, s)) for s in shapes)
+        return None, (
+            "Error! It's not possible to collate your items in a batch: they have different shapes "
+            f"({listed}). Resize every item to the same size first, e.g. presize with --presize 460."
+        )
+    batch = torch.stack(images)
+    return batch, f"gives {_describe_tensor(batch)}"
+
+
+def data_summary(
+    split: SplitManifest,
+    *,
+    source: str,
+    label_pattern: str,
+    presize: int | None,
+    found: int,
+    excluded: pd.DataFrame | None = None,
+    batch_size: int = 4,
+) -> str:
+    """Describe the data stage step by step, as fastai's DataBlock.summary does, and return it as text.
+
+    Args:
+        split: the split manifest; needs `presized_path` unless presize is None.
+        source: where the items were collected from.
+        label_pattern: the regular expression that labelled them.
+        presize: short side of the presized images, or None to trace the originals (whose batch cannot collate).
+        found: number of image files found before cleaning.
+        excluded: rows removed by cleaning, with a `reason` column.
+        batch_size: items in the traced batch (fastai's summary uses 4).
+    """
+    lines = [f"Collecting items from {source}", f"Found {found} items"]
+    lines += _cleaning_lines(excluded)
+    sizes = split.sizes()
+    lines.append(f"2 datasets of sizes {sizes['train']},{sizes['valid']}")
+    lines += _vocab_lines(split, label_pattern)
+    lines += _class_count_lines(split.manifest)
+    lines += _sample_lines(split, label_pattern, presize)
+    lines += _batch_lines(split.manifest, presize, batch_size)
+    return "\n".join(lines) + "\n"
+
+
+def _cleaning_lines(excluded: pd.DataFrame | None) -> list[str]:
+    if excluded is None or excluded.empty:
+        return ["Cleaning excluded no files"]
+    counts = excluded["reason"].value_counts().sort_index()
+    return [f"Cleaning excluded {len(excluded)} files: " + ", ".join(f"{r} {n}" for r, n in counts.items())]
+
+
+def _vocab_lines(split: SplitManifest, label_pattern: str) -> list[str]:
+    shown = list(split.vocab[:MAX_VOCAB_SHOWN]) + (["..."] if len(split.vocab) > MAX_VOCAB_SHOWN else [])
+    lines = [
+        f"Labels from file names with the pattern {label_pattern}",
+        f"Vocabulary ({len(split.vocab)} classes): {shown}",
+    ]
+    if not split.valid_only.empty:
+        only = sorted(set(split.valid_only["label"]))
+        lines.append(
+            f"Warning: {len(split.valid_only)} validation items have labels absent from training and were left out: "
+            f"{only}"
+        )
+    return lines
+
+
+def _class_count_lines(manifest: pd.DataFrame) -> list[str]:
+    table = pd.crosstab(manifest["label"], manifest["split"]).reindex(columns=["train", "valid"], fill_value=0)
+    width = max(len(label) for label in table.index)
+    lines = ["Items per class (train / valid):"]
+    lines += [f"  {label:<{width}}  {row.train:>5}  {row.valid:>5}" for label, row in table.iterrows()]
+    return lines
+
+
+def _sample_lines(split: SplitManifest, label_pattern: str, presize: int | None) -> list[str]:
+    row = split.manifest[split.manifest["split"] == "train"].iloc[0]
+    lines = ["Building one sample", "  Pipeline: label_from_filename -> vocabulary index"]
+    lines += [
+        f"    starting from {row['path']}",
+        f"    applying label_from_filename({label_pattern!r}) gives {row['label']}",
+        f"    applying vocabulary index gives {int(row['target'])}",
+        "  Pipeline: open_rgb -> presize -> crop" if presize else "  Pipeline: open_rgb -> to_tensor",
+        f"    starting from {row['path']}",
+    ]
+    image = open_rgb(row["path"])
+    lines.append(f"    applying open_rgb gives RGB image {image.width}x{image.height}")
+    if presize:
+        width, height = presized_shape(image.width, image.height, presize)
+        lines.append(
+            f"    applying presize({presize}) gives RGB image {width}x{height} (cached at {row['presized_path']})"
+        )
+        lines.append(f"    applying crop({presize}) gives uint8 tensor 3x{presize}x{presize}")
+    else:
+        lines.append(f"    applying to_tensor gives uint8 tensor 3x{image.height}x{image.width}")
+    return lines
+
+
+def _batch_lines(manifest: pd.DataFrame, presize: int | None, batch_size: int) -> list[str]:
+    train = manifest[manifest["split"] == "train"].head(batch_size)
+    lines = [f"Building one batch of {len(train)}", "  Collating items in a batch"]
+    if presize is None:
+        images = [pil_to_tensor(open_rgb(path)) for path in train["path"]]
+    else:
+        centre_crops = PresizedImages(train["presized_path"].tolist(), train["target"].tolist(), presize)
+        images = [centre_crops[(i, 0.5, 0.5)][0] for i in range(len(train))]
+    _, message = collate_or_explain(images)
+    return lines + [f"  {message}"]
+
+
+def _describe_tensor(tensor: torch.Tensor) -> str:
+    return f"{str(tensor.dtype).removeprefix('torch.')} tensor {'x'.join(map(str, tensor.shape))}"
+
+
+def show_batch(
+    images: torch.Tensor,
+    titles: list[str],
+    out_path: Path,
+    *,
+    max_n: int = SHOW_BATCH_MAX,
+    nrows: int | None = None,
+    ncols: int | None = None,
+) -> Path:
+    """Draw up to max_n uint8 CxHxW images in a grid with their titles and save it as a PNG.
+
+    The grid follows fastai's default: rows = int(sqrt(n)), cols = ceil(n / rows), 3 inches per image.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on training hosts
+    import matplotlib.pyplot as plt
+
+    count = min(len(images), max_n)
+    nrows = nrows or int(math.sqrt(count))
+    ncols = ncols or math.ceil(count / nrows)
+    figure, axes = plt.subplots(
+        nrows, ncols, figsize=(ncols * INCHES_PER_IMAGE, nrows * INCHES_PER_IMAGE), squeeze=False
+    )
+    for position, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if position < count:
+            axis.imshow(images[position].permute(1, 2, 0).numpy())
+            axis.set_title(titles[position])
+    figure.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out_path, dpi=72)
+    plt.close(figure)
+    return out_path
+
+
+def show_training_batch(split: SplitManifest, out_path: Path, *, size: int, seed: int | None = None) -> Path:
+    """Draw one shuffled, randomly cropped training batch of up to nine images with their class names."""
+    train = split.manifest[split.manifest["split"] == "train"]
+    batch_size = min(SHOW_BATCH_MAX, len(train))
+    loader = make_loader(train, size=size, train=True, batch_size=batch_size, workers=0, seed=seed)
+    images, targets = next(iter(loader))
+    return show_batch(images, [split.vocab[t] for t in targets.tolist()], out_path)

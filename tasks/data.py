@@ -1,0 +1,139 @@
+"""Prefect tasks of the data stage: each calls one lib function, writes its outputs, returns paths and counts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pandas as pd
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from lib import cleaning, download, labelling, presize, splitting, summary
+
+MANIFEST_FILE = "manifest.csv"
+
+
+def _is_transient(task, task_run, state) -> bool:
+    """Retry only failures a second try can fix: network errors, not a 404 or a checksum mismatch."""
+    error = state.data
+    return isinstance(error, download.DownloadError) and error.transient
+
+
+def _download_cache_key(context, parameters) -> str:
+    """Key on the inputs and on what the cache already holds, so a deleted cache is never served from Prefect."""
+    cached = None
+    if parameters["data_url"]:
+        cached = download.cached_archive_digest(parameters["data_url"], Path(parameters["cache_dir"]))
+    key = json.dumps({**parameters, "cached_sha256": cached}, sort_keys=True, default=str)
+    return "download-" + hashlib.sha256(key.encode()).hexdigest()
+
+
+@task(
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=_is_transient,
+    cache_key_fn=_download_cache_key,
+)
+def download_dataset(data_url: str | None, data_dir: str | None, cache_dir: str, sha256: str | None = None) -> str:
+    """Download and extract the dataset archive (or take a local folder) and return its images folder."""
+    images_dir = download.resolve_data_source(
+        data_url=data_url,
+        data_dir=Path(data_dir) if data_dir else None,
+        cache_dir=Path(cache_dir),
+        sha256=sha256,
+    )
+    return str(images_dir)
+
+
+@task(cache_policy=NO_CACHE)
+def label_images(images_dir: str, pattern: str, skip_unmatched: bool, out_dir: str) -> dict:
+    """Label the images from their file names and write the manifest."""
+    labelled = labelling.label_images(Path(images_dir), pattern=pattern, skip_unmatched=skip_unmatched)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / MANIFEST_FILE
+    labelled.manifest.to_csv(manifest_path, index=False)
+    if labelled.unmatched:
+        (out / "unmatched.txt").write_text("\n".join(labelled.unmatched) + "\n")
+    return {
+        "manifest": str(manifest_path),
+        "found": len(labelled.manifest) + len(labelled.unmatched),
+        "unmatched": len(labelled.unmatched),
+    }
+
+
+@task(cache_policy=NO_CACHE)
+def clean_images(manifest_path: str) -> dict:
+    """Decode every image, exclude the broken ones and write the cleaned manifest and the report beside it."""
+    result = cleaning.clean_images(pd.read_csv(manifest_path))
+    out = Path(manifest_path).parent
+    cleaned_path = out / "cleaned.csv"
+    result.kept.to_csv(cleaned_path, index=False)
+    report_path = cleaning.write_cleaning_report(result, out)
+    return {"manifest": str(cleaned_path), "report": str(report_path), **result.counts()}
+
+
+@task(cache_policy=NO_CACHE)
+def split_dataset(manifest_path: str, valid_pct: float, seed: int | None) -> dict:
+    """Split the manifest into training and validation sets and write the vocabulary."""
+    split = splitting.split_manifest(pd.read_csv(manifest_path), valid_pct=valid_pct, seed=seed)
+    out = Path(manifest_path).parent
+    split.manifest.to_csv(out / "split.csv", index=False)
+    (out / "vocab.json").write_text(json.dumps(list(split.vocab), indent=1) + "\n")
+    if not split.valid_only.empty:
+        split.valid_only.to_csv(out / "valid_only.csv", index=False)
+    return {
+        "manifest": str(out / "split.csv"),
+        "vocab": str(out / "vocab.json"),
+        "classes": len(split.vocab),
+        **split.sizes(),
+        "valid_only": len(split.valid_only),
+    }
+
+
+@task(cache_policy=NO_CACHE)
+def presize_images(manifest_path: str, cache_dir: str, size: int) -> dict:
+    """Presize every image not yet in the shared cache and write the manifest with the cached paths."""
+    result = presize.presize_images(pd.read_csv(manifest_path), Path(cache_dir), presize=size)
+    presized_path = Path(manifest_path).parent / "presized.csv"
+    result.manifest.to_csv(presized_path, index=False)
+    return {"manifest": str(presized_path), "cache_hits": result.cache_hits, "written": result.written}
+
+
+@task(cache_policy=NO_CACHE)
+def summarize_data(
+    manifest_path: str,
+    vocab_path: str,
+    *,
+    source: str,
+    label_pattern: str,
+    size: int,
+    found: int,
+    seed: int | None,
+) -> dict:
+    """Write the DataBlock.summary analogue and a show_batch grid beside the manifest."""
+    out = Path(manifest_path).parent
+    split = _read_split(manifest_path, vocab_path)
+    excluded_path = out / "excluded.csv"
+    excluded = pd.read_csv(excluded_path) if excluded_path.is_file() else None
+    text = summary.data_summary(
+        split, source=source, label_pattern=label_pattern, presize=size, found=found, excluded=excluded
+    )
+    summary_path = out / "summary.txt"
+    summary_path.write_text(text)
+    create_markdown_artifact(f"```\n{text}```", key="data-summary", description="DataBlock.summary analogue")
+    grid_path = summary.show_training_batch(split, out / "show_batch.png", size=size, seed=seed)
+    return {"summary": str(summary_path), "show_batch": str(grid_path)}
+
+
+def _read_split(manifest_path: str, vocab_path: str) -> splitting.SplitManifest:
+    manifest = pd.read_csv(manifest_path)
+    vocab = tuple(json.loads(Path(vocab_path).read_text()))
+    valid_only_path = Path(manifest_path).parent / "valid_only.csv"
+    valid_only = pd.read_csv(valid_only_path) if valid_only_path.is_file() else manifest.iloc[:0]
+    return splitting.SplitManifest(manifest=manifest, vocab=vocab, valid_only=valid_only)

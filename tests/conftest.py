@@ -1,0 +1,36 @@
+"""Test-session settings: offline, telemetry off, Prefect and MLflow state in temporary folders.
+
+The environment is set before anything imports prefect or mlflow, because both read parts of it at import time
+(see ../shared/reference/prefect.md §4, §10 and mlflow.md §5).
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="pets-tests-"))
+os.environ.update(
+    {
+        "PREFECT_HOME": str(_SESSION_TMP / "prefect-home"),
+        # Persisted task results would otherwise survive across pytest sessions (prefect.md §4).
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(_SESSION_TMP / "prefect-results"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PETS_HOME": str(_SESSION_TMP / "pets-home"),
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+    }
+)
+os.environ.pop("PREFECT_API_URL", None)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Start one temporary Prefect API server for the whole session (startup costs about 10 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield

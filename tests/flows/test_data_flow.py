@@ -1,0 +1,144 @@
+"""The data flow end to end under a real (temporary) Prefect API, over real HTTP on 127.0.0.1."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.data import prepare_data
+from lib.synthetic import BROKEN_FILES, ODD_MODES, make_pets_dataset, pack_tgz
+from tests.support.http_server import serve_directory
+
+BREEDS, PER_BREED, PRESIZE = 4, 10, 64
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    root = tmp_path_factory.mktemp("source")
+    images = make_pets_dataset(
+        root / "pets", breeds=BREEDS, images_per_breed=PER_BREED, max_side=160, broken=True, odd_modes=True
+    )
+    return pack_tgz(images, root / "served" / "pets.tgz")
+
+
+def test_prepare_data_over_http_then_a_warm_rerun_reuses_every_cache(archive, tmp_path):
+    found = BREEDS * PER_BREED + len(BROKEN_FILES) + len(ODD_MODES)
+    kept = found - len(BROKEN_FILES)
+    with serve_directory(archive.parent) as server:
+        common = {
+            "data_url": server.url(archive.name),
+            "presize": PRESIZE,
+            "cache_dir": str(tmp_path / "cache"),
+        }
+        first = prepare_data(**common, out_dir=str(tmp_path / "run1"))
+        requests_after_first = server.requests
+        second = prepare_data(**common, out_dir=str(tmp_path / "run2"))
+
+    assert requests_after_first == 1
+    assert server.requests == requests_after_first  # the warm run did no network I/O
+    report = json.loads((tmp_path / "run1" / "cleaning_report.json").read_text())
+    assert report["counts"]["kept"] == kept and report["counts"]["excluded"] == len(BROKEN_FILES)
+    for reason in set(BROKEN_FILES.values()):
+        assert report["counts"][reason] == list(BROKEN_FILES.values()).count(reason)
+    assert first["sizes"] == {"train": kept - int(0.2 * kept), "valid": int(0.2 * kept)}
+    presized = pd.read_csv(first["manifest"])
+    assert first["cache_hits"] == 0 and second["cache_hits"] == len(presized)
+    text = (tmp_path / "run1" / "summary.txt").read_text()
+    assert f"Found {found} items" in text and f"2 datasets of sizes {first['sizes']['train']}," in text
+    with Image.open(first["show_batch"]) as grid:
+        assert grid.size[0] > 0
+    assert second["manifest"] != first["manifest"] and pd.read_csv(second["manifest"]).equals(presized)
+
+
+def test_unmatched_file_names_fail_the_flow_with_the_fix(tmp_path):
+    images = make_pets_dataset(tmp_path / "pets", breeds=2, images_per_breed=3, max_side=120)
+    (images / "IMG_0001.jpeg").write_bytes((images / "Abyssinian_1.jpg").read_bytes())
+
+    state = prepare_data(
+        data_dir=str(images),
+        out_dir=str(tmp_path / "out"),
+        cache_dir=str(tmp_path / "c"),
+        presize=PRESIZE,
+        return_state=True,
+    )
+
+    assert state.is_failed()
+    with pytest.raises(ValueError, match=r"1 of 7 file names do not match .*--skip-unmatched"):
+        state.result()
+
+
+def test_download_task_retries_a_cut_off_transfer_and_resumes(archive, tmp_path):
+    from tasks.data import download_dataset
+
+    with serve_directory(archive.parent) as server:
+        server.cut_after = archive.stat().st_size // 2
+        images_dir = download_dataset(server.url(archive.name), None, str(tmp_path / "cache"))
+
+    assert server.requests == 2
+    assert server.range_headers[1] == f"bytes={archive.stat().st_size // 2}-"
+    assert sorted(p.name for p in (tmp_path / "cache" / "extracted" / "pets" / "oxford-iiit-pet" / "images").iterdir())
+    assert images_dir.endswith("oxford-iiit-pet/images")
+
+
+def test_download_task_does_not_retry_a_404(archive, tmp_path):
+    from tasks.data import download_dataset
+
+    with serve_directory(archive.parent) as server:
+        state = download_dataset(server.url("missing.tgz"), None, str(tmp_path / "cache"), return_state=True)
+
+    assert state.is_failed() and server.requests == 1
+    with pytest.raises(Exception, match="404"):
+        state.result()
+
+
+def test_pets_summary_cli_on_a_folder_prints_the_summary_and_writes_the_grid(tmp_path):
+    images = make_pets_dataset(tmp_path / "pets", breeds=3, images_per_breed=6, max_side=120)
+    out = tmp_path / "out"
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "summary",
+            "--data-dir",
+            str(images),
+            "--presize",
+            "48",
+            "--out-dir",
+            str(out),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--valid-pct",
+            "0.25",
+        ],
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "Found 18 items" in result.output and "2 datasets of sizes 14,4" in result.output
+    assert (out / "show_batch.png").is_file() and (out / "summary.txt").is_file()
+
+
+def test_cli_help_tells_every_command_and_flag():
+    result = subprocess.run(
+        [sys.executable, "-m", "flows", "summary", "--help"], capture_output=True, text=True, check=True
+    )
+    for flag in (
+        "--data-url",
+        "--data-dir",
+        "--label-pattern",
+        "--skip-unmatched",
+        "--valid-pct",
+        "--seed",
+        "--presize",
+        "--sha256",
+        "--out-dir",
+        "--cache-dir",
+    ):
+        assert flag in result.stdout
+    top = subprocess.run([sys.executable, "-m", "flows", "--help"], capture_output=True, text=True, check=True)
+    assert "summary" in top.stdout and "demo" in top.stdout

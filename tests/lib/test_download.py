@@ -1,0 +1,503 @@
+"""Tests for lib/download.py against a real HTTP server on 127.0.0.1, with archives made by the tests."""
+
+import hashlib
+import io
+import json
+import pickle
+import random
+import shutil
+import stat
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from lib.download import (
+    ChecksumMismatchError,
+    DownloadError,
+    UnsafeArchiveError,
+    cached_archive_digest,
+    download_archive,
+    extract_archive,
+    fetch_dataset,
+    find_images_dir,
+    resolve_data_source,
+)
+from tests.support.http_server import refused_port, serve_directory, silent_port
+
+# Random bytes do not compress, so "cut off halfway" means halfway through the .tgz too.
+_RANDOM = random.Random(5)
+PET_FILES = {
+    "oxford-iiit-pet/images/Abyssinian_1.jpg": _RANDOM.randbytes(30_000),
+    "oxford-iiit-pet/images/yorkshire_terrier_2.jpg": _RANDOM.randbytes(30_000),
+    "oxford-iiit-pet/annotations/trimaps/Abyssinian_1.png": _RANDOM.randbytes(2_000),
+    "oxford-iiit-pet/annotations/list.txt": b"Abyssinian_1 1 1 1\n",
+}
+
+
+def make_tar(path: Path, files: dict[str, bytes]) -> Path:
+    """Write a (gzipped, for .tgz) tar archive holding files."""
+    with tarfile.open(path, "w:gz" if path.name.endswith(".tgz") else "w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def make_zip(path: Path, files: dict[str, bytes]) -> Path:
+    """Write a zip archive holding files."""
+    with zipfile.ZipFile(path, "w") as zip_file:
+        for name, data in files.items():
+            zip_file.writestr(name, data)
+    return path
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Return {relative path: bytes} for every file under root, leaving out the extraction marker."""
+    return {
+        path.relative_to(root).as_posix(): path.read_bytes()
+        for path in root.rglob("*")
+        if path.is_file() and path.name != ".extracted.json"
+    }
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def pets_archive(tmp_path: Path) -> Path:
+    served = tmp_path / "served"
+    served.mkdir()
+    return make_tar(served / "oxford-iiit-pet.tgz", PET_FILES)
+
+
+@pytest.fixture
+def server(pets_archive: Path):
+    with serve_directory(pets_archive.parent) as running:
+        yield running
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+# Downloading over HTTP.
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_http_download_is_extracted_and_recorded(server, pets_archive, cache_dir, progress):
+    extracted = fetch_dataset(server.url(pets_archive.name), cache_dir, progress=progress)
+
+    assert extracted == cache_dir / "extracted" / "oxford-iiit-pet"
+    assert tree(extracted) == PET_FILES
+    archive = cache_dir / "downloads" / "oxford-iiit-pet.tgz"
+    assert archive.read_bytes() == pets_archive.read_bytes()
+    sidecar = json.loads((cache_dir / "downloads" / "oxford-iiit-pet.tgz.json").read_text())
+    assert sidecar == {
+        "url": server.url(pets_archive.name),
+        "bytes": pets_archive.stat().st_size,
+        "sha256": sha256_of(pets_archive.read_bytes()),
+    }
+    assert not (cache_dir / "downloads" / "oxford-iiit-pet.tgz.part").exists()
+
+
+def test_second_call_does_no_network_io(server, pets_archive, cache_dir):
+    url = server.url(pets_archive.name)
+    first = download_archive(url, cache_dir, progress=False)
+    requests_after_first = server.requests
+
+    second = download_archive(url, cache_dir, sha256=sha256_of(pets_archive.read_bytes()), progress=False)
+    fetch_dataset(url, cache_dir, progress=False)
+
+    assert requests_after_first == 1
+    assert server.requests == requests_after_first
+    assert second == first
+
+
+def test_interrupted_transfer_keeps_part_and_resumes_with_range(server, pets_archive, cache_dir):
+    source = pets_archive.read_bytes()
+    half = len(source) // 2
+    server.cut_after = half  # the first response only
+    part = cache_dir / "downloads" / "oxford-iiit-pet.tgz.part"
+
+    with pytest.raises(DownloadError, match="resume") as caught:
+        download_archive(server.url(pets_archive.name), cache_dir, progress=False)
+
+    assert caught.value.transient is True
+    assert part.read_bytes() == source[:half]
+    assert not (cache_dir / "downloads" / "oxford-iiit-pet.tgz").exists()
+
+    archive = download_archive(server.url(pets_archive.name), cache_dir, progress=False)
+
+    assert server.range_headers == [None, f"bytes={half}-"]
+    assert archive.read_bytes() == source
+    assert not part.exists()
+
+
+def test_resume_survives_a_server_that_ignores_range(server, pets_archive, cache_dir):
+    server.cut_after = 1000
+    with pytest.raises(DownloadError):
+        download_archive(server.url(pets_archive.name), cache_dir, progress=False)
+    server.ignore_range = True
+
+    archive = download_archive(server.url(pets_archive.name), cache_dir, progress=False)
+
+    assert server.range_headers == [None, "bytes=1000-"]
+    assert archive.read_bytes() == pets_archive.read_bytes()
+
+
+def test_repeated_cut_offs_make_progress_until_complete(server, pets_archive, cache_dir):
+    size = pets_archive.stat().st_size
+    server.cut_after, server.cut_every_request = size // 3 + 1, True
+    url = server.url(pets_archive.name)
+
+    for _ in range(2):
+        with pytest.raises(DownloadError) as caught:
+            download_archive(url, cache_dir, progress=False)
+        assert caught.value.transient
+
+    archive = download_archive(url, cache_dir, progress=False)
+
+    assert archive.read_bytes() == pets_archive.read_bytes()
+    assert server.requests == 3
+
+
+def test_complete_part_left_by_a_crash_is_finished_without_refetching(server, pets_archive, cache_dir):
+    part = cache_dir / "downloads" / "oxford-iiit-pet.tgz.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(pets_archive.read_bytes())
+
+    archive = download_archive(server.url(pets_archive.name), cache_dir, progress=False)
+
+    assert server.range_headers == [f"bytes={pets_archive.stat().st_size}-"]  # answered 416
+    assert archive.read_bytes() == pets_archive.read_bytes()
+
+
+# Checksums.
+
+
+def test_checksum_mismatch_discards_the_download(server, pets_archive, cache_dir):
+    wrong = "0" * 64
+    with pytest.raises(ChecksumMismatchError) as caught:
+        download_archive(server.url(pets_archive.name), cache_dir, sha256=wrong, progress=False)
+
+    message = str(caught.value)
+    assert caught.value.transient is False
+    assert wrong in message and sha256_of(pets_archive.read_bytes()) in message
+    assert "oxford-iiit-pet.tgz" in message and "--sha256" in message
+    assert list((cache_dir / "downloads").iterdir()) == []
+
+
+def test_correct_checksum_passes_in_any_case(server, pets_archive, cache_dir):
+    digest = sha256_of(pets_archive.read_bytes())
+
+    archive = download_archive(server.url(pets_archive.name), cache_dir, sha256=digest.upper(), progress=False)
+
+    assert archive.read_bytes() == pets_archive.read_bytes()
+
+
+def test_cached_file_with_another_checksum_raises_without_downloading(server, pets_archive, cache_dir):
+    download_archive(server.url(pets_archive.name), cache_dir, progress=False)
+
+    with pytest.raises(ChecksumMismatchError, match="Delete"):
+        download_archive(server.url(pets_archive.name), cache_dir, sha256="a" * 64, progress=False)
+
+    assert server.requests == 1
+
+
+def test_malformed_checksum_is_rejected_before_any_request(server, pets_archive, cache_dir):
+    with pytest.raises(ValueError, match="64 hexadecimal"):
+        download_archive(server.url(pets_archive.name), cache_dir, sha256="abc", progress=False)
+
+    assert server.requests == 0
+
+
+# Failures and their `transient` flag.
+
+
+def test_404_is_permanent_and_names_url_and_status(server, cache_dir):
+    url = server.url("missing.tgz")
+
+    with pytest.raises(DownloadError) as caught:
+        download_archive(url, cache_dir, progress=False)
+
+    assert caught.value.transient is False
+    assert url in str(caught.value) and "404" in str(caught.value) and "--data-dir" in str(caught.value)
+    assert not (cache_dir / "downloads" / "missing.tgz.part").exists()
+
+
+def test_server_error_is_transient(server, pets_archive, cache_dir):
+    server.force_status = 503
+
+    with pytest.raises(DownloadError, match="503") as caught:
+        download_archive(server.url(pets_archive.name), cache_dir, progress=False)
+
+    assert caught.value.transient is True
+
+
+def test_connection_refused_is_transient(cache_dir):
+    with refused_port() as port, pytest.raises(DownloadError) as caught:
+        download_archive(f"http://127.0.0.1:{port}/pets.tgz", cache_dir, progress=False)
+
+    assert caught.value.transient is True
+    assert f"127.0.0.1:{port}/pets.tgz" in str(caught.value)
+
+
+def test_read_timeout_is_transient(cache_dir):
+    with silent_port() as port, pytest.raises(DownloadError, match="Timeout") as caught:
+        download_archive(f"http://127.0.0.1:{port}/pets.tgz", cache_dir, progress=False, timeout=0.2)
+
+    assert caught.value.transient is True
+
+
+def test_unsupported_scheme_names_url_and_accepted_schemes(cache_dir):
+    with pytest.raises(DownloadError) as caught:
+        download_archive("ftp://example.org/pets.tgz", cache_dir, progress=False)
+
+    assert caught.value.transient is False
+    assert "ftp://example.org/pets.tgz" in str(caught.value) and "https://" in str(caught.value)
+
+
+def test_download_errors_survive_pickling():
+    # Prefect serialises a failed task's exception; the retry decision needs `transient` afterwards.
+    error = pickle.loads(pickle.dumps(DownloadError("cut off", transient=True)))
+    mismatch = pickle.loads(pickle.dumps(ChecksumMismatchError("bad", path=Path("a.tgz"), expected="e", actual="a")))
+
+    assert error.transient is True and str(error) == "cut off"
+    assert mismatch.transient is False and mismatch.expected == "e" and mismatch.path == Path("a.tgz")
+
+
+# Local sources.
+
+
+@pytest.mark.parametrize("as_url", [True, False], ids=["file-url", "plain-path"])
+def test_local_archive_is_copied(pets_archive, cache_dir, as_url):
+    source = pets_archive.as_uri() if as_url else str(pets_archive)
+
+    archive = download_archive(source, cache_dir, progress=False)
+
+    assert archive == cache_dir / "downloads" / "oxford-iiit-pet.tgz"
+    assert archive.read_bytes() == pets_archive.read_bytes()
+    assert json.loads((archive.parent / "oxford-iiit-pet.tgz.json").read_text())["url"] == source
+
+
+def test_missing_local_archive_is_a_permanent_error(tmp_path, cache_dir):
+    with pytest.raises(DownloadError, match="does not exist") as caught:
+        download_archive((tmp_path / "nope.tgz").as_uri(), cache_dir, progress=False)
+
+    assert caught.value.transient is False
+
+
+# Extraction.
+
+
+def _link_member(name: str, target: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = tarfile.SYMTYPE, target
+    return info
+
+
+def _unsafe_tar_members(outside: Path) -> dict[str, tarfile.TarInfo]:
+    return {
+        "dot-dot": tarfile.TarInfo("../evil"),
+        "absolute": tarfile.TarInfo(str(outside / "evil")),
+        "symlink-out": _link_member("link", str(outside)),
+        "relative-symlink-out": _link_member("data/link", "../../outside"),
+    }
+
+
+@pytest.mark.parametrize("case", ["dot-dot", "absolute", "symlink-out", "relative-symlink-out"])
+def test_unsafe_tar_is_refused_and_writes_nothing_outside(tmp_path, case):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    member = _unsafe_tar_members(outside)[case]
+    archive = tmp_path / "bad.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.addfile(member, io.BytesIO(b"") if member.isfile() else None)
+    before = sorted(tmp_path.rglob("*"))
+    dest = tmp_path / "out" / "bad"
+
+    with pytest.raises(UnsafeArchiveError) as caught:
+        extract_archive(archive, dest)
+
+    assert "bad.tar" in str(caught.value) and member.name in str(caught.value)
+    assert sorted(tmp_path.rglob("*")) == sorted([*before, tmp_path / "out"])  # only the empty parent is new
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["../evil", "/tmp/evil", "ok/../../evil", "link"])
+def test_unsafe_zip_is_refused_before_extracting_anything(tmp_path, name):
+    archive = tmp_path / "bad.zip"
+    with zipfile.ZipFile(archive, "w") as zip_file:
+        zip_file.writestr("fine.txt", b"written before the bad member if checks came late")
+        info = zipfile.ZipInfo(name)
+        if name == "link":
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zip_file.writestr(info, b"/etc/passwd" if name == "link" else b"evil")
+    dest = tmp_path / "out" / "bad"
+
+    with pytest.raises(UnsafeArchiveError) as caught:
+        extract_archive(archive, dest)
+
+    assert "bad.zip" in str(caught.value) and name in str(caught.value)
+    assert not dest.exists() and not (tmp_path / "evil").exists()
+
+
+def test_zip_is_extracted(tmp_path):
+    archive = make_zip(tmp_path / "pets.zip", PET_FILES)
+
+    dest = extract_archive(archive, tmp_path / "out")
+
+    assert tree(dest) == PET_FILES
+
+
+def test_plain_tar_is_extracted(tmp_path):
+    archive = make_tar(tmp_path / "pets.tar", PET_FILES)
+
+    assert tree(extract_archive(archive, tmp_path / "out")) == PET_FILES
+
+
+def test_unknown_suffix_lists_supported_ones(tmp_path):
+    archive = tmp_path / "pets.rar"
+    archive.write_bytes(b"not an archive")
+
+    with pytest.raises(ValueError, match=r"\.tgz.*\.zip"):
+        extract_archive(archive, tmp_path / "out")
+
+
+def test_unknown_suffix_fails_before_downloading(server, cache_dir):
+    with pytest.raises(ValueError, match="pets.rar"):
+        fetch_dataset(server.url("pets.rar"), cache_dir, progress=False)
+
+    assert server.requests == 0
+
+
+def test_second_extraction_is_a_no_op(tmp_path):
+    archive = make_tar(tmp_path / "pets.tgz", PET_FILES)
+    dest = extract_archive(archive, tmp_path / "out")
+    (dest / "oxford-iiit-pet" / "annotations" / "list.txt").unlink()
+
+    assert extract_archive(archive, tmp_path / "out") == dest
+
+    assert not (dest / "oxford-iiit-pet" / "annotations" / "list.txt").exists()
+    assert json.loads((dest / ".extracted.json").read_text())["sha256"] == sha256_of(archive.read_bytes())
+
+
+def test_truncated_archive_leaves_no_half_extracted_folder(tmp_path):
+    whole = make_tar(tmp_path / "whole.tgz", PET_FILES).read_bytes()
+    truncated = tmp_path / "pets.tgz"
+    truncated.write_bytes(whole[: len(whole) * 3 // 4])  # the first members extract, then the stream ends
+    dest = tmp_path / "out" / "pets"
+
+    with pytest.raises(ValueError, match="Cannot read"):
+        extract_archive(truncated, dest)
+
+    assert list((tmp_path / "out").iterdir()) == []
+    truncated.write_bytes(whole)
+    assert tree(extract_archive(truncated, dest)) == PET_FILES
+
+
+def test_a_different_archive_replaces_an_earlier_extraction(tmp_path):
+    archive = make_tar(tmp_path / "pets.tgz", {"a.txt": b"old"})
+    dest = extract_archive(archive, tmp_path / "out")
+    make_tar(archive, {"b.txt": b"new"})
+
+    extract_archive(archive, dest)
+
+    assert tree(dest) == {"b.txt": b"new"}
+    assert sorted(path.name for path in (tmp_path / "out").parent.iterdir()) == ["out", "pets.tgz"]
+
+
+def test_folder_not_made_by_an_extraction_is_not_overwritten(tmp_path):
+    archive = make_tar(tmp_path / "pets.tgz", {"a.txt": b"x"})
+    dest = tmp_path / "mine"
+    dest.mkdir()
+    (dest / "precious.txt").write_text("keep")
+
+    with pytest.raises(FileExistsError, match="mine"):
+        extract_archive(archive, dest)
+
+    assert (dest / "precious.txt").read_text() == "keep"
+
+
+# Finding the images.
+
+
+def _touch(root: Path, *names: str) -> Path:
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"")
+    return root
+
+
+def test_find_images_dir_picks_images_not_trimaps_in_the_pet_layout(tmp_path):
+    _touch(tmp_path, *PET_FILES)
+
+    assert find_images_dir(tmp_path) == tmp_path / "oxford-iiit-pet" / "images"
+
+
+def test_find_images_dir_alternatives(tmp_path):
+    direct = _touch(tmp_path / "direct", "images/a.jpg", "annotations/a.png")
+    single = _touch(tmp_path / "single", "photos/a.jpg", ".hidden/x", "__MACOSX/photos/._a.jpg")
+    several = _touch(tmp_path / "several", "cats/a.jpg", "dogs/b.jpg")
+
+    assert find_images_dir(direct) == direct / "images"
+    assert find_images_dir(single) == single / "photos"
+    assert find_images_dir(several) == several
+
+
+def test_resolve_data_dir_is_used_as_is(tmp_path, cache_dir):
+    flat = _touch(tmp_path / "flat", "Abyssinian_1.jpg", "beagle_2.jpg")
+    pets = _touch(tmp_path / "pets", *PET_FILES)
+
+    assert resolve_data_source(data_url=None, data_dir=flat, cache_dir=cache_dir) == flat
+    assert resolve_data_source(data_url=None, data_dir=pets, cache_dir=cache_dir) == pets / "oxford-iiit-pet" / "images"
+    assert not cache_dir.exists()
+
+
+def test_resolve_data_url_downloads_and_finds_images(server, pets_archive, cache_dir):
+    images = resolve_data_source(
+        data_url=server.url(pets_archive.name), data_dir=None, cache_dir=cache_dir, progress=False
+    )
+
+    assert images == cache_dir / "extracted" / "oxford-iiit-pet" / "oxford-iiit-pet" / "images"
+    assert sorted(path.name for path in images.iterdir()) == ["Abyssinian_1.jpg", "yorkshire_terrier_2.jpg"]
+
+
+@pytest.mark.parametrize("both", [True, False], ids=["both", "neither"])
+def test_resolve_needs_exactly_one_source(tmp_path, cache_dir, both):
+    with pytest.raises(ValueError, match="data_url.*data_dir"):
+        resolve_data_source(
+            data_url="http://127.0.0.1:9/pets.tgz" if both else None,
+            data_dir=tmp_path if both else None,
+            cache_dir=cache_dir,
+        )
+
+
+def test_resolve_missing_or_non_folder_data_dir_names_the_path(tmp_path, cache_dir):
+    missing = tmp_path / "no-such-folder"
+    a_file = _touch(tmp_path, "a.jpg") / "a.jpg"
+
+    with pytest.raises(FileNotFoundError, match="no-such-folder"):
+        resolve_data_source(data_url=None, data_dir=missing, cache_dir=cache_dir)
+    with pytest.raises(NotADirectoryError, match="a.jpg"):
+        resolve_data_source(data_url=None, data_dir=a_file, cache_dir=cache_dir)
+
+
+def test_cached_archive_digest_reads_only_the_cache(tmp_path):
+    (tmp_path / "src").mkdir()
+    archive = make_tar(tmp_path / "src" / "pets.tgz", PET_FILES)
+    url = archive.as_uri()
+    cache = tmp_path / "cache"
+    assert cached_archive_digest(url, cache) is None
+
+    fetch_dataset(url, cache, progress=False)
+    assert cached_archive_digest(url, cache) == hashlib.sha256(archive.read_bytes()).hexdigest()
+
+    shutil.rmtree(cache / "extracted")  # a deleted extraction is not a cache hit
+    assert cached_archive_digest(url, cache) is None
+    assert cached_archive_digest("ftp://host/x.tgz", cache) is None

@@ -1,0 +1,93 @@
+import hashlib
+import math
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from lib.loading import CropSampler, crop_offset, make_loader, make_loaders
+from lib.presize import presize_images
+from tests.support.images import write_image
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def presized(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loading")
+    sizes = [(60, 40), (40, 70), (50, 50), (80, 33), (33, 45)] * 4
+    paths = [write_image(root / "src" / f"pug_{i}.jpg", s, (10 * i, 0, 90)) for i, s in enumerate(sizes, 1)]
+    manifest = pd.DataFrame(
+        {
+            "path": [str(p) for p in paths],
+            "sha256": [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths],
+            "target": [i % 3 for i in range(len(paths))],
+            "split": ["valid" if i % 4 == 0 else "train" for i in range(len(paths))],
+        }
+    )
+    return presize_images(manifest, root / "cache", presize=SIZE, progress=False).manifest
+
+
+def test_batches_are_uint8_at_the_presize_with_fastai_drop_last(presized):
+    train_loader, valid_loader = make_loaders(presized, size=SIZE, batch_size=4, workers=0, seed=0)
+    train_batches, valid_batches = list(train_loader), list(valid_loader)
+    n_train, n_valid = (presized["split"] == "train").sum(), (presized["split"] == "valid").sum()
+
+    assert len(train_batches) == n_train // 4  # drop_last on train
+    assert len(valid_batches) == math.ceil(n_valid / 4)
+    images, targets = train_batches[0]
+    assert images.dtype == torch.uint8 and images.shape == (4, 3, SIZE, SIZE)
+    assert targets.dtype == torch.int64
+
+
+def test_validation_is_in_order_centre_crops(presized):
+    valid = presized[presized["split"] == "valid"]
+    loader = make_loader(valid, size=SIZE, train=False, batch_size=len(valid), workers=0)
+    images, targets = next(iter(loader))
+
+    assert targets.tolist() == valid["target"].tolist()
+    for image, path in zip(images, valid["presized_path"], strict=True):
+        with Image.open(path) as cached:
+            pixels = pil_to_tensor(cached.convert("RGB"))
+        top, left = crop_offset(pixels.shape[1], SIZE, 0.5), crop_offset(pixels.shape[2], SIZE, 0.5)
+        assert torch.equal(image, pixels[:, top : top + SIZE, left : left + SIZE])
+
+
+def test_training_crops_are_reproducible_for_a_seed_whatever_the_workers(presized):
+    train = presized[presized["split"] == "train"]
+
+    def epoch(workers, seed):
+        loader = make_loader(train, size=SIZE, train=True, batch_size=3, workers=workers, seed=seed)
+        return torch.cat([images for images, _ in loader])
+
+    assert torch.equal(epoch(0, 7), epoch(2, 7))
+    assert not torch.equal(epoch(0, 7), epoch(0, 8))
+
+
+def test_sampler_shuffles_each_epoch_with_crops_inside_the_image():
+    sampler = CropSampler(50, train=True, seed=3)
+    first, second = list(sampler), list(sampler)
+    assert [i for i, _, _ in first] != [i for i, _, _ in second]
+    assert sorted(i for i, _, _ in first) == list(range(50))
+    assert all(0 <= fx < 1 and 0 <= fy < 1 for _, fx, fy in first)
+    assert list(CropSampler(3, train=False)) == [(0, 0.5, 0.5), (1, 0.5, 0.5), (2, 0.5, 0.5)]
+
+
+def test_loading_leaves_global_rng_alone(presized):
+    before = torch.get_rng_state()
+    train_loader, _ = make_loaders(presized, size=SIZE, batch_size=4, workers=0, seed=1)
+    list(train_loader)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_batch_larger_than_training_set_is_a_clear_error(presized):
+    with pytest.raises(ValueError, match="fewer than one batch of 64"):
+        make_loaders(presized, size=SIZE, batch_size=64, workers=0)
+
+
+def test_images_presized_for_another_size_are_refused(presized):
+    loader = make_loader(presized[presized["split"] == "valid"], size=SIZE * 4, train=False, batch_size=2, workers=0)
+    with pytest.raises(ValueError, match="presized for another size"):
+        next(iter(loader))

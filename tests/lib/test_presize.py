@@ -1,0 +1,102 @@
+import hashlib
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from lib.presize import cache_path, presize_image, presize_images, presized_shape
+from tests.support.images import write_image
+
+
+@pytest.mark.parametrize(
+    ("size", "presize", "expected"),
+    [
+        ((500, 375), 460, (613, 460)),
+        ((375, 500), 460, (460, 613)),
+        ((200, 100), 460, (920, 460)),
+        ((460, 460), 460, (460, 460)),
+    ],
+)
+def test_short_side_becomes_the_presize_and_aspect_is_kept(size, presize, expected):
+    assert presized_shape(*size, presize) == expected
+
+
+def _manifest(paths):
+    return pd.DataFrame(
+        {
+            "path": [str(p) for p in paths],
+            "sha256": [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths],
+        }
+    )
+
+
+@pytest.fixture
+def originals(tmp_path):
+    sizes = [(300, 200), (120, 180), (256, 256), (90, 60)]
+    return [write_image(tmp_path / "src" / f"pug_{i}.jpg", size, (40 * i, 10, 200)) for i, size in enumerate(sizes, 1)]
+
+
+def test_presize_writes_short_side_images_into_content_addressed_cache(tmp_path, originals):
+    manifest = _manifest(originals)
+    result = presize_images(manifest, tmp_path / "cache", presize=64, workers=2, progress=False)
+
+    assert (result.cache_hits, result.written) == (0, len(originals))
+    for (_, row), original in zip(result.manifest.iterrows(), originals, strict=True):
+        assert row["presized_path"] == str(cache_path(tmp_path / "cache", row["sha256"], 64))
+        with Image.open(row["presized_path"]) as cached, Image.open(original) as source:
+            assert min(cached.size) == 64
+            assert cached.size == presized_shape(*source.size, 64)
+            # a bilinear resize keeps a flat colour: red channel near the source's
+            red_cached = np.asarray(cached)[..., 0].mean()
+            assert abs(red_cached - np.asarray(source)[..., 0].mean()) < 4
+
+
+def test_second_run_hits_the_cache_without_decoding_the_originals(tmp_path, originals):
+    manifest = _manifest(originals)
+    first = presize_images(manifest, tmp_path / "cache", presize=64, progress=False)
+    mtimes = [os.stat(p).st_mtime_ns for p in first.manifest["presized_path"]]
+    for original in originals:  # nothing left to decode: a re-decode would fail
+        original.unlink()
+
+    second = presize_images(manifest, tmp_path / "cache", presize=64, progress=False)
+
+    assert (second.cache_hits, second.written) == (len(originals), 0)
+    assert [os.stat(p).st_mtime_ns for p in second.manifest["presized_path"]] == mtimes
+
+
+def test_identical_content_shares_one_entry_and_presizes_do_not_mix(tmp_path, originals):
+    copy = tmp_path / "src" / "beagle_1.jpg"
+    copy.write_bytes(originals[0].read_bytes())
+    manifest = _manifest([originals[0], copy])
+
+    result = presize_images(manifest, tmp_path / "cache", presize=32, progress=False)
+    other = presize_images(manifest, tmp_path / "cache", presize=48, progress=False)
+
+    assert result.written == 1 and result.manifest["presized_path"].nunique() == 1
+    assert other.written == 1 and set(other.manifest["presized_path"]).isdisjoint(result.manifest["presized_path"])
+
+
+def test_writes_are_atomic_and_a_failed_decode_leaves_nothing(tmp_path, originals):
+    broken = tmp_path / "src" / "pug_99.jpg"
+    broken.write_bytes(originals[0].read_bytes()[:200])  # truncated JPEG
+    target = cache_path(tmp_path / "cache", "ab" * 32, 64)
+
+    with pytest.raises(OSError):
+        presize_image(broken, target, 64)
+
+    assert not target.exists()
+    assert (
+        list((tmp_path / "cache").rglob("*")) == [target.parent.parent, target.parent]
+        or not (tmp_path / "cache").exists()
+    )
+
+    presize_image(originals[0], target, 64)
+    leftovers = [p.name for p in target.parent.iterdir()]
+    assert leftovers == [target.name]  # the temp file was renamed into place, none left behind
+
+
+def test_presize_must_be_positive(tmp_path, originals):
+    with pytest.raises(ValueError, match="presize"):
+        presize_images(_manifest(originals), tmp_path, presize=0, progress=False)

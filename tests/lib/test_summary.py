@@ -1,0 +1,93 @@
+import hashlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lib.labelling import DEFAULT_LABEL_PATTERN, label_images
+from lib.presize import presize_images
+from lib.splitting import split_manifest
+from lib.summary import collate_or_explain, data_summary, show_batch, show_training_batch
+from tests.support.images import write_image
+
+PRESIZE = 40
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    root = tmp_path_factory.mktemp("summary")
+    breeds = {"Bengal": (200, 40, 40), "beagle": (40, 200, 40), "pug": (40, 40, 200)}
+    for b, (breed, color) in enumerate(breeds.items()):
+        for i in range(1, 9):
+            write_image(root / "images" / f"{breed}_{i}.jpg", (50 + 7 * i + b, 45 + 3 * i), color)
+    manifest = label_images(root / "images").manifest
+    manifest["sha256"] = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in manifest["path"]]
+    result = split_manifest(manifest, valid_pct=0.25, seed=42)
+    presized = presize_images(result.manifest, root / "cache", presize=PRESIZE, progress=False).manifest
+    return type(result)(manifest=presized, vocab=result.vocab, valid_only=result.valid_only)
+
+
+def test_summary_traces_items_labels_split_sample_and_batch(split):
+    text = data_summary(split, source="/data/images", label_pattern=DEFAULT_LABEL_PATTERN, presize=PRESIZE, found=24)
+
+    assert "Collecting items from /data/images" in text
+    assert "Found 24 items" in text
+    assert "2 datasets of sizes 18,6" in text
+    assert "Vocabulary (3 classes): ['Bengal', 'beagle', 'pug']" in text
+    counts = split.manifest.groupby(["label", "split"]).size()
+    assert f"  pug     {counts['pug', 'train']:>5}  {counts['pug', 'valid']:>5}" in text
+    first = split.manifest[split.manifest["split"] == "train"].iloc[0]
+    assert f"starting from {first['path']}" in text
+    assert f"applying label_from_filename('(.+)_\\\\d+.jpg$') gives {first['label']}" in text
+    with Image.open(first["path"]) as original:
+        assert f"applying open_rgb gives RGB image {original.width}x{original.height}" in text
+    assert f"applying crop({PRESIZE}) gives uint8 tensor 3x{PRESIZE}x{PRESIZE}" in text
+    assert f"gives uint8 tensor 4x3x{PRESIZE}x{PRESIZE}" in text
+
+
+def test_summary_without_presize_explains_why_the_batch_cannot_collate(split):
+    text = data_summary(split, source="/d", label_pattern=DEFAULT_LABEL_PATTERN, presize=None, found=24)
+    assert "Error! It's not possible to collate your items in a batch" in text
+    shapes = set()
+    for path in split.manifest[split.manifest["split"] == "train"].head(4)["path"]:
+        with Image.open(path) as image:
+            shapes.add(f"3x{image.height}x{image.width}")
+    assert all(shape in text for shape in shapes) and len(shapes) > 1
+
+
+def test_collate_or_explain():
+    import torch
+
+    batch, message = collate_or_explain([torch.zeros(3, 4, 4, dtype=torch.uint8)] * 2)
+    assert batch.shape == (2, 3, 4, 4) and message == "gives uint8 tensor 2x3x4x4"
+    batch, message = collate_or_explain([torch.zeros(3, 4, 4), torch.zeros(3, 5, 4)])
+    assert batch is None and "3x4x4, 3x5x4" in message
+
+
+def test_summary_reports_cleaning_and_valid_only_labels(split):
+    import pandas as pd
+
+    excluded = pd.DataFrame({"path": ["a", "b", "c"], "reason": ["empty", "truncated", "empty"]})
+    valid_only = split.manifest.head(1).assign(label="rare")
+    reported = type(split)(manifest=split.manifest, vocab=split.vocab, valid_only=valid_only)
+    text = data_summary(reported, source="/d", label_pattern="x", presize=PRESIZE, found=27, excluded=excluded)
+    assert "Cleaning excluded 3 files: empty 2, truncated 1" in text
+    assert "1 validation items have labels absent from training" in text and "rare" in text
+
+
+def test_show_batch_draws_a_titled_grid(split, tmp_path):
+    path = show_training_batch(split, tmp_path / "grid.png", size=PRESIZE, seed=0)
+    with Image.open(path) as grid:
+        # nine images: int(sqrt(9)) = 3 rows, 3 columns, 3 inches each at 72 dpi
+        assert grid.size == (3 * 3 * 72, 3 * 3 * 72)
+
+
+def test_show_batch_honours_rows_and_columns(tmp_path):
+    import torch
+
+    images = torch.zeros(5, 3, 8, 8, dtype=torch.uint8)
+    path = show_batch(images, ["pug"] * 5, tmp_path / "row.png", nrows=1, ncols=3)
+    untitled = show_batch(images, [""] * 5, tmp_path / "untitled.png", nrows=1, ncols=3)
+    with Image.open(path) as grid, Image.open(untitled) as blank:
+        assert grid.size == (3 * 3 * 72, 1 * 3 * 72)
+        assert grid.tobytes() != blank.tobytes()  # the titles are drawn

@@ -1,0 +1,45 @@
+"""Imports go one way (flows -> tasks -> lib); lib imports neither prefect nor mlflow; only tracking.py uses MLflow."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imported_roots(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def modules(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", modules("lib"), ids=lambda p: p.name)
+def test_lib_imports_neither_orchestration_nor_tracking(path):
+    assert imported_roots(path).isdisjoint({"prefect", "mlflow", "tasks", "flows"})
+
+
+@pytest.mark.parametrize("path", modules("tasks"), ids=lambda p: p.name)
+def test_tasks_never_import_flows_and_only_tracking_talks_to_mlflow(path):
+    roots = imported_roots(path)
+    assert "flows" not in roots
+    if path.name != "tracking.py":
+        assert "mlflow" not in roots
+
+
+@pytest.mark.parametrize("path", modules("flows"), ids=lambda p: p.name)
+def test_flows_do_not_talk_to_mlflow_directly(path):
+    assert "mlflow" not in imported_roots(path)
+
+
+def test_the_checker_sees_imports():
+    assert {"prefect", "pandas"} <= imported_roots(ROOT / "tasks" / "data.py")
