@@ -36,9 +36,12 @@ def prepare_data(
 ) -> dict:
     """Prepare the images for training, in recipe order.
 
-    1. download the archive (cached, retried) or take a local folder; 2. label images from their file names;
-    3. clean: exclude files that do not decode; 4. split into training and validation sets; 5. presize into the
-    shared cache; 6. write the summary and a show_batch grid.
+    1. download the archive (cached, retried) or take a local folder;
+    2. label the images from their file names;
+    3. clean: exclude files that do not decode; each one that does is presized into the shared cache while decoded;
+    4. split into training and validation sets;
+    5. presize: collect the cached images (and presize any still missing);
+    6. write the summary and a show_batch grid.
 
     With neither data_url nor data_dir, the Oxford-IIIT Pet archive the book uses is downloaded.
     """
@@ -49,7 +52,7 @@ def prepare_data(
     out_dir = str(Path(out_dir or default_output_dir() / "data").resolve())
     images_dir = download_dataset(data_url, data_dir, cache_dir, sha256)
     labelled = label_images(images_dir, label_pattern, skip_unmatched, out_dir)
-    cleaned = clean_images(labelled["manifest"])
+    cleaned = clean_images(labelled["manifest"], cache_dir, presize)
     split = split_dataset(cleaned["manifest"], valid_pct, seed)
     presized = presize_images(split["manifest"], cache_dir, presize)
     summarized = summarize_data(
@@ -70,4 +73,5 @@ def prepare_data(
         **summarized,
         "sizes": {"train": split["train"], "valid": split["valid"]},
         "cache_hits": presized["cache_hits"],
+        "decoded": cleaned["decoded"],
     }

@@ -10,7 +10,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from lib import images
+from lib.files import write_text_atomically
+from lib.presize import PresizeCache
 
 REASONS = ("empty", "not_image", "truncated", "too_large", "unreadable")
 KEPT_COLUMNS = ("width", "height", "mode", "converted", "sha256")
@@ -45,6 +46,7 @@ class CleaningResult:
 
     kept: pd.DataFrame
     excluded: pd.DataFrame
+    decoded: int = 0  # files decoded by this call: the others were known from the presize cache
 
     def counts(self) -> dict[str, int]:
         """Return the number kept, the number excluded, and the number excluded for each reason present."""
@@ -67,6 +69,7 @@ class _Verdict:
     mode: str = ""
     converted: bool = False
     sha256: str = ""
+    decoded: bool = False
 
 
 def clean_images(
@@ -75,6 +78,7 @@ def clean_images(
     max_pixels: int | None = None,
     workers: int | None = None,
     progress: bool = True,
+    presize_cache: PresizeCache | None = None,
 ) -> CleaningResult:
     """Decode every image of a manifest and split its rows into kept and excluded.
 
@@ -83,6 +87,8 @@ def clean_images(
         max_pixels: Largest allowed width * height; see ``images.open_rgb``.
         workers: Threads decoding in parallel; defaults to the CPUs this process may use.
         progress: Show a progress bar.
+        presize_cache: Where each image that decodes is presized while it is in memory, so no original is
+            decoded twice; images it already holds are kept without decoding them again.
     """
     paths = manifest["path"].astype(str).tolist()
     workers = workers or len(os.sched_getaffinity(0))
@@ -91,7 +97,8 @@ def clean_images(
     # too_large instead of printing it.
     with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=workers) as pool:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        checks = pool.map(lambda path: _check_image(path, max_pixels), paths)  # map keeps the input order
+        # map keeps the input order
+        checks = pool.map(lambda path: _check_image(path, max_pixels, presize_cache), paths)
         bar = tqdm(checks, total=len(paths), desc="verifying images", unit="image", disable=not progress)
         verdicts = list(bar)
     # A positional mask, not an index-aligned Series: the manifest's index may be anything.
@@ -99,6 +106,7 @@ def clean_images(
     return CleaningResult(
         kept=_with_columns(manifest[is_kept], [v for v in verdicts if v.reason is None], KEPT_COLUMNS),
         excluded=_with_columns(manifest[~is_kept], [v for v in verdicts if v.reason], EXCLUDED_COLUMNS),
+        decoded=sum(verdict.decoded for verdict in verdicts),
     )
 
 
@@ -108,38 +116,38 @@ def write_cleaning_report(result: CleaningResult, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     listed = [column for column in ("path", "label", *EXCLUDED_COLUMNS) if column in result.excluded.columns]
     report = {"counts": result.counts(), "excluded": result.excluded[listed].to_dict(orient="records")}
-    _write_atomically(out_dir / EXCLUDED_NAME, result.excluded.to_csv(index=False))
-    return _write_atomically(out_dir / REPORT_NAME, json.dumps(report, indent=2, default=str) + "\n")
+    write_text_atomically(out_dir / EXCLUDED_NAME, result.excluded.to_csv(index=False))
+    return write_text_atomically(out_dir / REPORT_NAME, json.dumps(report, indent=2, default=str) + "\n")
 
 
-def _check_image(path: str, max_pixels: int | None) -> _Verdict:
-    """Read one file once, decode it fully and say whether to keep it."""
+def _check_image(path: str, max_pixels: int | None, presize_cache: PresizeCache | None) -> _Verdict:
+    """Read one file once, decode it fully (unless the presize cache knows it) and say whether to keep it."""
     try:
         data = Path(path).read_bytes()
     except OSError as error:  # permission denied, a directory, a file gone since listing
         return _Verdict(reason="unreadable", detail=str(error))
     if not data:
         return _Verdict(reason="empty", detail="the file has zero bytes")
+    sha256 = hashlib.sha256(data).hexdigest()
+    known = presize_cache.lookup(sha256) if presize_cache else None
+    if known is not None:  # these exact bytes decoded before, or the cache would not hold them
+        return _Verdict(sha256=sha256, **known.as_dict())
     try:
-        return _describe_image(path, data, max_pixels)
+        return _decode(path, data, sha256, max_pixels, presize_cache)
     except Exception as error:  # every failure must become a row of the report, not stop the whole run
-        return _Verdict(reason=_reason_for(error), detail=str(error) or type(error).__name__)
+        return _Verdict(reason=_reason_for(error), detail=str(error) or type(error).__name__, decoded=True)
 
 
-def _describe_image(path: str, data: bytes, max_pixels: int | None) -> _Verdict:
-    """Decode image bytes through images.open_rgb and record their size, mode and hash."""
+def _decode(
+    path: str, data: bytes, sha256: str, max_pixels: int | None, presize_cache: PresizeCache | None
+) -> _Verdict:
+    """Decode image bytes through images.open_rgb_with_facts, presize them if asked, and record the facts."""
     buffer = io.BytesIO(data)
     buffer.name = path  # open_rgb names the file in its errors
-    rgb = images.open_rgb(buffer, max_pixels=max_pixels)
-    with Image.open(io.BytesIO(data)) as original:  # header only: the mode and orientation before conversion
-        mode, rotated = original.mode, images.exif_orientation(original) != 1
-    return _Verdict(
-        width=rgb.width,
-        height=rgb.height,
-        mode=mode,
-        converted=mode != "RGB" or rotated,
-        sha256=hashlib.sha256(data).hexdigest(),
-    )
+    rgb, facts = images.open_rgb_with_facts(buffer, max_pixels=max_pixels)
+    if presize_cache is not None:
+        presize_cache.store(sha256, rgb, facts)
+    return _Verdict(sha256=sha256, decoded=True, **facts.as_dict())
 
 
 def _reason_for(error: Exception) -> str:
@@ -162,16 +170,3 @@ def _with_columns(rows: pd.DataFrame, verdicts: list[_Verdict], columns: tuple[s
         values = [getattr(verdict, column) for verdict in verdicts]
         rows[column] = pd.Series(values, dtype=_COLUMN_DTYPES.get(column, str))
     return rows
-
-
-def _write_atomically(path: Path, text: str) -> Path:
-    """Write text to a temporary file beside `path`, then rename it over `path`."""
-    prefix = f".{path.name}."  # hidden, and named after its target, should a crash leave it behind
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=prefix, delete=False) as temporary:
-        try:
-            temporary.write(text)
-        except BaseException:
-            Path(temporary.name).unlink()
-            raise
-    os.replace(temporary.name, path)  # readers see the old file or the new one, never half of one
-    return path

@@ -8,6 +8,7 @@ JPEGs and fix the rest.
 """
 
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -30,8 +31,29 @@ class ImageTooLargeError(ValueError):
     """Raised when an image has more pixels than the caller allows."""
 
 
+@dataclass(frozen=True)
+class ImageFacts:
+    """What decoding one file found: its upright size, its original mode, and whether it had to be converted."""
+
+    width: int
+    height: int
+    mode: str
+    converted: bool  # the mode was not RGB, or EXIF orientation rotated the pixels
+
+    def as_dict(self) -> dict:
+        """Return the facts as a plain dict (for JSON and DataFrame rows)."""
+        return asdict(self)
+
+
 def open_rgb(source: Path | str | BinaryIO, *, max_pixels: int | None = None) -> Image.Image:
-    """Open one image, check its size, decode it fully and return it upright in RGB.
+    """Open one image, check its size, decode it fully and return it upright in RGB (see open_rgb_with_facts)."""
+    return open_rgb_with_facts(source, max_pixels=max_pixels)[0]
+
+
+def open_rgb_with_facts(
+    source: Path | str | BinaryIO, *, max_pixels: int | None = None
+) -> tuple[Image.Image, ImageFacts]:
+    """Open one image, check its size, decode it fully and return it upright in RGB, with what was found.
 
     Args:
         source: A path, or a binary file object such as ``io.BytesIO`` (its ``name`` attribute, when set, is
@@ -40,7 +62,7 @@ def open_rgb(source: Path | str | BinaryIO, *, max_pixels: int | None = None) ->
             also caps it: Pillow's own decompression-bomb check runs inside ``Image.open`` whatever we pass.
 
     Returns:
-        A new RGB image holding the first frame, rotated as its EXIF orientation says.
+        A new RGB image holding the first frame, rotated as its EXIF orientation says, and its ImageFacts.
 
     Raises:
         ImageTooLargeError: The image has more than ``max_pixels`` pixels; raised before any pixel is decoded.
@@ -53,7 +75,9 @@ def open_rgb(source: Path | str | BinaryIO, *, max_pixels: int | None = None) ->
             _check_pixel_count(image, limit, source)
             # Image.open sits on frame 0 of animated GIF/PNG/WebP files; load() decodes only that frame.
             image.load()
-            return to_rgb(ImageOps.exif_transpose(image))
+            rgb = to_rgb(ImageOps.exif_transpose(image))
+            converted = image.mode != "RGB" or exif_orientation(image) != _UPRIGHT
+            return rgb, ImageFacts(width=rgb.width, height=rgb.height, mode=image.mode, converted=converted)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         # The warning only arrives here as an exception when the caller's warnings filter says "error".
         raise ImageTooLargeError(f"{_describe(source)}: {error}") from error

@@ -1,15 +1,16 @@
 """Presizing: resize every image once on the CPU into a content-addressed cache that later runs reuse.
 
 fastbook ch. 5 presizes with `item_tfms=Resize(460)` and decodes every original JPEG again in every epoch. Here each
-original is decoded once: its short side is scaled to the presize (bilinear, antialiased, as Pillow's BILINEAR does
-when it shrinks) and the result is cached under the sha256 of the original's bytes. The per-epoch random square crop
-(centre crop on validation) happens at load time on the cached image (see lib/loading.py).
+original is decoded once: its short side is scaled to the presize (bilinear, antialiased, as Pillow's BILINEAR is
+when it shrinks) and the result is cached under the sha256 of the original's bytes, beside the facts decoding found.
+Cleaning fills the cache as it verifies each image (lib/cleaning.py), so the presize stage usually only collects
+paths. The per-epoch random square crop (centre crop on validation) happens at load time (lib/loading.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from lib.images import open_rgb
+from lib.files import write_atomically, write_text_atomically
+from lib.images import ImageFacts, open_rgb_with_facts
 
 DEFAULT_PRESIZE = 460  # fastbook ch. 5: item_tfms=Resize(460)
 # Quality 95 keeps re-encoding loss below what the bilinear resize and augmentation already change.
@@ -27,37 +29,54 @@ CACHE_JPEG_QUALITY = 95
 CACHE_FORMAT_VERSION = "v1-bilinear-q95"
 
 
-@dataclass(frozen=True)
-class PresizeResult:
-    """The manifest with a `presized_path` column, and how many images were read from the cache."""
-
-    manifest: pd.DataFrame
-    cache_hits: int
-    written: int
-
-
 def presized_shape(width: int, height: int, presize: int) -> tuple[int, int]:
     """Return (width, height) scaled so the short side equals presize, the aspect ratio kept."""
     scale = presize / min(width, height)
     return max(presize, round(width * scale)), max(presize, round(height * scale))
 
 
-def cache_path(cache_dir: Path, sha256: str, presize: int) -> Path:
-    """Return where the presized version of the image with this content digest lives."""
-    return Path(cache_dir) / f"presize-{presize}-{CACHE_FORMAT_VERSION}" / sha256[:2] / f"{sha256}.jpg"
+class PresizeCache:
+    """Presized images and the facts about their originals, addressed by the sha256 of the original file."""
+
+    def __init__(self, root: Path, presize: int = DEFAULT_PRESIZE):
+        if presize < 1:
+            raise ValueError(f"presize must be a positive number of pixels, got {presize}: e.g. --presize 460.")
+        self.presize = presize
+        self.folder = Path(root) / f"presize-{presize}-{CACHE_FORMAT_VERSION}"
+
+    def image_path(self, sha256: str) -> Path:
+        """Return where the presized image of the original with this digest lives."""
+        return self.folder / sha256[:2] / f"{sha256}.jpg"
+
+    def lookup(self, sha256: str) -> ImageFacts | None:
+        """Return the facts of a cached original, or None when it is not (completely) cached."""
+        facts_path = self.image_path(sha256).with_suffix(".json")
+        if not (facts_path.is_file() and self.image_path(sha256).is_file()):
+            return None
+        return ImageFacts(**json.loads(facts_path.read_text()))
+
+    def store(self, sha256: str, image: Image.Image, facts: ImageFacts) -> Path:
+        """Presize an upright RGB image and cache it; the facts are written last, so they mark a complete entry."""
+        resized = image.resize(presized_shape(*image.size, self.presize), Image.Resampling.BILINEAR)
+        target = self.image_path(sha256)
+        write_atomically(target, lambda path: resized.save(path, format="JPEG", quality=CACHE_JPEG_QUALITY))
+        write_text_atomically(target.with_suffix(".json"), json.dumps(facts.as_dict()))
+        return target
 
 
-def presize_image(source: Path, target: Path, presize: int) -> None:
-    """Decode source, scale its short side to presize and write it to target atomically."""
-    image = open_rgb(source)
-    resized = image.resize(presized_shape(*image.size, presize), Image.Resampling.BILINEAR)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        resized.save(temporary, format="JPEG", quality=CACHE_JPEG_QUALITY)
-        os.replace(temporary, target)  # atomic: a reader sees the old state or the whole new file
-    finally:
-        temporary.unlink(missing_ok=True)
+@dataclass(frozen=True)
+class PresizeResult:
+    """The manifest with a `presized_path` column, and how many images were found in the cache."""
+
+    manifest: pd.DataFrame
+    cache_hits: int
+    written: int
+
+
+def presize_file(source: Path, sha256: str, cache: PresizeCache) -> Path:
+    """Decode one original and cache its presized version."""
+    image, facts = open_rgb_with_facts(source)
+    return cache.store(sha256, image, facts)
 
 
 def presize_images(
@@ -77,14 +96,14 @@ def presize_images(
         workers: threads decoding and resizing (Pillow releases the GIL while it does both).
         progress: show a progress bar.
     """
-    if presize < 1:
-        raise ValueError(f"presize must be a positive number of pixels, got {presize}: e.g. --presize 460.")
-    targets = [cache_path(cache_dir, digest, presize) for digest in manifest["sha256"]]
-    missing = {t: Path(s) for s, t in zip(manifest["path"], targets, strict=True) if not t.is_file()}
-    workers = workers or len(os.sched_getaffinity(0))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        jobs = pool.map(lambda item: presize_image(item[1], item[0], presize), missing.items())
+    cache = PresizeCache(cache_dir, presize)
+    digests = manifest["sha256"].tolist()
+    missing = {digest: Path(path) for path, digest in zip(manifest["path"], digests, strict=True)}
+    missing = {digest: path for digest, path in missing.items() if cache.lookup(digest) is None}
+    with ThreadPoolExecutor(max_workers=workers or len(os.sched_getaffinity(0))) as pool:
+        jobs = pool.map(lambda item: presize_file(item[1], item[0], cache), missing.items())
         for _ in tqdm(jobs, total=len(missing), desc=f"presize {presize}px", unit="img", disable=not progress):
             pass
-    result = manifest.assign(presized_path=[str(t) for t in targets])
-    return PresizeResult(manifest=result, cache_hits=len(targets) - len(missing), written=len(missing))
+    result = manifest.assign(presized_path=[str(cache.image_path(digest)) for digest in digests])
+    hits = sum(digest not in missing for digest in digests)
+    return PresizeResult(manifest=result, cache_hits=hits, written=len(missing))

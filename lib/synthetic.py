@@ -127,7 +127,7 @@ def _anonymise_member(member: tarfile.TarInfo) -> tarfile.TarInfo:
     """Drop the owner and time of an archive member so archives are reproducible."""
     member.uid = member.gid = 0
     member.uname = member.gname = ""
-    pass
+    member.mtime = 0
     return member
 
 

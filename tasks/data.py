@@ -68,14 +68,18 @@ def label_images(images_dir: str, pattern: str, skip_unmatched: bool, out_dir: s
 
 
 @task(cache_policy=NO_CACHE)
-def clean_images(manifest_path: str) -> dict:
-    """Decode every image, exclude the broken ones and write the cleaned manifest and the report beside it."""
-    result = cleaning.clean_images(pd.read_csv(manifest_path))
+def clean_images(manifest_path: str, cache_dir: str, size: int) -> dict:
+    """Decode every image, exclude the broken ones and write the cleaned manifest and the report beside it.
+
+    Each image that decodes is presized into the shared cache while it is in memory, so no original is decoded twice.
+    """
+    cache = presize.PresizeCache(Path(cache_dir), size)
+    result = cleaning.clean_images(pd.read_csv(manifest_path), presize_cache=cache)
     out = Path(manifest_path).parent
     cleaned_path = out / "cleaned.csv"
     result.kept.to_csv(cleaned_path, index=False)
     report_path = cleaning.write_cleaning_report(result, out)
-    return {"manifest": str(cleaned_path), "report": str(report_path), **result.counts()}
+    return {"manifest": str(cleaned_path), "report": str(report_path), "decoded": result.decoded, **result.counts()}
 
 
 @task(cache_policy=NO_CACHE)

@@ -224,3 +224,20 @@ def test_report_json_and_excluded_csv_are_written(result, tmp_path):
     assert list(csv["reason"]) == list(result.excluded["reason"])
     write_cleaning_report(result, out_dir)  # rewriting replaces the files and leaves no temporary ones
     assert sorted(path.name for path in out_dir.iterdir()) == ["cleaning_report.json", "excluded.csv"]
+
+
+def test_presize_cache_is_filled_while_cleaning_and_spares_a_second_decode(manifest, tmp_path):
+    from lib.presize import PresizeCache
+
+    cache = PresizeCache(tmp_path / "cache", 48)
+    first = clean_images(manifest, max_pixels=MAX_PIXELS, progress=False, presize_cache=cache)
+    second = clean_images(manifest, max_pixels=MAX_PIXELS, progress=False, presize_cache=cache)
+
+    assert first.decoded == len(manifest) - 2  # all but the empty file and the directory, which cannot be read
+    for _, row in first.kept.iterrows():
+        with Image.open(cache.image_path(row["sha256"])) as presized:
+            assert min(presized.size) == 48
+    # Kept images come from the cache; only the broken ones are decoded again.
+    assert second.decoded == len(EXPECTED_REASONS) - 2  # neither the empty file nor the directory is decoded
+    pd.testing.assert_frame_equal(first.kept, second.kept)
+    pd.testing.assert_frame_equal(first.excluded, second.excluded)

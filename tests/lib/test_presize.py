@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from lib.presize import cache_path, presize_image, presize_images, presized_shape
+from lib.images import ImageFacts
+from lib.presize import PresizeCache, presize_file, presize_images, presized_shape
 from tests.support.images import write_image
 
 
@@ -44,7 +45,7 @@ def test_presize_writes_short_side_images_into_content_addressed_cache(tmp_path,
 
     assert (result.cache_hits, result.written) == (0, len(originals))
     for (_, row), original in zip(result.manifest.iterrows(), originals, strict=True):
-        assert row["presized_path"] == str(cache_path(tmp_path / "cache", row["sha256"], 64))
+        assert row["presized_path"] == str(PresizeCache(tmp_path / "cache", 64).image_path(row["sha256"]))
         with Image.open(row["presized_path"]) as cached, Image.open(original) as source:
             assert min(cached.size) == 64
             assert cached.size == presized_shape(*source.size, 64)
@@ -78,23 +79,31 @@ def test_identical_content_shares_one_entry_and_presizes_do_not_mix(tmp_path, or
     assert other.written == 1 and set(other.manifest["presized_path"]).isdisjoint(result.manifest["presized_path"])
 
 
+def test_cache_entries_record_the_original_facts_and_need_both_files(tmp_path, originals):
+    cache = PresizeCache(tmp_path / "cache", 64)
+    digest = hashlib.sha256(originals[0].read_bytes()).hexdigest()
+    assert cache.lookup(digest) is None
+
+    presize_file(originals[0], digest, cache)
+
+    assert cache.lookup(digest) == ImageFacts(width=300, height=200, mode="RGB", converted=False)
+    cache.image_path(digest).unlink()  # half an entry is no entry
+    assert cache.lookup(digest) is None
+
+
 def test_writes_are_atomic_and_a_failed_decode_leaves_nothing(tmp_path, originals):
     broken = tmp_path / "src" / "pug_99.jpg"
     broken.write_bytes(originals[0].read_bytes()[:200])  # truncated JPEG
-    target = cache_path(tmp_path / "cache", "ab" * 32, 64)
+    cache = PresizeCache(tmp_path / "cache", 64)
 
     with pytest.raises(OSError):
-        presize_image(broken, target, 64)
+        presize_file(broken, "ab" * 32, cache)
 
-    assert not target.exists()
-    assert (
-        list((tmp_path / "cache").rglob("*")) == [target.parent.parent, target.parent]
-        or not (tmp_path / "cache").exists()
-    )
+    assert cache.lookup("ab" * 32) is None and not (tmp_path / "cache").exists()
 
-    presize_image(originals[0], target, 64)
-    leftovers = [p.name for p in target.parent.iterdir()]
-    assert leftovers == [target.name]  # the temp file was renamed into place, none left behind
+    target = presize_file(originals[0], "cd" * 32, cache)
+    leftovers = sorted(p.name for p in target.parent.iterdir())
+    assert leftovers == sorted([target.name, target.with_suffix(".json").name])  # no temporary file left behind
 
 
 def test_presize_must_be_positive(tmp_path, originals):
