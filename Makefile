@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-MLFLOW_DIR := $(CURDIR)/mlflow
+MLFLOW_DIR ?= $(CURDIR)/mlflow
 UI_PORT ?= 5000
 
 # Offline by default: no telemetry from Prefect or MLflow (../shared/reference/prefect.md §10, mlflow.md §7).
