@@ -56,7 +56,7 @@ def summary(
         raise typer.BadParameter("give --data-url or --data-dir, not both")
     from flows.data import prepare_data
 
-    result = prepare_data(
+    state = prepare_data(
         data_url=data_url,
         data_dir=str(data_dir) if data_dir else None,
         label_pattern=label_pattern,
@@ -67,8 +67,9 @@ def summary(
         sha256=sha256,
         out_dir=str(out_dir) if out_dir else None,
         cache_dir=str(cache_dir) if cache_dir else None,
+        return_state=True,
     )
-    _print_summary(result)
+    _print_summary(_result_or_exit(state))
 
 
 @app.command()
@@ -91,13 +92,23 @@ def demo(
                 Path(source), breeds=breeds, images_per_breed=images_per_breed, broken=True, odd_modes=True
             )
             pack_tgz(images, archive)
-    result = prepare_data(
+    state = prepare_data(
         data_url=archive.resolve().as_uri(),
         presize=presize,
         out_dir=str(out_dir),
         cache_dir=str(cache_dir or out_dir / "cache"),
+        return_state=True,
     )
-    _print_summary(result)
+    _print_summary(_result_or_exit(state))
+
+
+def _result_or_exit(state) -> dict:
+    """Return a finished flow's result; for a failed one print its error (the fix is in the message) and exit 1."""
+    if state.is_completed():
+        return state.result()
+    error = state.result(raise_on_failure=False)
+    typer.secho(f"Error: {error}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(1)
 
 
 def _print_summary(result: dict) -> None:

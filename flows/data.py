@@ -62,6 +62,7 @@ def prepare_data(
         label_pattern=label_pattern,
         size=presize,
         found=labelled["found"],
+        unmatched=labelled["unmatched"],
         seed=seed,
     )
     print(f"Summary: {summarized['summary']}; show_batch grid: {summarized['show_batch']}")

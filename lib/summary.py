@@ -39,6 +39,7 @@ def data_summary(
     label_pattern: str,
     presize: int | None,
     found: int,
+    unmatched: int = 0,
     excluded: pd.DataFrame | None = None,
     batch_size: int = 4,
 ) -> str:
@@ -50,10 +51,13 @@ def data_summary(
         label_pattern: the regular expression that labelled them.
         presize: short side of the presized images, or None to trace the originals (whose batch cannot collate).
         found: number of image files found before cleaning.
+        unmatched: how many of them the label pattern did not match and were skipped.
         excluded: rows removed by cleaning, with a `reason` column.
         batch_size: items in the traced batch (fastai's summary uses 4).
     """
     lines = [f"Collecting items from {source}", f"Found {found} items"]
+    if unmatched:
+        lines.append(f"Skipped {unmatched} items whose file names do not match the label pattern (unmatched.txt)")
     lines += _cleaning_lines(excluded)
     sizes = split.sizes()
     lines.append(f"2 datasets of sizes {sizes['train']},{sizes['valid']}")

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
@@ -58,8 +58,15 @@ def label_images(images_dir: str, pattern: str, skip_unmatched: bool, out_dir: s
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST_FILE
     labelled.manifest.to_csv(manifest_path, index=False)
+    (out / "unmatched.txt").unlink(missing_ok=True)  # never leave an earlier run's list in a reused folder
     if labelled.unmatched:
         (out / "unmatched.txt").write_text("\n".join(labelled.unmatched) + "\n")
+        get_run_logger().warning(
+            "Skipped %d files whose names do not match %r; they are listed in %s",
+            len(labelled.unmatched),
+            pattern,
+            out / "unmatched.txt",
+        )
     return {
         "manifest": str(manifest_path),
         "found": len(labelled.manifest) + len(labelled.unmatched),
@@ -89,8 +96,15 @@ def split_dataset(manifest_path: str, valid_pct: float, seed: int | None) -> dic
     out = Path(manifest_path).parent
     split.manifest.to_csv(out / "split.csv", index=False)
     (out / "vocab.json").write_text(json.dumps(list(split.vocab), indent=1) + "\n")
+    (out / "valid_only.csv").unlink(missing_ok=True)  # never leave an earlier run's list in a reused folder
     if not split.valid_only.empty:
         split.valid_only.to_csv(out / "valid_only.csv", index=False)
+        get_run_logger().warning(
+            "%d validation items have labels absent from training (%s) and were left out; see %s",
+            len(split.valid_only),
+            ", ".join(sorted(set(split.valid_only["label"]))),
+            out / "valid_only.csv",
+        )
     return {
         "manifest": str(out / "split.csv"),
         "vocab": str(out / "vocab.json"),
@@ -118,6 +132,7 @@ def summarize_data(
     label_pattern: str,
     size: int,
     found: int,
+    unmatched: int,
     seed: int | None,
 ) -> dict:
     """Write the DataBlock.summary analogue and a show_batch grid beside the manifest."""
@@ -126,7 +141,13 @@ def summarize_data(
     excluded_path = out / "excluded.csv"
     excluded = pd.read_csv(excluded_path) if excluded_path.is_file() else None
     text = summary.data_summary(
-        split, source=source, label_pattern=label_pattern, presize=size, found=found, excluded=excluded
+        split,
+        source=source,
+        label_pattern=label_pattern,
+        presize=size,
+        found=found,
+        unmatched=unmatched,
+        excluded=excluded,
     )
     summary_path = out / "summary.txt"
     summary_path.write_text(text)

@@ -145,3 +145,30 @@ def test_cli_help_tells_every_command_and_flag():
         assert flag in result.stdout
     top = subprocess.run([sys.executable, "-m", "flows", "--help"], capture_output=True, text=True, check=True)
     assert "summary" in top.stdout and "demo" in top.stdout
+
+
+def test_pets_summary_cli_names_a_missing_folder_and_exits_1(tmp_path):
+    missing = tmp_path / "no-such-folder"
+    result = CliRunner().invoke(app, ["summary", "--data-dir", str(missing), "--cache-dir", str(tmp_path / "c")])
+
+    assert result.exit_code == 1
+    assert "Error: " in result.output and str(missing) in result.output
+    assert "Traceback" not in result.output
+
+
+def test_skipped_unmatched_files_are_reported_in_the_summary(tmp_path):
+    images = make_pets_dataset(tmp_path / "pets", breeds=2, images_per_breed=4, max_side=120)
+    (images / "IMG_0001.jpeg").write_bytes((images / "Abyssinian_1.jpg").read_bytes())
+
+    result = prepare_data(
+        data_dir=str(images),
+        skip_unmatched=True,
+        out_dir=str(tmp_path / "out"),
+        cache_dir=str(tmp_path / "c"),
+        presize=PRESIZE,
+    )
+
+    text = (tmp_path / "out" / "summary.txt").read_text()
+    assert "Found 9 items" in text and "Skipped 1 items whose file names do not match" in text
+    assert (tmp_path / "out" / "unmatched.txt").read_text().strip() == str(images / "IMG_0001.jpeg")
+    assert result["sizes"]["train"] + result["sizes"]["valid"] == 8
