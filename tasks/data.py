@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from pathlib import Path
 
 import pandas as pd
@@ -24,11 +25,17 @@ def _is_transient(task, task_run, state) -> bool:
 
 
 def _download_cache_key(context, parameters) -> str:
-    """Key on the inputs and on what the cache already holds, so a deleted cache is never served from Prefect."""
-    cached = None
+    """Key on the inputs while the data they name is on disk; while it is not, never hit the cache.
+
+    A key made of the inputs alone would hand back the path of a cache someone deleted. So the key also holds the
+    digest of the downloaded and extracted archive (or the local folder), and a fresh random value when that is
+    missing: the task then runs, and from the next call on its result is served from the Prefect cache.
+    """
     if parameters["data_url"]:
-        cached = download.cached_archive_digest(parameters["data_url"], Path(parameters["cache_dir"]))
-    key = json.dumps({**parameters, "cached_sha256": cached}, sort_keys=True, default=str)
+        on_disk = download.cached_archive_digest(parameters["data_url"], Path(parameters["cache_dir"]))
+    else:
+        on_disk = parameters["data_dir"] if Path(parameters["data_dir"] or "").is_dir() else None
+    key = json.dumps({**parameters, "on_disk": on_disk or uuid.uuid4().hex}, sort_keys=True, default=str)
     return "download-" + hashlib.sha256(key.encode()).hexdigest()
 
 

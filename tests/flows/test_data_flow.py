@@ -172,3 +172,19 @@ def test_skipped_unmatched_files_are_reported_in_the_summary(tmp_path):
     assert "Found 9 items" in text and "Skipped 1 items whose file names do not match" in text
     assert (tmp_path / "out" / "unmatched.txt").read_text().strip() == str(images / "IMG_0001.jpeg")
     assert result["sizes"]["train"] + result["sizes"]["valid"] == 8
+
+
+def test_download_task_is_cached_on_its_inputs_and_on_what_the_cache_holds(archive, tmp_path):
+    import shutil
+
+    from tasks.data import download_dataset
+
+    url, cache = archive.resolve().as_uri(), tmp_path / "cache"
+    states = [download_dataset(url, None, str(cache), return_state=True) for _ in range(3)]
+    shutil.rmtree(cache / "extracted")  # the Prefect cache must not hand back a folder that is gone
+    after_delete = download_dataset(url, None, str(cache), return_state=True)
+
+    # The first call downloads; the second finds the data on disk and records it under its key; then cache hits.
+    assert [state.name for state in states] == ["Completed", "Completed", "Cached"]
+    assert after_delete.name == "Completed" and (cache / "extracted").is_dir()
+    assert len({state.result() for state in [*states, after_delete]}) == 1
