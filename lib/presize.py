@@ -98,8 +98,11 @@ def presize_images(
     """
     cache = PresizeCache(cache_dir, presize)
     digests = manifest["sha256"].tolist()
-    missing = {digest: Path(path) for path, digest in zip(manifest["path"], digests, strict=True)}
-    missing = {digest: path for digest, path in missing.items() if cache.lookup(digest) is None}
+    missing = {
+        digest: Path(path)
+        for path, digest in zip(manifest["path"], digests, strict=True)
+        if cache.lookup(digest) is None
+    }
     with ThreadPoolExecutor(max_workers=workers or len(os.sched_getaffinity(0))) as pool:
         jobs = pool.map(lambda item: presize_file(item[1], item[0], cache), missing.items())
         for _ in tqdm(jobs, total=len(missing), desc=f"presize {presize}px", unit="img", disable=not progress):

@@ -16,6 +16,8 @@ from prefect.tasks import exponential_backoff
 from lib import cleaning, download, labelling, presize, splitting, summary
 
 MANIFEST_FILE = "manifest.csv"
+UNMATCHED_FILE = "unmatched.txt"
+VALID_ONLY_FILE = "valid_only.csv"
 
 
 def _is_transient(task, task_run, state) -> bool:
@@ -65,14 +67,14 @@ def label_images(images_dir: str, pattern: str, skip_unmatched: bool, out_dir: s
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST_FILE
     labelled.manifest.to_csv(manifest_path, index=False)
-    (out / "unmatched.txt").unlink(missing_ok=True)  # never leave an earlier run's list in a reused folder
+    (out / UNMATCHED_FILE).unlink(missing_ok=True)  # never leave an earlier run's list in a reused folder
     if labelled.unmatched:
-        (out / "unmatched.txt").write_text("\n".join(labelled.unmatched) + "\n")
+        (out / UNMATCHED_FILE).write_text("\n".join(labelled.unmatched) + "\n")
         get_run_logger().warning(
             "Skipped %d files whose names do not match %r; they are listed in %s",
             len(labelled.unmatched),
             pattern,
-            out / "unmatched.txt",
+            out / UNMATCHED_FILE,
         )
     return {
         "manifest": str(manifest_path),
@@ -103,14 +105,14 @@ def split_dataset(manifest_path: str, valid_pct: float, seed: int | None) -> dic
     out = Path(manifest_path).parent
     split.manifest.to_csv(out / "split.csv", index=False)
     (out / "vocab.json").write_text(json.dumps(list(split.vocab), indent=1) + "\n")
-    (out / "valid_only.csv").unlink(missing_ok=True)  # never leave an earlier run's list in a reused folder
+    (out / VALID_ONLY_FILE).unlink(missing_ok=True)  # never leave an earlier run's list in a reused folder
     if not split.valid_only.empty:
-        split.valid_only.to_csv(out / "valid_only.csv", index=False)
+        split.valid_only.to_csv(out / VALID_ONLY_FILE, index=False)
         get_run_logger().warning(
             "%d validation items have labels absent from training (%s) and were left out; see %s",
             len(split.valid_only),
             ", ".join(sorted(set(split.valid_only["label"]))),
-            out / "valid_only.csv",
+            out / VALID_ONLY_FILE,
         )
     return {
         "manifest": str(out / "split.csv"),
@@ -145,7 +147,7 @@ def summarize_data(
     """Write the DataBlock.summary analogue and a show_batch grid beside the manifest."""
     out = Path(manifest_path).parent
     split = _read_split(manifest_path, vocab_path)
-    excluded_path = out / "excluded.csv"
+    excluded_path = out / cleaning.EXCLUDED_NAME
     excluded = pd.read_csv(excluded_path) if excluded_path.is_file() else None
     text = summary.data_summary(
         split,
@@ -166,6 +168,6 @@ def summarize_data(
 def _read_split(manifest_path: str, vocab_path: str) -> splitting.SplitManifest:
     manifest = pd.read_csv(manifest_path)
     vocab = tuple(json.loads(Path(vocab_path).read_text()))
-    valid_only_path = Path(manifest_path).parent / "valid_only.csv"
+    valid_only_path = Path(manifest_path).parent / VALID_ONLY_FILE
     valid_only = pd.read_csv(valid_only_path) if valid_only_path.is_file() else manifest.iloc[:0]
     return splitting.SplitManifest(manifest=manifest, vocab=vocab, valid_only=valid_only)
