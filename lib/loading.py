@@ -64,23 +64,38 @@ class PresizedImages(Dataset):
 
 
 class CropSampler(Sampler[CropRequest]):
-    """Yield (index, fraction_x, fraction_y): shuffled random crops for training, in-order centre crops otherwise."""
+    """Yield (index, fraction_x, fraction_y): shuffled random crops for training, in-order centre crops otherwise.
+
+    Each epoch's order and crops depend only on (seed, epoch), so training resumed from a checkpoint at epoch k draws
+    what an uninterrupted run would have drawn. The epoch advances by itself after each pass; `set_epoch` moves it.
+    """
 
     def __init__(self, length: int, *, train: bool, seed: int | None = None):
         self.length = length
         self.train = train
-        self.generator = torch.Generator()
-        self.generator.manual_seed(secrets.randbits(63) if seed is None else seed)
+        self.seed = secrets.randbits(63) if seed is None else seed
+        self.epoch = 0
 
     def __len__(self) -> int:
         return self.length
 
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next pass draw the order and crops of this epoch (0-based)."""
+        self.epoch = epoch
+
     def __iter__(self) -> Iterator[CropRequest]:
         if not self.train:
             return iter([(i, 0.5, 0.5) for i in range(self.length)])
-        order = torch.randperm(self.length, generator=self.generator).tolist()
-        fractions = torch.rand(self.length, 2, generator=self.generator).tolist()
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        self.epoch += 1
+        order = torch.randperm(self.length, generator=generator).tolist()
+        fractions = torch.rand(self.length, 2, generator=generator).tolist()
         return iter([(i, fx, fy) for i, (fx, fy) in zip(order, fractions, strict=True)])
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Derive a 63-bit seed for one epoch from a run's seed (tuple hashes of ints are stable across processes)."""
+    return hash((seed, epoch)) & (2**63 - 1)
 
 
 def make_loader(

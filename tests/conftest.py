@@ -19,6 +19,8 @@ os.environ.update(
         "DO_NOT_TRACK": "1",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "PETS_HOME": str(_SESSION_TMP / "pets-home"),
+        # Pretrained weights: never read or write the user's torch cache from tests.
+        "TORCH_HOME": str(_SESSION_TMP / "torch-home"),
         "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     }
 )

@@ -75,6 +75,15 @@ def test_sampler_shuffles_each_epoch_with_crops_inside_the_image():
     assert list(CropSampler(3, train=False)) == [(0, 0.5, 0.5), (1, 0.5, 0.5), (2, 0.5, 0.5)]
 
 
+def test_sampler_epoch_draws_depend_only_on_seed_and_epoch():
+    running = CropSampler(20, train=True, seed=5)
+    epochs = [list(running) for _ in range(3)]
+    resumed = CropSampler(20, train=True, seed=5)
+    resumed.set_epoch(2)
+    assert list(resumed) == epochs[2]
+    assert epochs[1] != epochs[2]
+
+
 def test_loading_leaves_global_rng_alone(presized):
     before = torch.get_rng_state()
     train_loader, _ = make_loaders(presized, size=SIZE, batch_size=4, workers=0, seed=1)

@@ -1,0 +1,55 @@
+"""Training checkpoints: everything needed to continue a run where it stopped, written atomically.
+
+A checkpoint holds the model, the optimizer and GradScaler state, the training plan it belongs to, and the position
+in that plan (phase, epochs done, batches done). It contains only tensors and plain Python values, so it loads with
+`torch.load(weights_only=True)`: opening a checkpoint never runs code from the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lib.files import write_atomically
+
+CHECKPOINT_FORMAT = 1
+LAST_CHECKPOINT = "last.pt"
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint belongs to a different training plan than the one asked to resume."""
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
+    """Write a checkpoint atomically, so a crash mid-write leaves the previous one intact."""
+    payload = {"format": CHECKPOINT_FORMAT, **state}
+    return write_atomically(Path(path), lambda temporary: torch.save(payload, temporary))
+
+
+def load_checkpoint(path: Path, *, plan: dict[str, Any]) -> dict[str, Any]:
+    """Load a checkpoint and check it was written by the same training plan."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint at {path}: pass the `{LAST_CHECKPOINT}` file a previous run wrote.")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointMismatchError(f"{path} is not a checkpoint of format {CHECKPOINT_FORMAT}.")
+    differences = plan_differences(state["plan"], plan)
+    if differences:
+        raise CheckpointMismatchError(
+            f"{path} was written by a different training plan ({'; '.join(differences)}). Resume with the same "
+            "settings, or start a new run without --resume."
+        )
+    return state
+
+
+def plan_differences(saved: dict[str, Any], requested: dict[str, Any]) -> list[str]:
+    """List the settings whose values differ between two plans, e.g. 'epochs: 4 in the checkpoint, 6 now'."""
+    keys = sorted(set(saved) | set(requested))
+    return [
+        f"{key}: {saved.get(key)!r} in the checkpoint, {requested.get(key)!r} now"
+        for key in keys
+        if saved.get(key) != requested.get(key)
+    ]

@@ -1,0 +1,249 @@
+"""The pure parts of fastai's lr_find: smoothed loss, divergence check, LR suggestions and the plot.
+
+Behaviour follows fastai 2.8.12 (see ../shared/reference/fastai-recipe.md §5 and §8). The sweep itself, which trains
+the model, is `Trainer.lr_find` in lib/training.py; it restores the weights and optimizer afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SMOOTHING_BETA = 0.98  # fastai Recorder: beta=0.98
+DIVERGENCE_FACTOR = 4.0  # fastai LRFinder.after_batch: stop once the smoothed loss exceeds 4x the best one
+SKIP_END = 5  # fastai lr_find and plot_lr_find: the last 5 points are left out
+
+
+class SmoothedLoss:
+    """Exponential moving average of the batch losses, debiased by 1 - beta**count, as fastai's Recorder keeps it."""
+
+    def __init__(self, beta: float = SMOOTHING_BETA):
+        if not 0 <= beta < 1:
+            raise ValueError(f"beta must be in [0, 1), got {beta}")
+        self.beta = beta
+        self.count = 0
+        self._average = 0.0
+
+    def update(self, loss: float) -> float:
+        """Add one batch loss and return the new smoothed value."""
+        self._average = self.beta * self._average + (1 - self.beta) * float(loss)
+        self.count += 1
+        return self.value
+
+    @property
+    def value(self) -> float:
+        """The debiased average of the losses so far."""
+        if self.count == 0:
+            raise ValueError("no loss recorded yet: call update() first")
+        return self._average / (1 - self.beta**self.count)
+
+    def state(self) -> dict[str, float]:
+        """Return what a checkpoint needs to continue the average."""
+        return {"beta": self.beta, "count": self.count, "average": self._average}
+
+    @classmethod
+    def from_state(cls, state: dict[str, float]) -> SmoothedLoss:
+        """Rebuild a smoother saved with `state()`."""
+        smoother = cls(state["beta"])
+        smoother.count, smoother._average = int(state["count"]), float(state["average"])
+        return smoother
+
+
+class DivergenceCheck:
+    """Track the best smoothed loss of a sweep and tell when the loss has blown up."""
+
+    def __init__(self, *, factor: float = DIVERGENCE_FACTOR):
+        self.factor = factor
+        self.best = math.inf
+
+    def diverged(self, smoothed: float) -> bool:
+        """Record one smoothed loss and return True if it is over factor x the best so far, or not finite.
+
+        fastai does not stop on NaN (NaN > 4*best is False); we do, because once the loss is NaN every later point
+        is NaN too and is cut off before the suggestions anyway.
+        """
+        if not math.isfinite(smoothed):
+            return True
+        self.best = min(self.best, smoothed)
+        return smoothed > self.factor * self.best
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """A suggested learning rate and the (lr, loss) point that marks it on the plot."""
+
+    method: str
+    lr: float
+    point: tuple[float, float]
+
+
+def valley(lrs: Sequence[float], losses: Sequence[float]) -> Suggestion:
+    """Suggest the LR about two thirds of the way down the longest strictly decreasing run of losses (fastai default).
+
+    The run is the longest strictly decreasing subsequence; its first maximal end wins ties.
+    """
+    _need_points("valley", losses, 1)
+    decreasing = _decreasing_lengths(losses)
+    longest = max(decreasing)
+    if longest == 1:
+        index = 0  # no decrease at all: fastai falls back to its initial start=end=0
+    else:
+        end = decreasing.index(longest)
+        start = end - longest  # fastai counts the valley from one before its first point
+        third = (end - start) / 3
+        # fastai: start + int(third) + int(third/2); it can be -1 for a 2-point valley at index 0, which fastai wraps
+        # to the last LR; we keep it on the valley instead
+        index = max(start + int(third) + int(third / 2), 0)
+    return Suggestion("valley", float(lrs[index]), (float(lrs[index]), float(losses[index])))
+
+
+def _decreasing_lengths(losses: Sequence[float]) -> list[int]:
+    """Return, for each index, the length of the longest strictly decreasing subsequence ending there (O(n²))."""
+    lengths = [1] * len(losses)
+    for i in range(1, len(losses)):
+        for j in range(i):
+            if losses[i] < losses[j]:
+                lengths[i] = max(lengths[i], lengths[j] + 1)
+    return lengths
+
+
+def steep(lrs: Sequence[float], losses: Sequence[float]) -> Suggestion:
+    """Suggest the LR where the loss falls fastest against log(lr)."""
+    _need_points("steep", losses, 2)
+    log_lrs = np.log(np.asarray(lrs, dtype=float))
+    slopes = np.diff(np.asarray(losses, dtype=float)) / np.diff(log_lrs)
+    index = int(np.argmin(slopes))
+    return Suggestion("steep", float(lrs[index]), (float(lrs[index]), float(losses[index])))
+
+
+def minimum(lrs: Sequence[float], losses: Sequence[float]) -> Suggestion:
+    """Suggest a tenth of the LR with the lowest loss; the plot marks the minimum itself."""
+    _need_points("minimum", losses, 1)
+    index = int(np.argmin(np.asarray(losses, dtype=float)))
+    return Suggestion("minimum", float(lrs[index]) / 10, (float(lrs[index]), float(losses[index])))
+
+
+def slide(
+    lrs: Sequence[float],
+    losses: Sequence[float],
+    *,
+    lr_diff: int = 15,
+    thresh: float = 0.005,
+    adjust_value: float = 1.0,
+) -> Suggestion:
+    """Suggest an LR by sliding an interval of lr_diff points left until the loss gradient is as flat at both ends.
+
+    Defaults are fastai slide's. The plot point's loss is interpolated at the suggestion on a log10 LR axis.
+    """
+    _need_points("slide", losses, lr_diff + 1)
+    gradient = np.gradient(np.asarray(losses, dtype=float))
+    right, left = -1, -1 - lr_diff
+    chosen = lrs[left]  # fastai: the initial left end when the gradients already agree
+    while left >= -len(losses) and abs(gradient[right] - gradient[left]) > thresh:
+        chosen = lrs[left]
+        right, left = right - 1, left - 1
+    lr = float(chosen) * adjust_value
+    loss = float(np.interp(math.log10(lr), np.log10(np.asarray(lrs, dtype=float)), np.asarray(losses, dtype=float)))
+    return Suggestion("slide", lr, (lr, loss))
+
+
+def _need_points(method: str, losses: Sequence[float], needed: int) -> None:
+    if len(losses) < needed:
+        raise ValueError(
+            f"the {method} suggestion needs at least {needed} points after trimming, got {len(losses)}; "
+            "run the LR finder for more iterations (num_it) or with stop_div off"
+        )
+
+
+SUGGESTION_METHODS: dict[str, Callable[..., Suggestion]] = {
+    "valley": valley,
+    "steep": steep,
+    "minimum": minimum,
+    "slide": slide,
+}
+
+
+def trim_for_suggestions(
+    lrs: Sequence[float], losses: Sequence[float], num_it: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Drop the first num_it//10 and the last 5 points, as fastai's lr_find does, then cut at the first NaN or inf.
+
+    fastai cuts only at NaN; an infinite loss would turn every slope after it into NaN, so we cut there too.
+    """
+    if len(lrs) != len(losses):
+        raise ValueError(f"got {len(lrs)} learning rates but {len(losses)} losses")
+    kept_lrs = tuple(float(v) for v in lrs[num_it // 10 : -SKIP_END])
+    kept_losses = tuple(float(v) for v in losses[num_it // 10 : -SKIP_END])
+    finite = [math.isfinite(loss) for loss in kept_losses]
+    cut = finite.index(False) if False in finite else len(kept_losses)
+    return kept_lrs[:cut], kept_losses[:cut]
+
+
+def suggest(
+    lrs: Sequence[float], losses: Sequence[float], *, num_it: int, methods: Sequence[str] = ("valley",)
+) -> dict[str, Suggestion]:
+    """Trim the sweep as fastai does and return one suggestion per method, by name (fastai's default is valley)."""
+    unknown = [name for name in methods if name not in SUGGESTION_METHODS]
+    if unknown:
+        raise ValueError(f"unknown suggestion method(s) {unknown}; choose from {sorted(SUGGESTION_METHODS)}")
+    kept_lrs, kept_losses = trim_for_suggestions(lrs, losses, num_it)
+    if len(kept_losses) < 2:
+        raise ValueError(
+            f"only {len(kept_losses)} of {len(losses)} sweep points are left after dropping the first {num_it // 10}, "
+            f"the last {SKIP_END} and any from the first NaN on; run the LR finder for more iterations"
+        )
+    return {name: SUGGESTION_METHODS[name](kept_lrs, kept_losses) for name in methods}
+
+
+@dataclass(frozen=True)
+class LRFinderResult:
+    """One LR sweep: the LR and smoothed loss of every batch run, and the suggestions drawn from them."""
+
+    lrs: tuple[float, ...]
+    losses: tuple[float, ...]  # smoothed, as fastai's Recorder stores them
+    num_it: int  # batches asked for; fewer ran if stopped_early
+    stopped_early: bool  # the loss diverged before num_it batches
+    suggestions: dict[str, Suggestion] = field(default_factory=dict)
+
+
+def plot_lr_find(result: LRFinderResult, out_path: Path, *, skip_end: int = SKIP_END) -> Path:
+    """Plot loss against LR on a log axis, mark each suggestion with its LR in the legend, and save it as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on training hosts
+    import matplotlib.pyplot as plt
+
+    figure = _lr_find_figure(result, skip_end=skip_end)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out_path, dpi=100)
+    plt.close(figure)
+    return out_path
+
+
+def _lr_find_figure(result: LRFinderResult, *, skip_end: int):
+    """Build the LR-finder figure (the caller closes it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    end = len(result.lrs) - skip_end if skip_end else len(result.lrs)
+    figure, axes = plt.subplots(1, 1, figsize=(6, 4))
+    axes.plot(result.lrs[:end], result.losses[:end])
+    axes.set_xscale("log")
+    axes.set_xlabel("Learning Rate")
+    axes.set_ylabel("Loss")
+    # fastai plot_lr_find: suggestion markers take the colour cycle after the curve's colour
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"][1:]
+    for (name, suggestion), colour in zip(result.suggestions.items(), colours, strict=False):
+        lr, loss = suggestion.point
+        axes.plot(lr, loss, "o", color=colour, label=f"{name}: {suggestion.lr:.2e}")
+    if result.suggestions:
+        axes.legend(loc="best")
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,534 @@
+"""The chapter-5 training loop in plain PyTorch: one-cycle fits, fine_tune, the LR finder, checkpoints and resume.
+
+A `Trainer` owns a model split into fastai's three parameter groups, an AdamW optimizer equal to fastai's Adam, the
+batch augmentation and the mixed-precision policy. Metrics leave it through one plain callable, `on_epoch_end(stats)`,
+so the Prefect flow and MLflow logging sit outside lib/.
+
+Reproducibility: the batch order, the crops, the augmentation and dropout of epoch k depend only on (seed, k). A run
+resumed from the checkpoint of epoch k therefore continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from lib.augment import BatchAugmentation, aug_transforms
+from lib.checkpoint import LAST_CHECKPOINT, load_checkpoint, save_checkpoint
+from lib.interpret import Predictions
+from lib.loading import DEFAULT_BATCH_SIZE, epoch_seed, make_loaders
+from lib.lr_finder import DivergenceCheck, LRFinderResult, SmoothedLoss, suggest
+from lib.model import create_model, freeze_to, no_weight_decay, parameter_groups
+from lib.precision import Precision, resolve_precision, use_channels_last
+from lib.presize import DEFAULT_PRESIZE
+from lib.schedule import DEFAULT_MOMS, OneCycle, Phase, fine_tune_phases, group_lrs, lr_finder_lr
+
+DEFAULT_LR = 1e-3  # fastai Learner default lr
+DEFAULT_WEIGHT_DECAY = 0.01  # fastai Adam wd, decoupled (AdamW)
+SQR_MOM = 0.99  # fastai Adam sqr_mom = AdamW beta2
+ADAM_EPS = 1e-5  # fastai Adam eps (torch's default is 1e-8)
+MIN_LR_FIND_ITERATIONS = 6  # fastai LRFinder raises num_it to at least 6
+
+EpochCallback = Callable[["EpochStats"], None]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """One row of the training table: fastai's columns plus the mean train loss, throughput and the last LR."""
+
+    phase: str
+    epoch: int  # 0-based within the phase
+    epochs: int
+    train_loss: float  # fastai's printed train_loss: debiased EMA (beta 0.98) at the epoch's last batch
+    train_loss_mean: float
+    valid_loss: float
+    error_rate: float
+    accuracy: float
+    seconds: float
+    images_per_second: float
+    lr: float  # the head group's LR at the epoch's last batch
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the stats as a plain dict."""
+        return asdict(self)
+
+
+def resolve_device(device: torch.device | str | None = None) -> torch.device:
+    """Return the requested device, or CUDA when present, else MPS, else CPU (fastai's default_device order)."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def make_optimizer(model: nn.Module, *, weight_decay: float = DEFAULT_WEIGHT_DECAY) -> torch.optim.AdamW:
+    """Build AdamW over the model's parameter groups; norm parameters and biases get no weight decay.
+
+    fastai's Adam (decoupled wd, eps 1e-5, beta2 0.99) gives the same updates as AdamW with these settings
+    (fastai-recipe.md §3, measured). Each fastai group becomes two torch groups, tagged with its `layer_group`.
+    """
+    exempt = no_weight_decay(model)
+    torch_groups = []
+    for index, params in enumerate(parameter_groups(model)):
+        for decays in (True, False):
+            chosen = [p for p in params if (id(p) not in exempt) == decays]
+            if chosen:
+                torch_groups.append(
+                    {"params": chosen, "layer_group": index, "weight_decay": weight_decay if decays else 0.0}
+                )
+    return torch.optim.AdamW(torch_groups, lr=DEFAULT_LR, betas=(DEFAULT_MOMS[0], SQR_MOM), eps=ADAM_EPS)
+
+
+class Trainer:
+    """Train a classifier split into parameter groups, the way fastai's Learner does for chapter 5."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_loader: DataLoader,
+        valid_loader: DataLoader,
+        *,
+        vocab: Sequence[str],
+        augmentation: BatchAugmentation | None = None,
+        device: torch.device | str | None = None,
+        precision: str = "fp32",
+        channels_last: bool | None = None,
+        weight_decay: float = DEFAULT_WEIGHT_DECAY,
+        train_bn: bool = True,
+        seed: int | None = None,
+        checkpoint_dir: Path | None = None,
+        on_epoch_end: EpochCallback | None = None,
+        progress: bool = True,
+    ):
+        self.device = resolve_device(device)
+        self.precision: Precision = resolve_precision(precision, self.device)
+        self.channels_last = use_channels_last(self.device, channels_last)
+        memory_format = torch.channels_last if self.channels_last else torch.preserve_format
+        self.model = model.to(self.device, memory_format=memory_format)
+        self.train_loader, self.valid_loader = train_loader, valid_loader
+        self.vocab = tuple(vocab)
+        self.augmentation = augmentation or aug_transforms()
+        self.weight_decay = weight_decay
+        self.train_bn = train_bn
+        self.seed = torch.randint(2**62, (1,)).item() if seed is None else seed
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.on_epoch_end = on_epoch_end
+        self.progress = progress
+        self.optimizer = make_optimizer(self.model, weight_decay=weight_decay)
+        self.n_groups = len(parameter_groups(self.model))
+        self.loss_function = nn.CrossEntropyLoss()  # fastai CrossEntropyLossFlat: mean, no smoothing
+        self.history: list[EpochStats] = []
+        self.smoothed_losses: list[float] = []  # per training batch, for the loss-curve plot
+        self.valid_points: list[tuple[int, float]] = []  # (iteration, valid loss) at each epoch end
+        self.epochs_run = 0  # across fits: seeds each epoch's randomness
+
+    # -- freezing -------------------------------------------------------------------------------------------------
+    def freeze_to(self, n: int) -> None:
+        """Freeze the groups before `n` (norm layers keep training with train_bn) and clear the optimizer state."""
+        freeze_to(self.model, n, train_bn=self.train_bn)
+        self.optimizer.state.clear()  # fastai freeze_to calls opt.clear_state(): Adam moments start again
+
+    def freeze(self) -> None:
+        """Train only the head (and norm layers): fastai's freeze() == freeze_to(-1)."""
+        self.freeze_to(-1)
+
+    def unfreeze(self) -> None:
+        """Train every group: fastai's unfreeze() == freeze_to(0)."""
+        self.freeze_to(0)
+
+    # -- fitting --------------------------------------------------------------------------------------------------
+    def fit_one_cycle(
+        self,
+        epochs: int,
+        lr_max: float | slice | Sequence[float] = DEFAULT_LR,
+        *,
+        div: float = 25.0,
+        div_final: float = 1e5,
+        pct_start: float = 0.25,
+        moms: tuple[float, float, float] = DEFAULT_MOMS,
+        resume_from: Path | None = None,
+    ) -> list[EpochStats]:
+        """Train `epochs` epochs with the one-cycle schedule (fastai fit_one_cycle defaults)."""
+        phase = Phase(name="fit", frozen=False, epochs=epochs, lr=lr_max, pct_start=pct_start, div=div)
+        plan = self._plan("fit_one_cycle", (phase,), div_final=div_final, moms=moms)
+        state = load_checkpoint(resume_from, plan=plan) if resume_from else None
+        return self._run_phases((phase,), plan, state, div_final=div_final, moms=moms, set_freezing=False)
+
+    def fine_tune(
+        self,
+        epochs: int,
+        base_lr: float = 2e-3,
+        *,
+        freeze_epochs: int = 1,
+        lr_mult: float = 100,
+        pct_start: float = 0.3,
+        div: float = 5.0,
+        div_final: float = 1e5,
+        moms: tuple[float, float, float] = DEFAULT_MOMS,
+        resume_from: Path | None = None,
+    ) -> list[EpochStats]:
+        """Train the head alone, then everything with discriminative LRs (fastai fine_tune's exact phases)."""
+        phases = fine_tune_phases(
+            epochs, base_lr=base_lr, freeze_epochs=freeze_epochs, lr_mult=lr_mult, pct_start=pct_start, div=div
+        )
+        plan = self._plan("fine_tune", phases, div_final=div_final, moms=moms)
+        state = load_checkpoint(resume_from, plan=plan) if resume_from else None
+        return self._run_phases(phases, plan, state, div_final=div_final, moms=moms, set_freezing=True)
+
+    def _plan(self, kind: str, phases: Sequence[Phase], **settings: Any) -> dict[str, Any]:
+        described = [
+            {
+                "name": phase.name,
+                "frozen": phase.frozen,
+                "epochs": phase.epochs,
+                "lr": list(group_lrs(phase.lr, self.n_groups)),
+                "pct_start": phase.pct_start,
+                "div": phase.div,
+            }
+            for phase in phases
+        ]
+        extra = {key: list(value) if isinstance(value, tuple) else value for key, value in settings.items()}
+        return {"kind": kind, "phases": described, "seed": self.seed, "batches": len(self.train_loader), **extra}
+
+    def _run_phases(
+        self,
+        phases: Sequence[Phase],
+        plan: dict[str, Any],
+        state: dict[str, Any] | None,
+        *,
+        div_final: float,
+        moms: tuple[float, float, float],
+        set_freezing: bool,
+    ) -> list[EpochStats]:
+        if state is not None:
+            self._restore_progress(state)
+        done_phase, done_epochs = (state["phase_index"], state["epochs_done"]) if state else (-1, 0)
+        stats: list[EpochStats] = []
+        for index, phase in enumerate(phases):
+            if index < done_phase or (index == done_phase and done_epochs >= phase.epochs):
+                continue
+            if set_freezing:
+                self.freeze() if phase.frozen else self.unfreeze()
+            resuming = state if index == done_phase else None
+            schedule = OneCycle(
+                lr_max=group_lrs(phase.lr, self.n_groups),
+                total_steps=phase.epochs * len(self.train_loader),
+                div=phase.div,
+                div_final=div_final,
+                pct_start=phase.pct_start,
+                moms=moms,
+            )
+            stats += self._fit_phase(index, phase, schedule, plan, resuming)
+        return stats
+
+    def _fit_phase(
+        self, index: int, phase: Phase, schedule: OneCycle, plan: dict[str, Any], state: dict[str, Any] | None
+    ) -> list[EpochStats]:
+        # fastai's MixedPrecision callback makes a new GradScaler and the Recorder a new smoother for every fit.
+        scaler = self.precision.grad_scaler()
+        smoother = SmoothedLoss()
+        first_epoch = 0
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            smoother = SmoothedLoss.from_state(state["smoother"])
+            first_epoch = state["epochs_done"]
+        stats = []
+        for epoch in range(first_epoch, phase.epochs):
+            row = self._fit_epoch(phase, epoch, schedule, scaler, smoother)
+            stats.append(row)
+            self.history.append(row)
+            self._save_progress(plan, index, epoch + 1, scaler, smoother)
+            self._report(row)
+        return stats
+
+    def _fit_epoch(
+        self, phase: Phase, epoch: int, schedule: OneCycle, scaler: torch.amp.GradScaler, smoother: SmoothedLoss
+    ) -> EpochStats:
+        started = time.perf_counter()
+        with torch.random.fork_rng(devices=self._rng_devices()):
+            torch.manual_seed(epoch_seed(self.seed, self.epochs_run))  # dropout of this epoch
+            train_loss_mean, lr, images = self._train_epoch(phase, epoch, schedule, scaler, smoother)
+        train_seconds = time.perf_counter() - started
+        valid_loss, accuracy = self.validate()
+        self.epochs_run += 1
+        self.valid_points.append((len(self.smoothed_losses), valid_loss))
+        return EpochStats(
+            phase=phase.name,
+            epoch=epoch,
+            epochs=phase.epochs,
+            train_loss=smoother.value,
+            train_loss_mean=train_loss_mean,
+            valid_loss=valid_loss,
+            error_rate=1.0 - accuracy,
+            accuracy=accuracy,
+            seconds=time.perf_counter() - started,
+            images_per_second=images / train_seconds,
+            lr=lr,
+        )
+
+    def _train_epoch(
+        self, phase: Phase, epoch: int, schedule: OneCycle, scaler: torch.amp.GradScaler, smoother: SmoothedLoss
+    ) -> tuple[float, float, int]:
+        self.model.train()  # frozen BatchNorm layers keep updating their statistics, as in fastai
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epochs_run))
+        batches = self._epoch_batches(self.train_loader, desc=f"{phase.name} {epoch + 1}/{phase.epochs}")
+        total, images, lr = 0.0, 0, 0.0
+        for batch, (inputs, targets) in enumerate(batches):
+            step = epoch * len(self.train_loader) + batch
+            lrs, momentum = schedule.at(step)
+            self._set_hyperparameters(lrs, momentum)
+            loss = self._train_step(inputs, targets, scaler, generator)
+            if not math.isfinite(loss):
+                raise self._non_finite(loss, phase, epoch, batch, lrs)
+            self.smoothed_losses.append(smoother.update(loss))
+            batches.set_postfix(loss=f"{smoother.value:.4f}", refresh=False)
+            total, images, lr = total + loss, images + len(targets), lrs[-1]
+        return total / max(1, len(self.train_loader)), lr, images
+
+    def _train_step(
+        self, inputs: torch.Tensor, targets: torch.Tensor, scaler: torch.amp.GradScaler, generator: torch.Generator
+    ) -> float:
+        inputs, targets = self._to_device(inputs, targets, train=True, generator=generator)
+        with self.precision.autocast():
+            logits = self.model(inputs)
+        loss = self.loss_function(logits.float(), targets)  # fastai casts predictions to fp32 before the loss
+        value = loss.item()
+        if not math.isfinite(value):
+            return value
+        scaler.scale(loss).backward()
+        scaler.step(self.optimizer)  # skipped when the unscaled fp16 gradients hold inf/NaN
+        scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return value
+
+    def _set_hyperparameters(self, lrs: Sequence[float], momentum: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lrs[group["layer_group"]]
+            group["betas"] = (momentum, SQR_MOM)  # the one-cycle "momentum" is Adam's beta1
+
+    def _to_device(
+        self, inputs: torch.Tensor, targets: torch.Tensor, *, train: bool, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = inputs.to(self.device, non_blocking=True)
+        inputs = self.augmentation(inputs, train=train, generator=generator)
+        if self.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return inputs, targets.to(self.device, non_blocking=True)
+
+    def _epoch_batches(self, loader: DataLoader, *, desc: str) -> tqdm:
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epochs_run)
+        return tqdm(loader, desc=desc, leave=False, disable=not self.progress, file=sys.stderr, unit="batch")
+
+    def _non_finite(
+        self, loss: float, phase: Phase, epoch: int, batch: int, lrs: Sequence[float]
+    ) -> NonFiniteLossError:
+        kept = (
+            f" The checkpoint of the last finished epoch is in {self.checkpoint_dir}."
+            if self.checkpoint_dir and self.history
+            else ""
+        )
+        return NonFiniteLossError(
+            f"The training loss became {loss} in phase '{phase.name}', epoch {epoch + 1}/{phase.epochs}, "
+            f"batch {batch + 1}/{len(self.train_loader)}, at learning rate {lrs[-1]:.3g} (head group). The learning "
+            f"rate is too high for this model: run the LR finder and train with a smaller one (e.g. "
+            f"{lrs[-1] / 10:.1g}); with fp16, try --precision bf16 or fp32.{kept}"
+        )
+
+    def _rng_devices(self) -> list[int]:
+        return [self.device.index or 0] if self.device.type == "cuda" else []
+
+    # -- validation and predictions ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _logits(self, loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.model.eval()
+        for inputs, targets in self._epoch_batches(loader, desc="valid"):
+            inputs, targets = self._to_device(inputs, targets, train=False)
+            with self.precision.autocast():
+                logits = self.model(inputs)
+            yield logits.float(), targets
+
+    def validate(self, loader: DataLoader | None = None) -> tuple[float, float]:
+        """Return (mean cross-entropy, accuracy) over a loader, the validation set by default."""
+        loss_sum, correct, count = 0.0, 0, 0
+        for logits, targets in self._logits(loader or self.valid_loader):
+            loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+            correct += (logits.argmax(dim=1) == targets).sum().item()
+            count += len(targets)
+        if count == 0:
+            raise ValueError("The validation set is empty: raise --valid-pct so some images are held out.")
+        return loss_sum / count, correct / count
+
+    def predictions(self, loader: DataLoader | None = None) -> Predictions:
+        """Return probabilities, targets and per-item losses over a loader (validation transforms only)."""
+        batches = list(self._logits(loader or self.valid_loader))
+        logits = torch.cat([logits.cpu() for logits, _ in batches])
+        targets = torch.cat([targets.cpu() for _, targets in batches])
+        return Predictions.from_logits(logits, targets)
+
+    def validation_images(self, indices: Sequence[int]) -> torch.Tensor:
+        """Return validation items as the model saw them (centre crop, resize), as uint8 images for plotting."""
+        dataset = self.valid_loader.dataset
+        raw = torch.stack([dataset[(int(i), 0.5, 0.5)][0] for i in indices])
+        with torch.inference_mode():
+            return self.augmentation.decode(self.augmentation(raw, train=False)).cpu()
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def _save_progress(
+        self, plan: dict[str, Any], phase_index: int, epochs_done: int, scaler: torch.amp.GradScaler, smoother
+    ) -> None:
+        if self.checkpoint_dir is None:
+            return
+        state = {
+            "plan": plan,
+            "phase_index": phase_index,
+            "epochs_done": epochs_done,
+            "epochs_run": self.epochs_run,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "smoother": smoother.state(),
+            "history": [row.as_dict() for row in self.history],
+            "smoothed_losses": self.smoothed_losses,
+            "valid_points": self.valid_points,
+        }
+        save_checkpoint(self.checkpoint_dir / LAST_CHECKPOINT, state)
+
+    def _restore_progress(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.epochs_run = state["epochs_run"]
+        self.history = [EpochStats(**row) for row in state["history"]]
+        self.smoothed_losses = list(state["smoothed_losses"])
+        self.valid_points = [tuple(point) for point in state["valid_points"]]
+
+    def _report(self, row: EpochStats) -> None:
+        if self.progress:
+            tqdm.write(format_stats_row(row, header=len(self.history) == 1), file=sys.stderr)
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(row)
+
+    # -- LR finder --------------------------------------------------------------------------------------------
+    def lr_find(
+        self,
+        *,
+        start_lr: float = 1e-7,
+        end_lr: float = 10.0,
+        num_it: int = 100,
+        stop_div: bool = True,
+        methods: Sequence[str] = ("valley",),
+    ) -> LRFinderResult:
+        """Sweep the LR exponentially over `num_it` batches, then put weights and optimizer back as they were."""
+        num_it = max(num_it, MIN_LR_FIND_ITERATIONS)
+        saved_model = copy.deepcopy(self.model.state_dict())
+        saved_optimizer = copy.deepcopy(self.optimizer.state_dict())
+        try:
+            with torch.random.fork_rng(devices=self._rng_devices()):
+                torch.manual_seed(epoch_seed(self.seed, -1))
+                lrs, losses, stopped_early = self._sweep(start_lr, end_lr, num_it, stop_div)
+        finally:
+            # Lightning's tuner restores in `finally` too: probing must leave no trace, even when interrupted.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.model.load_state_dict(saved_model)
+            self.optimizer.load_state_dict(saved_optimizer)
+        suggestions = suggest(lrs, losses, num_it=num_it, methods=methods)
+        return LRFinderResult(
+            lrs=tuple(lrs), losses=tuple(losses), num_it=num_it, stopped_early=stopped_early, suggestions=suggestions
+        )
+
+    def _sweep(self, start_lr: float, end_lr: float, num_it: int, stop_div: bool) -> tuple[list, list, bool]:
+        scaler, smoother, generator = self.precision.grad_scaler(), SmoothedLoss(), torch.Generator().manual_seed(0)
+        momentum = self.optimizer.param_groups[0]["betas"][0]  # fastai leaves mom and wd where they are
+        lrs, losses, divergence = [], [], DivergenceCheck()
+        self.model.train()
+        for step, (inputs, targets) in enumerate(self._cycle(self.train_loader, num_it)):
+            lr = lr_finder_lr(step, start_lr=start_lr, end_lr=end_lr, num_it=num_it)
+            self._set_hyperparameters([lr] * self.n_groups, momentum)
+            loss = self._train_step(inputs, targets, scaler, generator)
+            smoothed = smoother.update(loss)
+            lrs.append(lr)
+            losses.append(smoothed)
+            if divergence.diverged(smoothed) and (stop_div or not math.isfinite(smoothed)):
+                return lrs, losses, True
+        return lrs, losses, False
+
+    def _cycle(self, loader: DataLoader, count: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        yielded = 0
+        bar = tqdm(total=count, desc="lr_find", leave=False, disable=not self.progress, file=sys.stderr)
+        while yielded < count:
+            for batch in loader:
+                yield batch
+                bar.update()
+                yielded += 1
+                if yielded == count:
+                    break
+        bar.close()
+
+
+def format_stats_row(row: EpochStats, *, header: bool = False) -> str:
+    """Format one epoch like fastai's progress table (6-decimal floats, mm:ss)."""
+    minutes, seconds = divmod(int(round(row.seconds)), 60)
+    line = (
+        f"{row.phase:<9} {row.epoch:>5} {row.train_loss:>10.6f} {row.valid_loss:>10.6f} {row.error_rate:>10.6f} "
+        f"{row.images_per_second:>8.1f} {minutes:02d}:{seconds:02d}"
+    )
+    if not header:
+        return line
+    titles = f"{'phase':<9} {'epoch':>5} {'train_loss':>10} {'valid_loss':>10} {'error_rate':>10} {'img/s':>8} time"
+    return titles + "\n" + line
+
+
+def vision_trainer(
+    manifest: pd.DataFrame,
+    vocab: Sequence[str],
+    *,
+    arch: str = "resnet34",
+    pretrained: bool | str | Path = True,
+    presize: int = DEFAULT_PRESIZE,
+    size: int = 224,
+    min_scale: float = 0.75,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: int | None = None,
+    seed: int | None = None,
+    **trainer_settings: Any,
+) -> Trainer:
+    """Build fastai's `vision_learner` equivalent over a presized split manifest; pretrained models start frozen."""
+    device = resolve_device(trainer_settings.pop("device", None))
+    train_loader, valid_loader = make_loaders(
+        manifest, size=presize, batch_size=batch_size, workers=workers, seed=seed, pin_memory=device.type == "cuda"
+    )
+    model = create_model(arch, len(vocab), pretrained=pretrained)
+    trainer = Trainer(
+        model,
+        train_loader,
+        valid_loader,
+        vocab=vocab,
+        augmentation=aug_transforms(size, min_scale),
+        device=device,
+        seed=seed,
+        **trainer_settings,
+    )
+    if pretrained:
+        trainer.freeze()  # fastai vision_learner freezes a pretrained body
+    return trainer
