@@ -9,6 +9,7 @@ import pandas as pd
 import torch
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from lib.augment import BatchAugmentation
 from lib.images import open_rgb
 from lib.loading import PresizedImages, make_loader
 from lib.presize import presized_shape
@@ -174,10 +175,24 @@ def show_batch(
     return out_path
 
 
-def show_training_batch(split: SplitManifest, out_path: Path, *, size: int, seed: int | None = None) -> Path:
-    """Draw one shuffled, randomly cropped training batch of up to nine images with their class names."""
+def show_training_batch(
+    split: SplitManifest,
+    out_path: Path,
+    *,
+    size: int,
+    seed: int | None = None,
+    augmentation: BatchAugmentation | None = None,
+) -> Path:
+    """Draw one shuffled training batch of up to nine images with their class names, as the model would see it.
+
+    With an augmentation the batch goes through its training path (fastai's show_batch shows augmented batches);
+    without one it shows the random presize crops alone.
+    """
     train = split.manifest[split.manifest["split"] == "train"]
     batch_size = min(SHOW_BATCH_MAX, len(train))
     loader = make_loader(train, size=size, train=True, batch_size=batch_size, workers=0, seed=seed)
     images, targets = next(iter(loader))
+    if augmentation is not None:
+        generator = torch.Generator().manual_seed(0 if seed is None else seed)
+        images = augmentation.decode(augmentation(images, train=True, generator=generator))
     return show_batch(images, [split.vocab[t] for t in targets.tolist()], out_path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import secrets
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -22,6 +23,7 @@ from typing import Any
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -130,7 +132,7 @@ class Trainer:
         self.augmentation = augmentation or aug_transforms()
         self.weight_decay = weight_decay
         self.train_bn = train_bn
-        self.seed = torch.randint(2**62, (1,)).item() if seed is None else seed
+        self.seed = secrets.randbits(62) if seed is None else seed
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.on_epoch_end = on_epoch_end
         self.progress = progress
@@ -170,9 +172,7 @@ class Trainer:
     ) -> list[EpochStats]:
         """Train `epochs` epochs with the one-cycle schedule (fastai fit_one_cycle defaults)."""
         phase = Phase(name="fit", frozen=False, epochs=epochs, lr=lr_max, pct_start=pct_start, div=div)
-        plan = self._plan("fit_one_cycle", (phase,), div_final=div_final, moms=moms)
-        state = load_checkpoint(resume_from, plan=plan) if resume_from else None
-        return self._run_phases((phase,), plan, state, div_final=div_final, moms=moms, set_freezing=False)
+        return self._fit_phases("fit_one_cycle", (phase,), resume_from, div_final=div_final, moms=moms)
 
     def fine_tune(
         self,
@@ -191,9 +191,33 @@ class Trainer:
         phases = fine_tune_phases(
             epochs, base_lr=base_lr, freeze_epochs=freeze_epochs, lr_mult=lr_mult, pct_start=pct_start, div=div
         )
-        plan = self._plan("fine_tune", phases, div_final=div_final, moms=moms)
+        return self._fit_phases("fine_tune", phases, resume_from, div_final=div_final, moms=moms)
+
+    def _fit_phases(
+        self,
+        kind: str,
+        phases: Sequence[Phase],
+        resume_from: Path | None,
+        *,
+        div_final: float,
+        moms: tuple[float, float, float],
+    ) -> list[EpochStats]:
+        plan = self._plan(kind, phases, div_final=div_final, moms=moms)
         state = load_checkpoint(resume_from, plan=plan) if resume_from else None
-        return self._run_phases(phases, plan, state, div_final=div_final, moms=moms, set_freezing=True)
+        if state is not None:
+            self._restore_progress(state)
+        done_phase, done_epochs = (state["phase_index"], state["epochs_done"]) if state else (-1, 0)
+        stats: list[EpochStats] = []
+        for index, phase in enumerate(phases):
+            if index < done_phase or (index == done_phase and done_epochs >= phase.epochs):
+                continue
+            if kind == "fine_tune":
+                self.freeze() if phase.frozen else self.unfreeze()
+            schedule = phase.one_cycle(
+                n_groups=self.n_groups, batches_per_epoch=len(self.train_loader), div_final=div_final, moms=moms
+            )
+            stats += self._fit_phase(index, phase, schedule, plan, state if index == done_phase else None)
+        return stats
 
     def _plan(self, kind: str, phases: Sequence[Phase], **settings: Any) -> dict[str, Any]:
         described = [
@@ -209,37 +233,6 @@ class Trainer:
         ]
         extra = {key: list(value) if isinstance(value, tuple) else value for key, value in settings.items()}
         return {"kind": kind, "phases": described, "seed": self.seed, "batches": len(self.train_loader), **extra}
-
-    def _run_phases(
-        self,
-        phases: Sequence[Phase],
-        plan: dict[str, Any],
-        state: dict[str, Any] | None,
-        *,
-        div_final: float,
-        moms: tuple[float, float, float],
-        set_freezing: bool,
-    ) -> list[EpochStats]:
-        if state is not None:
-            self._restore_progress(state)
-        done_phase, done_epochs = (state["phase_index"], state["epochs_done"]) if state else (-1, 0)
-        stats: list[EpochStats] = []
-        for index, phase in enumerate(phases):
-            if index < done_phase or (index == done_phase and done_epochs >= phase.epochs):
-                continue
-            if set_freezing:
-                self.freeze() if phase.frozen else self.unfreeze()
-            resuming = state if index == done_phase else None
-            schedule = OneCycle(
-                lr_max=group_lrs(phase.lr, self.n_groups),
-                total_steps=phase.epochs * len(self.train_loader),
-                div=phase.div,
-                div_final=div_final,
-                pct_start=phase.pct_start,
-                moms=moms,
-            )
-            stats += self._fit_phase(index, phase, schedule, plan, resuming)
-        return stats
 
     def _fit_phase(
         self, index: int, phase: Phase, schedule: OneCycle, plan: dict[str, Any], state: dict[str, Any] | None
@@ -499,6 +492,19 @@ def format_stats_row(row: EpochStats, *, header: bool = False) -> str:
     return titles + "\n" + line
 
 
+def check_presize(manifest: pd.DataFrame, presize: int) -> None:
+    """Fail early, in the main process, when the manifest's images were presized for another size."""
+    if manifest.empty:
+        raise ValueError("The manifest has no images: run the data stage first (pets summary).")
+    with Image.open(manifest["presized_path"].iloc[0]) as first:
+        found = min(first.size)
+    if found != presize:
+        raise ValueError(
+            f"The manifest's images were presized to {found}px, but presize={presize} was asked for: pass "
+            f"presize={found}, or re-run the data stage with --presize {presize}."
+        )
+
+
 def vision_trainer(
     manifest: pd.DataFrame,
     vocab: Sequence[str],
@@ -514,6 +520,7 @@ def vision_trainer(
     **trainer_settings: Any,
 ) -> Trainer:
     """Build fastai's `vision_learner` equivalent over a presized split manifest; pretrained models start frozen."""
+    check_presize(manifest, presize)
     device = resolve_device(trainer_settings.pop("device", None))
     train_loader, valid_loader = make_loaders(
         manifest, size=presize, batch_size=batch_size, workers=workers, seed=seed, pin_memory=device.type == "cuda"

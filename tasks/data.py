@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from lib import cleaning, download, labelling, presize, splitting, summary
+from lib.augment import AugmentSettings, aug_transforms
 
 MANIFEST_FILE = "manifest.csv"
 UNMATCHED_FILE = "unmatched.txt"
@@ -161,7 +162,11 @@ def summarize_data(
     summary_path = out / "summary.txt"
     summary_path.write_text(text)
     create_markdown_artifact(f"```\n{text}```", key="data-summary", description="DataBlock.summary analogue")
-    grid_path = summary.show_training_batch(split, out / "show_batch.png", size=size, seed=seed)
+    # Shown as training will see it: fastai's aug_transforms at the book's 224 px (never above the presize).
+    augmentation = aug_transforms(min(AugmentSettings().size, size))
+    grid_path = summary.show_training_batch(
+        split, out / "show_batch.png", size=size, seed=seed, augmentation=augmentation
+    )
     return {"summary": str(summary_path), "show_batch": str(grid_path)}
 
 

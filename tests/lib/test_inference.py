@@ -3,8 +3,7 @@ import torch
 from PIL import Image
 
 from lib.inference import Classifier, export_classifier
-from lib.training import vision_trainer
-from tests.support.pets import presized_pets
+from tests.support.pets import presized_pets, tiny_trainer
 
 PRESIZE, SIZE = 40, 32
 
@@ -12,20 +11,7 @@ PRESIZE, SIZE = 40, 32
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     manifest, vocab = presized_pets(tmp_path_factory.mktemp("pets"), breeds=3, images_per_breed=16, presize=PRESIZE)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        trainer = vision_trainer(
-            manifest,
-            vocab,
-            arch="resnet18",
-            pretrained=False,
-            presize=PRESIZE,
-            size=SIZE,
-            batch_size=8,
-            workers=0,
-            seed=0,
-            progress=False,
-        )
+    trainer = tiny_trainer((manifest, vocab), presize=PRESIZE, size=SIZE, batch_size=8)
     trainer.fit_one_cycle(1, 1e-2)
     return trainer, manifest
 

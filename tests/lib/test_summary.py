@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from lib.augment import aug_transforms
 from lib.labelling import DEFAULT_LABEL_PATTERN, label_images
 from lib.presize import presize_images
 from lib.splitting import split_manifest
@@ -80,6 +81,15 @@ def test_show_batch_draws_a_titled_grid(split, tmp_path):
     with Image.open(path) as grid:
         # nine images: int(sqrt(9)) = 3 rows, 3 columns, 3 inches each at 72 dpi
         assert grid.size == (3 * 3 * 72, 3 * 3 * 72)
+
+
+def test_show_batch_can_show_the_augmented_training_batch(split, tmp_path):
+    plain = show_training_batch(split, tmp_path / "plain.png", size=PRESIZE, seed=0)
+    augmented = show_training_batch(
+        split, tmp_path / "augmented.png", size=PRESIZE, seed=0, augmentation=aug_transforms(32)
+    )
+    with Image.open(plain) as before, Image.open(augmented) as after:
+        assert before.size == after.size and before.tobytes() != after.tobytes()
 
 
 def test_show_batch_honours_rows_and_columns(tmp_path):

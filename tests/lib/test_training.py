@@ -6,8 +6,8 @@ import torch
 from lib.checkpoint import LAST_CHECKPOINT, CheckpointMismatchError
 from lib.model import create_model, parameter_groups
 from lib.schedule import OneCycle, group_lrs, lr_finder_lr
-from lib.training import NonFiniteLossError, Trainer, make_optimizer, vision_trainer
-from tests.support.pets import presized_pets
+from lib.training import NonFiniteLossError, Trainer, make_optimizer
+from tests.support.pets import presized_pets, tiny_trainer
 
 PRESIZE, SIZE, BATCH = 40, 32, 16
 
@@ -18,23 +18,7 @@ def pets(tmp_path_factory):
 
 
 def build(pets, *, seed=0, batch_size=BATCH, **settings):
-    """A resnet18 trainer with a reproducible random initialisation and no global RNG side effects."""
-    manifest, vocab = pets
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return vision_trainer(
-            manifest,
-            vocab,
-            arch="resnet18",
-            pretrained=False,
-            presize=PRESIZE,
-            size=SIZE,
-            batch_size=batch_size,
-            workers=0,
-            seed=seed,
-            progress=False,
-            **settings,
-        )
+    return tiny_trainer(pets, presize=PRESIZE, size=SIZE, batch_size=batch_size, seed=seed, **settings)
 
 
 def weights(trainer):

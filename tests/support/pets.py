@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from lib.cleaning import clean_images
 from lib.labelling import label_images
 from lib.presize import PresizeCache, presize_images
 from lib.splitting import split_manifest
 from lib.synthetic import make_pets_dataset
+from lib.training import Trainer, vision_trainer
 
 
 def presized_pets(
@@ -26,3 +28,25 @@ def presized_pets(
     split = split_manifest(kept, seed=seed)
     presized = presize_images(split.manifest, cache, presize=presize, workers=1, progress=False).manifest
     return presized, split.vocab
+
+
+def tiny_trainer(
+    pets: tuple[pd.DataFrame, tuple[str, ...]], *, presize: int, size: int, batch_size: int, seed: int = 0, **settings
+) -> Trainer:
+    """A random-init resnet18 trainer, built reproducibly for a seed without touching the caller's global RNG."""
+    manifest, vocab = pets
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return vision_trainer(
+            manifest,
+            vocab,
+            arch="resnet18",
+            pretrained=False,
+            presize=presize,
+            size=size,
+            batch_size=batch_size,
+            workers=0,
+            seed=seed,
+            progress=False,
+            **settings,
+        )
