@@ -6,7 +6,6 @@ fastai's ClassificationInterpretation and Recorder.plot_loss without running a m
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +15,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lib.summary import image_grid
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-INCHES_PER_IMAGE = 3  # fastai get_grid: imsize=3 inches per image
+TOP_LOSS_TITLE_SIZE = 9  # points: two title lines fit above a 3-inch image
 TOP_LOSSES_SUPTITLE = "Prediction/Actual/Loss/Probability"  # fastai plot_top_losses grid title
 LOSS_PLOT_SKIP_START = 5  # fastai Recorder.plot_loss: skip_start=5 (the first batches' losses dwarf the rest)
 
@@ -262,17 +263,9 @@ def _top_losses_figure(images: torch.Tensor, titles: Sequence[str], *, suptitle:
         )
     if len(titles) != len(images):
         raise ValueError(f"Got {len(titles)} titles for {len(images)} images; give one title per image.")
-    count = len(images)
-    nrows = int(math.sqrt(count))  # fastai get_grid: rows = int(sqrt(n)), cols = ceil(n / rows)
-    ncols = math.ceil(count / nrows)
-    figure, axes = _pyplot().subplots(
-        nrows, ncols, figsize=(ncols * INCHES_PER_IMAGE, nrows * INCHES_PER_IMAGE), squeeze=False
-    )
-    for position, axis in enumerate(axes.flat):
-        axis.axis("off")
-        if position < count:
-            axis.imshow(images[position].permute(1, 2, 0).cpu().numpy())
-            axis.set_title(titles[position])
+    # fastai's one-line "pred/actual / loss / prob" overlaps its neighbours for long breed names: two lines here.
+    two_line_titles = [title.replace(" / ", "\n", 1) for title in titles]
+    figure = image_grid(images, two_line_titles, title_size=TOP_LOSS_TITLE_SIZE)
     figure.suptitle(suptitle, weight="bold", size=14)
     figure.tight_layout()
     return figure

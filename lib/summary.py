@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -14,6 +16,9 @@ from lib.images import open_rgb
 from lib.loading import PresizedImages, make_loader
 from lib.presize import presized_shape
 from lib.splitting import SplitManifest
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SHOW_BATCH_MAX = 9  # fastai show_batch: max_n=9
 INCHES_PER_IMAGE = 3  # fastai show_batch: figsize from 3 inches per image
@@ -151,12 +156,33 @@ def show_batch(
 
     The grid follows fastai's default: rows = int(sqrt(n)), cols = ceil(n / rows), 3 inches per image.
     """
+    figure = image_grid(images[:max_n], titles, nrows=nrows, ncols=ncols)
+    figure.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out_path, dpi=72)
+    figure.clear()  # pyplot created it: release it from pyplot's registry too
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return out_path
+
+
+def image_grid(
+    images: torch.Tensor,
+    titles: Sequence[str],
+    *,
+    nrows: int | None = None,
+    ncols: int | None = None,
+    title_size: float | None = None,
+) -> Figure:
+    """Build a Figure showing uint8 CxHxW images with their titles, fastai's grid: int(sqrt(n)) rows, 3 inches each."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on training hosts
     import matplotlib.pyplot as plt
 
-    count = min(len(images), max_n)
+    count = len(images)
     nrows = nrows or int(math.sqrt(count))
     ncols = ncols or math.ceil(count / nrows)
     figure, axes = plt.subplots(
@@ -165,14 +191,9 @@ def show_batch(
     for position, axis in enumerate(axes.flat):
         axis.axis("off")
         if position < count:
-            axis.imshow(images[position].permute(1, 2, 0).numpy())
-            axis.set_title(titles[position])
-    figure.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_path, dpi=72)
-    plt.close(figure)
-    return out_path
+            axis.imshow(images[position].permute(1, 2, 0).cpu().numpy())
+            axis.set_title(titles[position], fontsize=title_size)
+    return figure
 
 
 def show_training_batch(

@@ -30,7 +30,18 @@ from tqdm.auto import tqdm
 
 from lib.augment import BatchAugmentation, aug_transforms
 from lib.checkpoint import LAST_CHECKPOINT, load_checkpoint, save_checkpoint
-from lib.interpret import Predictions
+from lib.files import write_text_atomically
+from lib.interpret import (
+    LOSS_PLOT_SKIP_START,
+    Predictions,
+    confusion_matrix,
+    interpretation_report,
+    plot_confusion_matrix,
+    plot_loss_curves,
+    plot_top_losses,
+    top_loss_titles,
+    top_losses,
+)
 from lib.loading import DEFAULT_BATCH_SIZE, epoch_seed, make_loaders
 from lib.lr_finder import DivergenceCheck, LRFinderResult, SmoothedLoss, suggest
 from lib.model import create_model, freeze_to, no_weight_decay, parameter_groups
@@ -387,6 +398,33 @@ class Trainer:
         raw = torch.stack([dataset[(int(i), 0.5, 0.5)][0] for i in indices])
         with torch.inference_mode():
             return self.augmentation.decode(self.augmentation(raw, train=False)).cpu()
+
+    def write_interpretation(self, out_dir: Path, *, top_k: int = 9, min_val: int = 1) -> dict[str, Path]:
+        """Write fastai's ClassificationInterpretation views of the validation set, and the loss curves, as files.
+
+        Returns the paths of confusion_matrix.png, most_confused.txt, top_losses.png and loss_curves.png.
+        """
+        out_dir = Path(out_dir)
+        predictions = self.predictions()
+        cm = confusion_matrix(predictions, len(self.vocab))
+        report = out_dir / "most_confused.txt"
+        write_text_atomically(report, interpretation_report(cm, self.vocab, min_val=min_val))
+        _, indices = top_losses(predictions, min(top_k, len(predictions.targets)))
+        paths = {
+            "confusion_matrix": plot_confusion_matrix(cm, self.vocab, out_dir / "confusion_matrix.png"),
+            "most_confused": report,
+            "top_losses": plot_top_losses(
+                self.validation_images(indices.tolist()),
+                top_loss_titles(predictions, indices, self.vocab),
+                out_dir / "top_losses.png",
+            ),
+        }
+        if self.smoothed_losses:
+            # fastai's plot_loss skips 5 batches; very short runs keep at least one point
+            skip = min(LOSS_PLOT_SKIP_START, len(self.smoothed_losses) - 1)
+            curves = out_dir / "loss_curves.png"
+            paths["loss_curves"] = plot_loss_curves(self.smoothed_losses, self.valid_points, curves, skip_start=skip)
+        return paths
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def _save_progress(

@@ -202,10 +202,11 @@ def test_plot_confusion_matrix_writes_a_png_at_the_book_size(tmp_path):
 
 def test_top_losses_figure_grid_and_titles(tmp_path):
     images = torch.randint(0, 256, (5, 3, 8, 10), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    titles = [f"t{i}" for i in range(5)]
+    titles = [f"Birman/Ragdoll{i} / 1.20 / 0.60" for i in range(5)]
     figure = _top_losses_figure(images, titles, suptitle="Prediction/Actual/Loss/Probability")
     assert len(figure.axes) == 6  # int(sqrt(5)) = 2 rows, ceil(5 / 2) = 3 columns
-    assert [axis.get_title() for axis in figure.axes] == [*titles, ""]
+    # prediction/actual on the first line, loss and probability on the second
+    assert [axis.get_title() for axis in figure.axes] == [f"Birman/Ragdoll{i}\n1.20 / 0.60" for i in range(5)] + [""]
     assert np.array_equal(figure.axes[2].images[0].get_array(), images[2].permute(1, 2, 0).numpy())
     assert figure.get_suptitle() == "Prediction/Actual/Loss/Probability"
     _assert_png(plot_top_losses(images, titles, tmp_path / "top.png"))

@@ -209,3 +209,13 @@ def test_trainer_accepts_a_model_and_loaders_directly(pets):
         progress=False,
     )
     assert direct.device.type == "cpu" and direct.vocab == pets[1]
+
+
+def test_interpretation_files_describe_the_validation_set(pets, tmp_path):
+    trainer = build(pets)
+    trainer.fit_one_cycle(1, 1e-3)
+    paths = trainer.write_interpretation(tmp_path, top_k=4)
+    assert set(paths) == {"confusion_matrix", "most_confused", "top_losses", "loss_curves"}
+    assert all(path.stat().st_size > 0 for path in paths.values())
+    n_valid = len(trainer.valid_loader.dataset)
+    assert f"Validation items: {n_valid}" in paths["most_confused"].read_text()
