@@ -219,3 +219,16 @@ def test_interpretation_files_describe_the_validation_set(pets, tmp_path):
     assert all(path.stat().st_size > 0 for path in paths.values())
     n_valid = len(trainer.valid_loader.dataset)
     assert f"Validation items: {n_valid}" in paths["most_confused"].read_text()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp16_training_on_cuda_uses_autocast_a_scaler_and_channels_last(pets):
+    trainer = build(pets, device="cuda", precision="fp16")
+    assert trainer.precision.effective == "fp16" and trainer.channels_last
+    assert trainer.model[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    stats = trainer.fit_one_cycle(2, 2e-3)
+    assert all(math.isfinite(row.train_loss) for row in stats)
+    assert next(trainer.model.parameters()).dtype == torch.float32  # weights stay fp32 (fastai to_fp16)
+    predictions = trainer.predictions()
+    assert predictions.probabilities.dtype == torch.float32
