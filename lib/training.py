@@ -169,6 +169,10 @@ class Trainer:
         """Train every group: fastai's unfreeze() == freeze_to(0)."""
         self.freeze_to(0)
 
+    def is_frozen(self) -> bool:
+        """Return whether some parameter group is frozen (its non-norm parameters take no gradient)."""
+        return not all(p.requires_grad for p in self.model.parameters())
+
     # -- fitting --------------------------------------------------------------------------------------------------
     def fit_one_cycle(
         self,
@@ -182,7 +186,8 @@ class Trainer:
         resume_from: Path | None = None,
     ) -> list[EpochStats]:
         """Train `epochs` epochs with the one-cycle schedule (fastai fit_one_cycle defaults)."""
-        phase = Phase(name="fit", frozen=False, epochs=epochs, lr=lr_max, pct_start=pct_start, div=div)
+        # `frozen` records the current freezing, so a checkpoint is never resumed with other groups trainable.
+        phase = Phase(name="fit", frozen=self.is_frozen(), epochs=epochs, lr=lr_max, pct_start=pct_start, div=div)
         return self._fit_phases("fit_one_cycle", (phase,), resume_from, div_final=div_final, moms=moms)
 
     def fine_tune(

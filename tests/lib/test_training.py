@@ -149,6 +149,14 @@ def test_resuming_with_another_plan_is_refused(pets, tmp_path):
         build(pets).fit_one_cycle(2, 1e-3, resume_from=tmp_path / LAST_CHECKPOINT)
 
 
+def test_resuming_with_other_groups_frozen_is_refused(pets, tmp_path):
+    frozen = build(pets, checkpoint_dir=tmp_path)
+    frozen.freeze()
+    frozen.fit_one_cycle(1, 1e-3)
+    with pytest.raises(CheckpointMismatchError, match="frozen"):
+        build(pets).fit_one_cycle(1, 1e-3, resume_from=tmp_path / LAST_CHECKPOINT)
+
+
 def test_a_huge_learning_rate_stops_with_a_clear_error(pets):
     trainer = build(pets)
     with pytest.raises(NonFiniteLossError, match=r"batch \d+/\d+, at learning rate .* LR finder"):
