@@ -195,18 +195,22 @@ class Trainer:
         epochs: int,
         base_lr: float = 2e-3,
         *,
-        freeze_epochs: int = 1,
-        lr_mult: float = 100,
-        pct_start: float = 0.3,
-        div: float = 5.0,
         div_final: float = 1e5,
         moms: tuple[float, float, float] = DEFAULT_MOMS,
         resume_from: Path | None = None,
+        **phase_settings: float,
     ) -> list[EpochStats]:
-        """Train the head alone, then everything with discriminative LRs (fastai fine_tune's exact phases)."""
-        phases = fine_tune_phases(
-            epochs, base_lr=base_lr, freeze_epochs=freeze_epochs, lr_mult=lr_mult, pct_start=pct_start, div=div
-        )
+        """Train the head alone, then everything with discriminative LRs (fastai fine_tune's exact phases).
+
+        Args:
+            epochs: Epochs of the unfrozen phase.
+            base_lr: Peak LR of the frozen phase's head; the unfrozen phase peaks at half of it.
+            div_final: One-cycle final divisor for both phases.
+            moms: One-cycle momentum (Adam beta1) schedule for both phases.
+            resume_from: A `last.pt` checkpoint written by this same call, to continue from.
+            **phase_settings: freeze_epochs, lr_mult, pct_start and div of `lib.schedule.fine_tune_phases`.
+        """
+        phases = fine_tune_phases(epochs, base_lr=base_lr, **phase_settings)
         return self._fit_phases("fine_tune", phases, resume_from, div_final=div_final, moms=moms)
 
     def _fit_phases(
