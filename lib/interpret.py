@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lib.plots import pyplot, save_figure
 from lib.summary import image_grid
 
 if TYPE_CHECKING:
@@ -142,7 +143,7 @@ def plot_confusion_matrix(
     figure = _confusion_figure(
         cm, vocab, normalize=normalize, title=title, cmap=cmap, norm_dec=norm_dec, figsize=figsize, dpi=dpi
     )
-    return _save(figure, out_path, dpi=dpi)
+    return save_figure(figure, out_path, dpi=dpi)
 
 
 def plot_top_losses(
@@ -150,7 +151,7 @@ def plot_top_losses(
 ) -> Path:
     """Draw the k x 3 x H x W uint8 images in a titled grid and save it as a PNG."""
     figure = _top_losses_figure(images, titles, suptitle=suptitle)
-    return _save(figure, out_path, dpi=72)
+    return save_figure(figure, out_path, dpi=72)
 
 
 def plot_loss_curves(
@@ -168,7 +169,7 @@ def plot_loss_curves(
         out_path: where to write the PNG.
         skip_start: leading batches left out, with any validation point that falls among them.
     """
-    return _save(_loss_figure(train_losses, valid_points, skip_start=skip_start), out_path, dpi=72)
+    return save_figure(_loss_figure(train_losses, valid_points, skip_start=skip_start), out_path, dpi=72)
 
 
 def interpretation_report(cm: np.ndarray, vocab: Sequence[str], *, min_val: int = 1) -> str:
@@ -197,25 +198,6 @@ def _checked_matrix(cm: np.ndarray, vocab: Sequence[str]) -> np.ndarray:
     return cm
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on training hosts
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(figure: Figure, out_path: Path, *, dpi: int) -> Path:
-    out_path = Path(out_path)
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(out_path, dpi=dpi)
-    finally:
-        _pyplot().close(figure)
-    return out_path
-
-
 def _displayed_matrix(cm: np.ndarray, *, normalize: bool) -> np.ndarray:
     if not normalize:
         return cm
@@ -236,7 +218,7 @@ def _confusion_figure(
     dpi: int = 60,
 ) -> Figure:
     shown = _displayed_matrix(_checked_matrix(cm, vocab), normalize=normalize)
-    figure, axis = _pyplot().subplots(figsize=figsize, dpi=dpi)
+    figure, axis = pyplot().subplots(figsize=figsize, dpi=dpi)
     axis.imshow(shown, interpolation="nearest", cmap=cmap)
     axis.set_title(title)
     ticks = np.arange(len(vocab))
@@ -279,7 +261,7 @@ def _loss_figure(
             f"Only {len(train_losses)} training losses with skip_start={skip_start}: nothing to plot; "
             "lower skip_start or train for more batches."
         )
-    figure, axis = _pyplot().subplots(figsize=(6, 4))
+    figure, axis = pyplot().subplots(figsize=(6, 4))
     iterations = range(skip_start, len(train_losses))
     axis.plot(list(iterations), list(train_losses)[skip_start:], label="train")
     kept = [(iteration, loss) for iteration, loss in valid_points if iteration >= skip_start]

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lib.plots import pyplot, save_figure
+
 SMOOTHING_BETA = 0.98  # fastai Recorder: beta=0.98
 DIVERGENCE_FACTOR = 4.0  # fastai LRFinder.after_batch: stop once the smoothed loss exceeds 4x the best one
 SKIP_END = 5  # fastai lr_find and plot_lr_find: the last 5 points are left out
@@ -212,26 +214,12 @@ class LRFinderResult:
 
 def plot_lr_find(result: LRFinderResult, out_path: Path, *, skip_end: int = SKIP_END) -> Path:
     """Plot loss against LR on a log axis, mark each suggestion with its LR in the legend, and save it as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on training hosts
-    import matplotlib.pyplot as plt
-
-    figure = _lr_find_figure(result, skip_end=skip_end)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_path, dpi=100)
-    plt.close(figure)
-    return out_path
+    return save_figure(_lr_find_figure(result, skip_end=skip_end), out_path, dpi=100)
 
 
 def _lr_find_figure(result: LRFinderResult, *, skip_end: int):
     """Build the LR-finder figure (the caller closes it)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     end = len(result.lrs) - skip_end if skip_end else len(result.lrs)
     figure, axes = plt.subplots(1, 1, figsize=(6, 4))
     axes.plot(result.lrs[:end], result.losses[:end])

@@ -14,6 +14,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from lib.augment import BatchAugmentation
 from lib.images import open_rgb
 from lib.loading import PresizedImages, make_loader
+from lib.plots import pyplot, save_figure
 from lib.presize import presized_shape
 from lib.splitting import SplitManifest
 
@@ -158,14 +159,7 @@ def show_batch(
     """
     figure = image_grid(images[:max_n], titles, nrows=nrows, ncols=ncols)
     figure.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_path, dpi=72)
-    figure.clear()  # pyplot created it: release it from pyplot's registry too
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)
-    return out_path
+    return save_figure(figure, out_path, dpi=72)
 
 
 def image_grid(
@@ -177,15 +171,10 @@ def image_grid(
     title_size: float | None = None,
 ) -> Figure:
     """Build a Figure showing uint8 CxHxW images with their titles, fastai's grid: int(sqrt(n)) rows, 3 inches each."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on training hosts
-    import matplotlib.pyplot as plt
-
     count = len(images)
     nrows = nrows or int(math.sqrt(count))
     ncols = ncols or math.ceil(count / nrows)
-    figure, axes = plt.subplots(
+    figure, axes = pyplot().subplots(
         nrows, ncols, figsize=(ncols * INCHES_PER_IMAGE, nrows * INCHES_PER_IMAGE), squeeze=False
     )
     for position, axis in enumerate(axes.flat):
