@@ -19,9 +19,9 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from lib.augment import BatchAugmentation, aug_transforms
 from lib.files import write_atomically
 from lib.images import open_rgb, to_rgb
-from lib.loading import crop_offset
+from lib.loading import square_crop
 from lib.model import create_model
-from lib.presize import presized_shape
+from lib.presize import presize_image
 
 EXPORT_FORMAT = "pets-classifier/1"
 
@@ -82,10 +82,8 @@ class Classifier:
 
     def _prepare(self, image: Path | str | Image.Image) -> torch.Tensor:
         picture = to_rgb(image) if isinstance(image, Image.Image) else open_rgb(Path(image))
-        picture = picture.resize(presized_shape(*picture.size, self.presize), Image.Resampling.BILINEAR)
-        width, height = picture.size
-        left, top = crop_offset(width, self.presize, 0.5), crop_offset(height, self.presize, 0.5)
-        return pil_to_tensor(picture.crop((left, top, left + self.presize, top + self.presize)))
+        # the validation loader's view: the presized image's centre square
+        return pil_to_tensor(square_crop(presize_image(picture, self.presize), self.presize, 0.5, 0.5))
 
     def _prediction(self, probabilities: torch.Tensor) -> Prediction:
         index = int(probabilities.argmax())

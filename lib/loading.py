@@ -34,6 +34,13 @@ def crop_offset(length: int, crop: int, fraction: float) -> int:
     return int(fraction * (length - crop))
 
 
+def square_crop(image: Image.Image, size: int, fraction_x: float, fraction_y: float) -> Image.Image:
+    """Cut a size x size square at the given fractions of the free room along each axis (0.5, 0.5 is the centre)."""
+    width, height = image.size
+    left, top = crop_offset(width, size, fraction_x), crop_offset(height, size, fraction_y)
+    return image.crop((left, top, left + size, top + size))
+
+
 class PresizedImages(Dataset):
     """Square crops of presized images, as uint8 CxSxS tensors, with their integer targets."""
 
@@ -57,10 +64,7 @@ class PresizedImages(Dataset):
                 f"{self.paths[index]} is {width}x{height}, smaller than the {self.size}px crop: it was presized for "
                 "another size. Re-run the presize stage with the same --presize."
             )
-        top = crop_offset(height, self.size, fraction_y)
-        left = crop_offset(width, self.size, fraction_x)
-        crop = image.crop((left, top, left + self.size, top + self.size))
-        return pil_to_tensor(crop), self.targets[index]
+        return pil_to_tensor(square_crop(image, self.size, fraction_x, fraction_y)), self.targets[index]
 
 
 class CropSampler(Sampler[CropRequest]):

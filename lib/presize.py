@@ -35,6 +35,11 @@ def presized_shape(width: int, height: int, presize: int) -> tuple[int, int]:
     return max(presize, round(width * scale)), max(presize, round(height * scale))
 
 
+def presize_image(image: Image.Image, presize: int) -> Image.Image:
+    """Scale an image so its short side equals presize (bilinear, antialiased when shrinking, as Pillow's is)."""
+    return image.resize(presized_shape(*image.size, presize), Image.Resampling.BILINEAR)
+
+
 class PresizeCache:
     """Presized images and the facts about their originals, addressed by the sha256 of the original file."""
 
@@ -57,7 +62,7 @@ class PresizeCache:
 
     def store(self, sha256: str, image: Image.Image, facts: ImageFacts) -> Path:
         """Presize an upright RGB image and cache it; the facts are written last, so they mark a complete entry."""
-        resized = image.resize(presized_shape(*image.size, self.presize), Image.Resampling.BILINEAR)
+        resized = presize_image(image, self.presize)
         target = self.image_path(sha256)
         write_atomically(target, lambda path: resized.save(path, format="JPEG", quality=CACHE_JPEG_QUALITY))
         write_text_atomically(target.with_suffix(".json"), json.dumps(facts.as_dict()))
