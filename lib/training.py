@@ -385,14 +385,16 @@ class Trainer:
 
     def validate(self, loader: DataLoader | None = None) -> tuple[float, float]:
         """Return (mean cross-entropy, accuracy) over a loader, the validation set by default."""
-        loss_sum, correct, count = 0.0, 0, 0
+        # Per-batch sums stay on the device and are read back once: no GPU sync per validation batch.
+        loss_sums, correct, count = [], [], 0
         for logits, targets in self._logits(loader or self.valid_loader):
-            loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
-            correct += (logits.argmax(dim=1) == targets).sum().item()
+            loss_sums.append(F.cross_entropy(logits, targets, reduction="sum"))
+            correct.append((logits.argmax(dim=1) == targets).sum())
             count += len(targets)
         if count == 0:
             raise ValueError("The validation set is empty: raise --valid-pct so some images are held out.")
-        return loss_sum / count, correct / count
+        loss_sum = torch.stack(loss_sums).cpu().double().sum().item()
+        return loss_sum / count, torch.stack(correct).sum().item() / count
 
     def predictions(self, loader: DataLoader | None = None) -> Predictions:
         """Return probabilities, targets and per-item losses over a loader (validation transforms only)."""
