@@ -518,14 +518,16 @@ class Trainer:
     def _cycle(self, loader: DataLoader, count: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         yielded = 0
         bar = tqdm(total=count, desc="lr_find", leave=False, disable=not self.progress, file=sys.stderr)
-        while yielded < count:
-            for batch in loader:
-                yield batch
-                bar.update()
-                yielded += 1
-                if yielded == count:
-                    break
-        bar.close()
+        try:  # a sweep that diverges stops iterating early: the bar must still close
+            while yielded < count:
+                for batch in loader:
+                    yield batch
+                    bar.update()
+                    yielded += 1
+                    if yielded == count:
+                        break
+        finally:
+            bar.close()
 
 
 def format_stats_row(row: EpochStats, *, header: bool = False) -> str:
