@@ -45,11 +45,41 @@ def prepare_data(
 
     With neither data_url nor data_dir, the Oxford-IIIT Pet archive the book uses is downloaded.
     """
+    prepared = data_stage(
+        data_url=data_url,
+        data_dir=data_dir,
+        label_pattern=label_pattern,
+        skip_unmatched=skip_unmatched,
+        valid_pct=valid_pct,
+        seed=seed,
+        presize=presize,
+        sha256=sha256,
+        out_dir=out_dir or str(default_output_dir() / "data"),
+        cache_dir=cache_dir,
+    )
+    print(f"Summary: {prepared['summary']}; show_batch grid: {prepared['show_batch']}")
+    return prepared
+
+
+def data_stage(
+    *,
+    data_url: str | None,
+    data_dir: str | None,
+    label_pattern: str,
+    skip_unmatched: bool,
+    valid_pct: float,
+    seed: int | None,
+    presize: int,
+    sha256: str | None,
+    out_dir: str,
+    cache_dir: str | None,
+) -> dict:
+    """Run the data tasks in recipe order inside the calling flow; return the paths and counts they produced."""
     if not data_url and not data_dir:
         data_url = PETS_URL
     # Absolute paths: manifests written here stay valid whatever the working directory of a later reader.
     cache_dir = str(Path(cache_dir or default_cache_dir()).resolve())
-    out_dir = str(Path(out_dir or default_output_dir() / "data").resolve())
+    out_dir = str(Path(out_dir).resolve())
     images_dir = download_dataset(data_url, data_dir, cache_dir, sha256)
     labelled = label_images(images_dir, label_pattern, skip_unmatched, out_dir)
     cleaned = clean_images(labelled["manifest"], cache_dir, presize)
@@ -65,14 +95,16 @@ def prepare_data(
         unmatched=labelled["unmatched"],
         seed=seed,
     )
-    print(f"Summary: {summarized['summary']}; show_batch grid: {summarized['show_batch']}")
     return {
         "images_dir": images_dir,
+        "data_url": data_url,
         "manifest": presized["manifest"],
         "vocab": split["vocab"],
+        "classes": split["classes"],
         "cleaning_report": cleaned["report"],
         **summarized,
         "sizes": {"train": split["train"], "valid": split["valid"]},
         "cache_hits": presized["cache_hits"],
+        "written": presized["written"],
         "decoded": cleaned["decoded"],
     }

@@ -369,7 +369,10 @@ class BatchAugmentation:
         """Augment (train) or just resize (valid) a B x 3 x H x W batch to normalised float32 B x 3 x size x size."""
         if not train:
             pixels = _unit_pixels(images)
-            return normalize(self._resample(pixels, identity_draw(len(pixels))))
+            # One identity grid serves the whole batch, so the batch size stays symbolic under torch.export.
+            height, width = pixels.shape[-2:]
+            grid = sampling_grid(identity_draw(1), height=height, width=width, size=self.settings.size)
+            return normalize(self._sample(pixels, grid.to(pixels.device).expand(pixels.shape[0], -1, -1, -1)))
         height, width = images.shape[-2:]
         return self.apply(images, self.draw(len(images), height=height, width=width, generator=generator))
 
@@ -393,9 +396,14 @@ class BatchAugmentation:
         return denormalize(normalized)
 
     def _resample(self, pixels: torch.Tensor, draw: AugmentDraw) -> torch.Tensor:
-        """Area-shrink the batch if needed, then sample it once along the draw's grid at the output size."""
+        """Sample the batch once along the draw's grid at the output size."""
         height, width = pixels.shape[-2:]
-        grid = sampling_grid(draw, height=height, width=width, size=self.settings.size, device=pixels.device)
+        return self._sample(
+            pixels, sampling_grid(draw, height=height, width=width, size=self.settings.size, device=pixels.device)
+        )
+
+    def _sample(self, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """Area-shrink the batch if needed, then sample it along a grid in one interpolation."""
         source = area_shrink(pixels, self.settings.size)
         return F.grid_sample(source, grid, mode="bilinear", padding_mode=self.settings.pad_mode, align_corners=True)
 

@@ -51,6 +51,39 @@ def export_classifier(
     return write_atomically(Path(path), lambda temporary: torch.save(payload, temporary))
 
 
+@dataclass(frozen=True)
+class ExportedClassifier:
+    """What `export_classifier` wrote: the model (on the CPU, in eval mode) and how its inputs were prepared."""
+
+    model: nn.Module
+    arch: str
+    vocab: tuple[str, ...]
+    size: int
+    presize: int
+
+
+def read_export(path: Path) -> ExportedClassifier:
+    """Read a file written by `export_classifier` (no code from the file runs: weights_only=True)."""
+    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path} is not an exported classifier ({EXPORT_FORMAT}); export one after training.")
+    model = create_model(payload["arch"], len(payload["vocab"]), pretrained=False)
+    model.load_state_dict(payload["state_dict"])
+    return ExportedClassifier(
+        model=model.eval(),
+        arch=payload["arch"],
+        vocab=tuple(payload["vocab"]),
+        size=payload["size"],
+        presize=payload["presize"],
+    )
+
+
+def prepare_image(image: Path | str | Image.Image, presize: int) -> torch.Tensor:
+    """Return a picture as the validation loader shows it: upright RGB, presized, centre square, uint8 3 x H x W."""
+    picture = to_rgb(image) if isinstance(image, Image.Image) else open_rgb(Path(image))
+    return pil_to_tensor(square_crop(presize_image(picture, presize), presize, 0.5, 0.5))
+
+
 class Classifier:
     """A trained model ready to label pictures."""
 
@@ -64,26 +97,17 @@ class Classifier:
     @classmethod
     def load(cls, path: Path, *, device=None) -> Classifier:
         """Load an exported classifier (no code from the file runs: weights_only=True)."""
-        payload = torch.load(Path(path), map_location="cpu", weights_only=True)
-        if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
-            raise ValueError(f"{path} is not an exported classifier ({EXPORT_FORMAT}); export one after training.")
-        model = create_model(payload["arch"], len(payload["vocab"]), pretrained=False)
-        model.load_state_dict(payload["state_dict"])
-        return cls(model, vocab=payload["vocab"], size=payload["size"], presize=payload["presize"], device=device)
+        exported = read_export(path)
+        return cls(exported.model, vocab=exported.vocab, size=exported.size, presize=exported.presize, device=device)
 
     @torch.inference_mode()
     def predict(self, images: Sequence[Path | str | Image.Image]) -> list[Prediction]:
         """Label pictures given as paths or PIL images."""
         if not images:
             return []
-        batch = torch.stack([self._prepare(image) for image in images]).to(self.device)
+        batch = torch.stack([prepare_image(image, self.presize) for image in images]).to(self.device)
         logits = self.model(self.augmentation(batch, train=False))
         return [self._prediction(row) for row in torch.softmax(logits.float(), dim=1).cpu()]
-
-    def _prepare(self, image: Path | str | Image.Image) -> torch.Tensor:
-        picture = to_rgb(image) if isinstance(image, Image.Image) else open_rgb(Path(image))
-        # the validation loader's view: the presized image's centre square
-        return pil_to_tensor(square_crop(presize_image(picture, self.presize), self.presize, 0.5, 0.5))
 
     def _prediction(self, probabilities: torch.Tensor) -> Prediction:
         index = int(probabilities.argmax())

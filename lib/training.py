@@ -367,7 +367,7 @@ class Trainer:
             f"The training loss became {loss} in phase '{phase.name}', epoch {epoch + 1}/{phase.epochs}, "
             f"batch {batch + 1}/{len(self.train_loader)}, at learning rate {lrs[-1]:.3g} (head group). The learning "
             f"rate is too high for this model: run the LR finder and train with a smaller one (e.g. "
-            f"{lrs[-1] / 10:.1g}); with fp16, try --precision bf16 or fp32.{kept}"
+            f"{lrs[-1] / 10:.1g}); with fp16, try bf16 or fp32 (--no-fp16 on the pets CLI).{kept}"
         )
 
     def _rng_devices(self) -> list[int]:
@@ -431,11 +431,16 @@ class Trainer:
             ),
         }
         if self.smoothed_losses:
-            # fastai's plot_loss skips 5 batches; very short runs keep at least one point
-            skip = min(LOSS_PLOT_SKIP_START, len(self.smoothed_losses) - 1)
-            curves = out_dir / "loss_curves.png"
-            paths["loss_curves"] = plot_loss_curves(self.smoothed_losses, self.valid_points, curves, skip_start=skip)
+            paths["loss_curves"] = self.plot_losses(out_dir / "loss_curves.png")
         return paths
+
+    def plot_losses(self, out_path: Path) -> Path:
+        """Plot the smoothed training loss per batch and the validation loss per epoch of every fit so far."""
+        if not self.smoothed_losses:
+            raise ValueError("nothing to plot yet: train at least one epoch first")
+        # fastai's plot_loss skips 5 batches; very short runs keep at least one point
+        skip = min(LOSS_PLOT_SKIP_START, len(self.smoothed_losses) - 1)
+        return plot_loss_curves(self.smoothed_losses, self.valid_points, Path(out_path), skip_start=skip)
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def _save_progress(
@@ -528,6 +533,19 @@ class Trainer:
                         break
         finally:
             bar.close()
+
+
+def best_epoch(history: Sequence[EpochStats], *, phase: str = "unfrozen") -> int:
+    """Return how many epochs of `phase` gave the lowest error rate (ties: lower valid loss, then fewer epochs).
+
+    fastbook ch. 5 retrains from scratch for that many epochs instead of stopping early: a one-cycle schedule cut
+    short leaves the model mid-schedule (architecture.md, "Why the flow retrains for the best epoch count").
+    """
+    rows = [row for row in history if row.phase == phase]
+    if not rows:
+        raise ValueError(f"no {phase!r} epochs in the history; phases present: {sorted({r.phase for r in history})}")
+    best = min(rows, key=lambda row: (row.error_rate, row.valid_loss, row.epoch))
+    return best.epoch + 1
 
 
 def format_stats_row(row: EpochStats, *, header: bool = False) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from lib import cleaning, download, labelling, presize, splitting, summary
+from lib import cleaning, download, labelling, presize, splitting, summary, synthetic
 from lib.augment import AugmentSettings, aug_transforms
 
 MANIFEST_FILE = "manifest.csv"
@@ -176,3 +177,16 @@ def _read_split(manifest_path: str, vocab_path: str) -> splitting.SplitManifest:
     valid_only_path = Path(manifest_path).parent / VALID_ONLY_FILE
     valid_only = pd.read_csv(valid_only_path) if valid_only_path.is_file() else manifest.iloc[:0]
     return splitting.SplitManifest(manifest=manifest, vocab=vocab, valid_only=valid_only)
+
+
+@task(cache_policy=NO_CACHE)
+def make_synthetic_archive(breeds: int, images_per_breed: int, out_dir: str, seed: int = 0) -> str:
+    """Generate a pets-like dataset (Oxford file names, a few broken and odd-mode files) and pack it as a .tgz once."""
+    archive = Path(out_dir) / f"synthetic-pets-{breeds}x{images_per_breed}-seed{seed}.tgz"
+    if not archive.is_file():  # generated once: the download stage then serves it from its cache
+        with tempfile.TemporaryDirectory() as source:
+            images = synthetic.make_pets_dataset(
+                Path(source), breeds=breeds, images_per_breed=images_per_breed, seed=seed, broken=True, odd_modes=True
+            )
+            synthetic.pack_tgz(images, archive)
+    return str(archive.resolve())

@@ -1,12 +1,37 @@
-"""Where MLflow tracks runs. The only module of the project that talks to MLflow."""
+"""Where and how runs are tracked in MLflow. The only module of the project that talks to MLflow.
+
+One MLflow run per training flow run: the flow creates it with `start_run`, passes its `run_id` to every step, and
+ends it with `end_run`. Everything here writes through an explicit `run_id` with `MlflowClient`, never through a
+process-global active run, so steps can run in any thread or process (architecture.md, anti-patterns).
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from lib.training import EpochStats
 
 # The repository's mlflow/ folder: sqlite store and artifacts, both git-ignored (MLflow 3.17 refuses ./mlruns).
 MLFLOW_DIR = Path(__file__).resolve().parents[1] / "mlflow"
+
+# Per-epoch metric names, identical in every run and every stage (mlflow.md §4: comparable runs share keys).
+EPOCH_METRICS = ("train_loss", "valid_loss", "error_rate", "accuracy", "lr", "epoch_seconds", "images_per_second")
+DATASET_NAME = "pets-labels"
+MODEL_NAME = "model"  # the LoggedModel's name inside the run
+EXAMPLE_IMAGES = 2  # pt2 export: an input example with batch > 1 keeps the batch dimension dynamic (mlflow.md §3)
+MAX_BATCH = 1000  # MlflowClient.log_batch takes at most 1000 metrics per call (mlflow.md §2)
 
 
 def tracking_uri() -> str:
@@ -24,13 +49,223 @@ def artifact_location(uri: str) -> str | None:
     return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
 
 
-def ensure_experiment(name: str) -> str:
-    """Create the experiment with an explicit artifact location if it is missing; return its id."""
+def _client():
     import mlflow
 
+    return mlflow.MlflowClient(tracking_uri())
+
+
+def ensure_experiment(name: str) -> str:
+    """Create the experiment with an explicit artifact location if it is missing; return its id."""
     uri = tracking_uri()
-    client = mlflow.MlflowClient(uri)
+    client = _client()
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     return client.create_experiment(name, artifact_location=artifact_location(uri))
+
+
+# -- the run ----------------------------------------------------------------------------------------------------------
+@task(cache_policy=NO_CACHE)
+def start_run(experiment: str, run_name: str, tags: Mapping[str, str]) -> dict:
+    """Create the flow run's MLflow run (status RUNNING) and return its ids and where to open it."""
+    experiment_id = ensure_experiment(experiment)
+    run = _client().create_run(experiment_id, run_name=run_name, tags={key: str(v) for key, v in tags.items()})
+    return {"run_id": run.info.run_id, "experiment_id": experiment_id, "artifact_uri": run.info.artifact_uri}
+
+
+@task(cache_policy=NO_CACHE)
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    """Mark the run FINISHED, FAILED or KILLED: a run is never left RUNNING by a flow that stopped."""
+    _client().set_terminated(run_id, status=status)
+
+
+def log_params(run_id: str, params: Mapping[str, Any]) -> None:
+    """Log parameters in one call: lists and dicts as JSON, everything else (None included) as str."""
+    from mlflow.entities import Param
+
+    _client().log_batch(run_id, params=[Param(key, describe(value)) for key, value in params.items()])
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, float], *, step: int = 0) -> None:
+    """Log numbers at one step in one call."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    rows = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+    _client().log_batch(run_id, metrics=rows)
+
+
+def set_tags(run_id: str, tags: Mapping[str, Any]) -> None:
+    """Set run tags (as strings)."""
+    from mlflow.entities import RunTag
+
+    _client().log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+
+
+def epoch_metrics(row: EpochStats, stage: str) -> dict[str, float]:
+    """Name one epoch's numbers `<stage>/<metric>`: the UI charts each stage as its own section."""
+    values = {
+        "train_loss": row.train_loss,
+        "valid_loss": row.valid_loss,
+        "error_rate": row.error_rate,
+        "accuracy": row.accuracy,
+        "lr": row.lr,
+        "epoch_seconds": row.seconds,
+        "images_per_second": row.images_per_second,
+    }
+    return {f"{stage}/{key}": values[key] for key in EPOCH_METRICS}
+
+
+def epoch_logger(run_id: str, stage: str) -> Callable[[EpochStats], None]:
+    """Return an `on_epoch_end` callable that logs each epoch at step = its index within the stage (0, 1, ...)."""
+    steps = iter(range(1_000_000))
+
+    def log_epoch(row: EpochStats) -> None:
+        log_metrics(run_id, epoch_metrics(row, stage), step=next(steps))
+
+    return log_epoch
+
+
+def log_history(run_id: str, stage: str, history: Sequence[EpochStats]) -> None:
+    """Log a whole stage's epochs at once (used when the final model is the probe's and is not retrained)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    rows = [
+        Metric(key, float(value), now, step)
+        for step, row in enumerate(history)
+        for key, value in epoch_metrics(row, stage).items()
+    ]
+    client = _client()
+    for start in range(0, len(rows), MAX_BATCH):
+        client.log_batch(run_id, metrics=rows[start : start + MAX_BATCH])
+
+
+def log_files(run_id: str, paths: Sequence[str | Path], artifact_path: str | None = None) -> None:
+    """Copy files into the run's artifacts (under artifact_path)."""
+    client = _client()
+    for path in paths:
+        client.log_artifact(run_id, str(path), artifact_path)
+
+
+def log_table(run_id: str, rows: Sequence[Mapping[str, Any]], artifact_file: str) -> None:
+    """Log rows as an MLflow table artifact (JSON the UI shows as a table)."""
+    _client().log_table(run_id, pd.DataFrame(list(rows)), artifact_file)
+
+
+def log_dataset(run_id: str, manifest_path: str, *, source: str) -> str:
+    """Log the labelled dataset (file, label, split) as the run's training input; return its digest."""
+    import mlflow
+    from mlflow.entities import DatasetInput, InputTag
+
+    manifest = pd.read_csv(manifest_path)
+    columns = [column for column in ("path", "label", "split") if column in manifest.columns]
+    with warnings.catch_warnings():  # a local path as source "can be interpreted in multiple ways" (mlflow.md §2)
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(manifest[columns], source=source, name=DATASET_NAME, targets="label")
+        entity = dataset._to_mlflow_entity()
+    context = InputTag(key="mlflow.data.context", value="training")
+    _client().log_inputs(run_id, datasets=[DatasetInput(dataset=entity, tags=[context])])
+    return dataset.digest
+
+
+# -- the model --------------------------------------------------------------------------------------------------------
+def pip_requirements() -> list[str]:
+    """Pin what loading the model needs, so MLflow skips its slow requirement inference (mlflow.md §3, §7)."""
+    import torch
+    import torchvision
+
+    return [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"torchvision=={torchvision.__version__.split('+')[0]}",
+        f"numpy=={np.__version__}",
+    ]
+
+
+@task(cache_policy=NO_CACHE)
+def log_classifier(run_id: str, model_path: str, example_images: Sequence[str], *, registered_model: str, step: int):
+    """Log the exported classifier as the run's model and register it; return its URIs and version.
+
+    The model serves raw uint8 N x presize x presize x 3 pictures (the presized centre square) and does the
+    validation resize and normalisation inside. It is saved in the pickle-free pt2 format (torch.export) on the
+    CPU, from a two-image input example, so the batch size stays dynamic (mlflow.md §3).
+    """
+    import mlflow
+    import mlflow.pytorch
+
+    from lib.inference import read_export
+    from lib.serving import serving_batch, serving_model
+
+    exported = read_export(Path(model_path))
+    example = serving_batch(list(example_images)[:EXAMPLE_IMAGES], exported.presize)
+    metadata = {"vocab": list(exported.vocab), "arch": exported.arch, "size": exported.size}
+    metadata["presize"] = exported.presize
+    mlflow.set_tracking_uri(tracking_uri())
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            serving_model(exported),
+            name=MODEL_NAME,
+            input_example=example,
+            serialization_format="pt2",  # pinned, so an MLflow upgrade cannot change the artifact format
+            pip_requirements=pip_requirements(),
+            metadata=metadata,
+            step=step,
+        )
+        version = mlflow.register_model(info.model_uri, registered_model, tags={"arch": exported.arch})
+    set_tags(run_id, {"registered_model": registered_model, "model_version": version.version})
+    return {"model_uri": info.model_uri, "model_id": info.model_id, "model_version": version.version}
+
+
+def load_served_model(model_uri: str):
+    """Load a logged or registered model for prediction; return (pyfunc model, its metadata dict)."""
+    import mlflow
+    import mlflow.pyfunc
+
+    mlflow.set_tracking_uri(tracking_uri())
+    model = mlflow.pyfunc.load_model(model_uri)
+    return model, dict(model.metadata.metadata or {})
+
+
+# -- comparisons ------------------------------------------------------------------------------------------------------
+COMPARISON_TAG = "comparison"
+
+
+def comparison_runs(experiment: str, comparison: str) -> list:
+    """Return the MLflow runs of one comparison (tag comparison=<id>), best first by final error rate."""
+    client = _client()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return client.search_runs(
+        [found.experiment_id],
+        filter_string=f"tags.{COMPARISON_TAG} = '{comparison}'",
+        order_by=["metrics.error_rate ASC", "metrics.valid_loss ASC"],
+    )
+
+
+def set_champion(registered_model: str, version: str, alias: str = "champion") -> None:
+    """Point the registry alias at a model version (an alias names exactly one version; setting it moves it)."""
+    _client().set_registered_model_alias(registered_model, alias, version)
+
+
+def champion_version(registered_model: str, alias: str = "champion") -> str:
+    """Return the version the alias points at."""
+    return _client().get_model_version_by_alias(registered_model, alias).version
+
+
+def run_url(run: Mapping[str, str]) -> str:
+    """Return where the run is in the UI that `pets ui` / `make ui` serves."""
+    return f"http://127.0.0.1:5000/#/experiments/{run['experiment_id']}/runs/{run['run_id']}"
+
+
+def describe(value: Any) -> str:
+    """Render a value for a param: JSON for lists and dicts, str otherwise."""
+    return json.dumps(value) if isinstance(value, list | dict | tuple) else str(value)
+
+
+def compare_url(experiment_id: str, run_ids: Sequence[str]) -> str:
+    """Return the UI's compare-runs page for these runs (JSON arrays in a hash-routed URL, mlflow.md §4)."""
+    runs = quote(json.dumps(list(run_ids)))
+    experiments = quote(json.dumps([experiment_id]))
+    return f"http://127.0.0.1:5000/#/compare-runs?runs={runs}&experiments={experiments}"

@@ -36,3 +36,31 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=60):
         yield
+
+
+@pytest.fixture(scope="session")
+def _mlflow_template_db(tmp_path_factory):
+    """Migrate one empty MLflow sqlite store per session (2-7 s); tests copy it (mlflow.md §5)."""
+    import mlflow
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch, _mlflow_template_db):
+    """Point tracking at a fresh sqlite store in tmp_path (artifacts beside it) for one test; return its URI."""
+    import shutil
+
+    import mlflow
+
+    store = tmp_path / "mlflow"
+    store.mkdir()
+    shutil.copy(_mlflow_template_db, store / "mlflow.db")
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    yield uri
+    while mlflow.active_run():  # never leak a run into the next test
+        mlflow.end_run(status="KILLED")
+    mlflow.set_tracking_uri(None)

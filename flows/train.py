@@ -1,0 +1,308 @@
+"""fastbook chapter 5 as one Prefect flow: data, baseline, LR finder, staged fine-tuning, retraining, evaluation.
+
+Every step is a task; every number, plot and the model land in one MLflow run per flow run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from prefect import flow, runtime
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from pydantic import Field
+
+from flows.data import data_stage
+from lib.download import PETS_URL
+from lib.labelling import DEFAULT_LABEL_PATTERN
+from lib.loading import DEFAULT_BATCH_SIZE
+from lib.model import ARCHITECTURES
+from lib.paths import default_output_dir
+from lib.presize import DEFAULT_PRESIZE
+from lib.splitting import DEFAULT_SEED, DEFAULT_VALID_PCT
+from tasks import tracking
+from tasks.training import (
+    evaluate_classifier,
+    find_learning_rate,
+    fine_tune_classifier,
+    read_history,
+    recipe_settings,
+)
+
+DEFAULT_ARCH = "resnet50"  # fastbook ch. 5's last model (resnet50, fp16, fine_tune(6, freeze_epochs=3))
+DEFAULT_EPOCHS = 6
+DEFAULT_FREEZE_EPOCHS = 3
+BASELINE_EPOCHS = 2  # the book's first model: fine_tune(2) with fastai's defaults
+BASELINE_LR = 2e-3  # fastai fine_tune default base_lr
+DEFAULT_LR_MULT = 100  # fastai fine_tune default lr_mult
+DEFAULT_SIZE = 224  # aug_transforms(size=224, min_scale=0.75)
+DEFAULT_MIN_SCALE = 0.75
+DEFAULT_EXPERIMENT = "pets"
+DEFAULT_REGISTERED_MODEL = "pets-classifier"
+
+Positive = Annotated[int, Field(ge=1)]
+Architecture = Literal[tuple(ARCHITECTURES)]  # an enum in the Prefect UI; a bad name is refused, listing the good ones
+
+
+@flow(name="train-pets", log_prints=True)
+def train(
+    data_url: str | None = None,
+    data_dir: str | None = None,
+    label_pattern: str = DEFAULT_LABEL_PATTERN,
+    arch: Architecture = DEFAULT_ARCH,
+    pretrained: bool = True,
+    presize: Annotated[int, Field(ge=8)] = DEFAULT_PRESIZE,
+    size: Annotated[int, Field(ge=8)] = DEFAULT_SIZE,
+    min_scale: Annotated[float, Field(gt=0, le=1)] = DEFAULT_MIN_SCALE,
+    bs: Positive = DEFAULT_BATCH_SIZE,
+    valid_pct: Annotated[float, Field(gt=0, lt=1)] = DEFAULT_VALID_PCT,
+    seed: int | None = DEFAULT_SEED,
+    freeze_epochs: Annotated[int, Field(ge=0)] = DEFAULT_FREEZE_EPOCHS,
+    epochs: Positive = DEFAULT_EPOCHS,
+    base_lr: Annotated[float, Field(gt=0)] | None = None,
+    lr_mult: Annotated[float, Field(gt=0)] = DEFAULT_LR_MULT,
+    fp16: bool = True,
+    device: str | None = None,
+    workers: Annotated[int, Field(ge=0)] | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    baseline: bool = True,
+    baseline_epochs: Positive = BASELINE_EPOCHS,
+    retrain: bool = True,
+    registered_model: str = DEFAULT_REGISTERED_MODEL,
+    comparison: str | None = None,
+    out_dir: str | None = None,
+    cache_dir: str | None = None,
+) -> dict:
+    """Train a pet-breed classifier the fastai way and track it in MLflow.
+
+    1-6. the data stage: download (cached, retried), label from file names, clean, split, presize, summarise;
+    7. baseline: fastai's default `fine_tune(2)`, as the book does before tuning anything;
+    8. LR finder, whose valley suggestion is the base LR unless `base_lr` is given;
+    9. probe: `fine_tune(epochs, base_lr, freeze_epochs, lr_mult)`, fp16 where the device allows it;
+    10. retrain from scratch for the probe's best epoch count (skipped when the best is the last epoch);
+    11. evaluate: final metrics, confusion matrix, most-confused table, top losses;
+    12. log the model (uint8 pictures in, logits out) and register it.
+
+    Without data_url or data_dir the Oxford-IIIT Pet archive is downloaded. Each run writes its files to
+    `<out_dir>/<MLflow run id>/` (out_dir defaults to ./outputs/train). Returns the run's headline numbers.
+    """
+    if size > presize:
+        raise ValueError(f"size={size} is larger than presize={presize}: presize to at least the training size")
+    run_name = arch if comparison is None else f"{arch} ({comparison})"
+    run = tracking.start_run(experiment, run_name, _run_tags(arch, comparison))
+    run_id = run["run_id"]
+    try:
+        out_dir = str((Path(out_dir or default_output_dir() / "train") / run_id).resolve())  # one folder per run
+        settings = {key: value for key, value in locals().items() if key in TRACKED_PARAMETERS}
+        tracking.log_params(run_id, {**settings, "data_url": data_url or (None if data_dir else PETS_URL)})
+        data = data_stage(
+            data_url=data_url,
+            data_dir=data_dir,
+            label_pattern=label_pattern,
+            skip_unmatched=False,
+            valid_pct=valid_pct,
+            seed=seed,
+            presize=presize,
+            sha256=None,
+            out_dir=str(Path(out_dir) / "data"),
+            cache_dir=cache_dir,
+        )
+        _log_data(run_id, data)
+        recipe = recipe_settings(
+            arch=arch,
+            pretrained=pretrained,
+            presize=presize,
+            size=size,
+            min_scale=min_scale,
+            batch_size=bs,
+            seed=seed,
+            fp16=fp16,
+            device=device,
+            workers=workers,
+        )
+        common = {"manifest_path": data["manifest"], "vocab_path": data["vocab"], "out_dir": out_dir, "recipe": recipe}
+        tuning = {"freeze_epochs": freeze_epochs, "lr_mult": lr_mult, "run_id": run_id}
+
+        first = None
+        if baseline:
+            first = fine_tune_classifier(
+                **common, stage="baseline", epochs=baseline_epochs, base_lr=BASELINE_LR, freeze_epochs=1,
+                lr_mult=DEFAULT_LR_MULT, run_id=run_id,
+            )  # fmt: skip
+            tracking.log_files(run_id, [first["loss_curves"]], "baseline")
+
+        lr_source = "given"
+        if base_lr is None:
+            found = find_learning_rate(**common)
+            base_lr, lr_source = found["suggestion"], "lr_find valley"
+            tracking.log_files(run_id, [found["plot"]], "lr_find")
+            tracking.log_metrics(run_id, {f"lr_find_{k}": v for k, v in found["suggestions"].items()})
+        tracking.log_params(run_id, {"base_lr": base_lr, "base_lr_source": lr_source})
+
+        probe = fine_tune_classifier(**common, stage="probe", epochs=epochs, base_lr=base_lr, **tuning)
+        tracking.log_files(run_id, [probe["loss_curves"]], "probe")
+        best = probe["best_epoch"]
+
+        final = probe
+        if retrain and best < epochs:
+            print(f"Best validation error after {best} of {epochs} epochs: retraining from scratch for {best}.")
+            final = fine_tune_classifier(**common, stage="final", epochs=best, base_lr=base_lr, **tuning)
+        else:
+            tracking.log_history(run_id, "final", read_history(probe["history"]))  # the probe is the final model
+        tracking.log_files(run_id, [final["loss_curves"]], "final")
+
+        evaluation = evaluate_classifier(final["model"], data["manifest"], data["vocab"], out_dir, recipe)
+        tracking.log_files(run_id, list(evaluation["files"].values()), "evaluation")
+        summary = _summary(run, final, evaluation, best=best, base_lr=base_lr, baseline=first)
+        last_step = final["freeze_epochs"] + final["epochs"] - 1
+        tracking.log_metrics(run_id, _summary_metrics(summary), step=last_step)
+        tracking.log_params(run_id, {"precision_effective": final["precision"], "device_effective": final["device"]})
+
+        model = tracking.log_classifier(
+            run_id, final["model"], _example_images(data), registered_model=registered_model, step=last_step
+        )
+        tracking.end_run(run_id, "FINISHED")
+    except BaseException as error:
+        # Never leave the run RUNNING: a failure keeps what was logged and says FAILED (KILLED on Ctrl-C).
+        tracking.end_run(run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
+    result = {**summary, **model, "registered_model": registered_model, "arch": arch, "out_dir": out_dir}
+    result["data"] = {key: data[key] for key in ("manifest", "cache_hits", "written", "decoded", "sizes", "classes")}
+    _report(result, run)
+    return result
+
+
+# Flow parameters recorded as MLflow params (with their names): the settings, not where files go.
+TRACKED_PARAMETERS = (
+    "data_dir", "label_pattern", "arch", "pretrained", "presize", "size", "min_scale", "bs", "valid_pct", "seed",
+    "freeze_epochs", "epochs", "lr_mult", "fp16", "device", "workers", "baseline", "baseline_epochs", "retrain",
+    "registered_model", "comparison",
+)  # fmt: skip
+
+
+def _run_tags(arch: str, comparison: str | None) -> dict[str, str]:
+    tags = {"arch": arch, "prefect.flow_run_id": str(runtime.flow_run.id), "pipeline": "fastbook-ch5"}
+    deployment = runtime.deployment.name
+    if deployment:
+        tags["prefect.deployment"] = deployment
+    if comparison:
+        tags[tracking.COMPARISON_TAG] = comparison
+    return tags
+
+
+def _log_data(run_id: str, data: dict) -> None:
+    """Log what the model was trained on: the labelled manifest as a dataset input, the reports, the counts."""
+    digest = tracking.log_dataset(run_id, data["manifest"], source=data["data_url"] or data["images_dir"])
+    tracking.log_params(
+        run_id,
+        {
+            "dataset_digest": digest,
+            "classes": data["classes"],
+            "train_size": data["sizes"]["train"],
+            "valid_size": data["sizes"]["valid"],
+        },
+    )
+    data_files = [data["manifest"], data["vocab"], data["cleaning_report"], data["summary"], data["show_batch"]]
+    tracking.log_files(run_id, data_files, "data")
+
+
+def _summary(run: dict, final: dict, evaluation: dict, *, best: int, base_lr: float, baseline: dict | None) -> dict:
+    """Return the run's headline numbers (the `--json` object of `pets train`)."""
+    summary: dict[str, Any] = {
+        "run_id": run["run_id"],
+        "experiment_id": run["experiment_id"],
+        "error_rate": evaluation["error_rate"],
+        "valid_loss": evaluation["valid_loss"],
+        "accuracy": evaluation["accuracy"],
+        "best_epoch": best,
+        "epochs_trained": final["epochs"],
+        "base_lr": base_lr,
+        "images_per_second": final["images_per_second"],
+        "train_seconds": final["train_seconds"],
+        "parameters": final["parameters"],
+        "model_size_mb": evaluation["model_size_mb"],
+        "precision": final["precision"],
+        "device": final["device"],
+    }
+    if baseline is not None:
+        summary["baseline_error_rate"] = baseline["error_rate"]
+    return summary
+
+
+SUMMARY_METRICS = (
+    "error_rate", "valid_loss", "accuracy", "best_epoch", "epochs_trained", "base_lr", "images_per_second",
+    "train_seconds", "parameters", "model_size_mb", "baseline_error_rate",
+)  # fmt: skip
+
+
+def _summary_metrics(summary: dict) -> dict[str, float]:
+    return {key: summary[key] for key in SUMMARY_METRICS if key in summary}
+
+
+def _example_images(data: dict) -> list[str]:
+    """Return originals of two validation images: the logged model's input example."""
+    import pandas as pd
+
+    manifest = pd.read_csv(data["manifest"])
+    return manifest.loc[manifest["split"] == "valid", "path"].head(2).tolist()
+
+
+def _report(result: dict, run: dict) -> None:
+    url = tracking.run_url(run)
+    create_link_artifact(url, link_text=f"MLflow run {run['run_id']}", key="mlflow-run")
+    lines = [f"| {key} | {value} |" for key, value in result.items() if key not in ("data",)]
+    create_markdown_artifact("| result | value |\n|---|---|\n" + "\n".join(lines), key="training-result")
+    print(
+        f"{result['arch']}: error_rate {result['error_rate']:.4f}, valid_loss {result['valid_loss']:.4f} after "
+        f"{result['epochs_trained']} epochs; model {result['model_uri']} registered as "
+        f"{result['registered_model']} v{result['model_version']}. MLflow run: {url}"
+    )
+
+
+@flow(name="find-lr", log_prints=True)
+def lr_find(
+    data_url: str | None = None,
+    data_dir: str | None = None,
+    label_pattern: str = DEFAULT_LABEL_PATTERN,
+    arch: Architecture = DEFAULT_ARCH,
+    pretrained: bool = True,
+    presize: Annotated[int, Field(ge=8)] = DEFAULT_PRESIZE,
+    size: Annotated[int, Field(ge=8)] = DEFAULT_SIZE,
+    min_scale: Annotated[float, Field(gt=0, le=1)] = DEFAULT_MIN_SCALE,
+    bs: Positive = DEFAULT_BATCH_SIZE,
+    valid_pct: Annotated[float, Field(gt=0, lt=1)] = DEFAULT_VALID_PCT,
+    seed: int | None = DEFAULT_SEED,
+    fp16: bool = True,
+    device: str | None = None,
+    out_dir: str | None = None,
+    cache_dir: str | None = None,
+) -> dict:
+    """Run the data stage and fastai's LR finder on a fresh model; return every suggestion and the plot's path."""
+    out_dir = str(Path(out_dir or default_output_dir() / "lr_find").resolve())
+    data = data_stage(
+        data_url=data_url,
+        data_dir=data_dir,
+        label_pattern=label_pattern,
+        skip_unmatched=False,
+        valid_pct=valid_pct,
+        seed=seed,
+        presize=presize,
+        sha256=None,
+        out_dir=str(Path(out_dir) / "data"),
+        cache_dir=cache_dir,
+    )
+    recipe = recipe_settings(
+        arch=arch,
+        pretrained=pretrained,
+        presize=presize,
+        size=size,
+        min_scale=min_scale,
+        batch_size=bs,
+        seed=seed,
+        fp16=fp16,
+        device=device,
+    )
+    found = find_learning_rate(data["manifest"], data["vocab"], out_dir, recipe)
+    suggestions = ", ".join(f"{name}: {value:.2e}" for name, value in found["suggestions"].items())
+    print(f"{suggestions}; plot: {found['plot']}")
+    return found

@@ -1,0 +1,43 @@
+"""The trained model as a service sees it: raw uint8 pictures in, class logits out, every preprocessing step inside.
+
+A client sends what the data stage's presize cache holds for validation: the centre square of the picture with its
+short side scaled to `presize`, as uint8 N x presize x presize x 3 (NHWC, the layout of PIL and numpy images).
+`ServingModel` resizes it to the training size and normalises it exactly as validation did, so the served model
+gives the validation predictions (../shared/reference/mlflow.md §3: serving contract with normalisation inside).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lib.augment import aug_transforms
+from lib.inference import ExportedClassifier, prepare_image
+
+
+class ServingModel(nn.Module):
+    """Wrap a classifier so it takes uint8 NHWC pictures and does the validation resize and normalisation itself."""
+
+    def __init__(self, net: nn.Module, *, size: int):
+        super().__init__()
+        self.net = net
+        self.size = size
+        self.augmentation = aug_transforms(size)  # only its deterministic validation path is used
+
+    def forward(self, pictures: torch.Tensor) -> torch.Tensor:
+        """Return the logits of a uint8 N x H x W x 3 batch."""
+        return self.net(self.augmentation(pictures.permute(0, 3, 1, 2), train=False))
+
+
+def serving_model(exported: ExportedClassifier) -> ServingModel:
+    """Return the exported classifier wrapped for serving, on the CPU and in eval mode."""
+    return ServingModel(exported.model.cpu(), size=exported.size).eval()
+
+
+def serving_batch(images: Sequence[Path | str], presize: int) -> np.ndarray:
+    """Prepare pictures as the served model expects them: uint8 N x presize x presize x 3."""
+    return np.stack([prepare_image(image, presize).permute(1, 2, 0).numpy() for image in images])

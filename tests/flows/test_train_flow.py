@@ -1,0 +1,158 @@
+"""The training flow end to end: real HTTP on 127.0.0.1, a temporary Prefect API, a real MLflow sqlite store."""
+
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from flows.train import SUMMARY_METRICS, TRACKED_PARAMETERS, train
+from lib.inference import Classifier
+from lib.synthetic import make_pets_dataset, pack_tgz
+from lib.training import NonFiniteLossError
+from tasks.tracking import DATASET_NAME, EPOCH_METRICS, load_served_model
+from tests.support.http_server import serve_directory
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+BREEDS, PER_BREED = 4, 10
+# Tiny and random-init, so a run takes seconds on two CPU cores; workers=0: worker processes cost more than they save.
+TINY = {
+    "arch": "resnet18",
+    "pretrained": False,
+    "presize": 48,
+    "size": 32,
+    "bs": 8,
+    "freeze_epochs": 1,
+    "fp16": False,
+    "workers": 0,
+    "experiment": "pets-test",
+}
+DATA_ARTIFACTS = {"presized.csv", "vocab.json", "cleaning_report.json", "summary.txt", "show_batch.png"}
+EVALUATION_ARTIFACTS = {"confusion_matrix.png", "most_confused.txt", "top_losses.png"}
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    root = tmp_path_factory.mktemp("source")
+    images = make_pets_dataset(root / "pets", breeds=BREEDS, images_per_breed=PER_BREED, max_side=96)
+    return pack_tgz(images, root / "served" / "pets.tgz")
+
+
+def artifact_names(client, run_id, path):
+    return {item.path.rsplit("/", 1)[-1] for item in client.list_artifacts(run_id, path)}
+
+
+def metric_steps(client, run_id, key):
+    return [point.step for point in client.get_metric_history(run_id, key)]
+
+
+def test_the_flow_tracks_the_whole_recipe_in_one_mlflow_run_and_a_warm_rerun_reuses_the_data(
+    archive, tmp_path, mlflow_uri
+):
+    with serve_directory(archive.parent) as server:
+        common = {**TINY, "data_url": server.url(archive.name), "cache_dir": str(tmp_path / "cache")}
+        result = train(**common, epochs=2, baseline_epochs=1, out_dir=str(tmp_path / "runs"))
+        requests_after_first = server.requests
+        warm = train(**common, epochs=1, base_lr=1e-3, baseline=False, retrain=False, out_dir=str(tmp_path / "runs"))
+
+    client = mlflow.MlflowClient(mlflow_uri)
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["arch"] == "resnet18"
+    assert len(client.search_runs([run.info.experiment_id])) == 2  # one MLflow run per flow run
+
+    # Params: every recipe setting, the LR the finder chose, and what ran and on what data.
+    params = run.data.params
+    assert set(TRACKED_PARAMETERS) <= set(params)
+    assert params["bs"] == "8" and params["size"] == "32" and params["epochs"] == "2"
+    assert float(params["base_lr"]) == pytest.approx(result["base_lr"]) and params["base_lr_source"] == "lr_find valley"
+    assert params["precision_effective"] == "fp32" and params["device_effective"] == "cpu"
+    manifest = pd.read_csv(result["data"]["manifest"])
+    assert params["classes"] == str(BREEDS) and int(params["valid_size"]) == (manifest["split"] == "valid").sum()
+
+    # Per-epoch histories: the same keys for every stage, step = epoch index within the stage.
+    epochs_by_stage = {"baseline": 1 + 1, "probe": 1 + 2, "final": 1 + result["epochs_trained"]}
+    for stage, epochs in epochs_by_stage.items():
+        for key in EPOCH_METRICS:
+            assert metric_steps(client, run.info.run_id, f"{stage}/{key}") == list(range(epochs)), (stage, key)
+    assert run.data.metrics["error_rate"] == pytest.approx(result["error_rate"])
+    assert set(SUMMARY_METRICS) <= set(run.data.metrics)
+
+    # Retraining for the best epoch count: the final stage is a fresh run of best_epoch epochs, or the probe itself.
+    probe = client.get_metric_history(run.info.run_id, "probe/valid_loss")
+    final = client.get_metric_history(run.info.run_id, "final/valid_loss")
+    run_dir = tmp_path / "runs" / run.info.run_id
+    if result["best_epoch"] < 2:
+        assert result["epochs_trained"] == result["best_epoch"] and (run_dir / "final").is_dir()
+    else:
+        assert [point.value for point in final] == [point.value for point in probe]
+
+    # Artifacts: data, LR finder, loss curves of each stage, interpretation.
+    assert artifact_names(client, run.info.run_id, "data") == DATA_ARTIFACTS
+    assert artifact_names(client, run.info.run_id, "lr_find") == {"lr_find.png"}
+    for stage in ("baseline", "probe", "final"):
+        assert artifact_names(client, run.info.run_id, stage) == {"loss_curves.png"}
+    assert artifact_names(client, run.info.run_id, "evaluation") == EVALUATION_ARTIFACTS
+
+    # The labelled dataset is the run's training input.
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.name == DATASET_NAME and dataset_input.dataset.digest == params["dataset_digest"]
+    assert {(tag.key, tag.value) for tag in dataset_input.tags} >= {("mlflow.data.context", "training")}
+    assert json.loads(dataset_input.dataset.profile)["num_rows"] == len(manifest)
+
+    # The registered model serves raw pictures and agrees with the exported classifier.
+    version = client.get_model_version("pets-classifier", str(result["model_version"]))
+    assert version.source == result["model_uri"] and version.run_id == run.info.run_id
+    served, metadata = load_served_model(f"models:/pets-classifier/{result['model_version']}")
+    vocab = json.loads((run_dir / "data" / "vocab.json").read_text())
+    assert metadata["vocab"] == vocab and metadata["presize"] == 48
+    images = manifest.loc[manifest["split"] == "valid", "path"].head(3).tolist()  # batch of 3: the example had 2
+    from lib.serving import serving_batch
+
+    logits = np.asarray(served.predict(serving_batch(images, 48)))
+    stage = "final" if (run_dir / "final").is_dir() else "probe"
+    exported = Classifier.load(run_dir / stage / "model.pth", device="cpu")
+    expected = exported.predict(images)
+    assert [vocab[i] for i in logits.argmax(axis=1)] == [prediction.label for prediction in expected]
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    assert probabilities.max(axis=1) == pytest.approx([p.probability for p in expected], abs=1e-4)
+
+    # The warm rerun: no download, nothing presized or decoded again, and the probe is the final model.
+    assert requests_after_first == 1 and server.requests == 1
+    assert warm["data"]["cache_hits"] == len(manifest) and warm["data"]["written"] == 0
+    assert warm["data"]["decoded"] == 0
+    warm_run = client.get_run(warm["run_id"])
+    assert warm_run.data.params["base_lr_source"] == "given" and "baseline/valid_loss" not in warm_run.data.metrics
+    assert not (tmp_path / "runs" / warm["run_id"] / "final").exists()
+
+
+def test_a_failure_mid_flow_marks_the_mlflow_run_failed_with_what_it_had_logged(archive, tmp_path, mlflow_uri):
+    state = train(
+        **TINY,
+        data_url=archive.as_uri(),
+        epochs=1,
+        base_lr=1e30,  # the loss overflows in the first batch: the documented non-finite-loss error
+        baseline=False,
+        out_dir=str(tmp_path / "runs"),
+        cache_dir=str(tmp_path / "cache"),
+        return_state=True,
+    )
+
+    assert state.is_failed()
+    assert isinstance(state.result(raise_on_failure=False), NonFiniteLossError)
+    client = mlflow.MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("pets-test").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.params["base_lr"] == "1e+30" and run.data.params["arch"] == "resnet18"
+    assert artifact_names(client, run.info.run_id, "data") == DATA_ARTIFACTS
+    assert client.search_registered_models() == []  # nothing half-trained was registered
+
+
+def test_parameters_are_validated_before_anything_runs(mlflow_uri):
+    for bad in ({"bs": 0}, {"valid_pct": 1.5}, {"arch": "resnet19"}, {"epochs": 0}):
+        state = train(**{**TINY, **bad}, data_dir="/nonexistent", return_state=True)
+        assert state.is_failed(), bad
+        (name,) = bad
+        assert f"{name}: Input should" in str(state.result(raise_on_failure=False)), bad
+    assert mlflow.MlflowClient(mlflow_uri).search_experiments(filter_string="name = 'pets-test'") == []
