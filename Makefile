@@ -35,12 +35,9 @@ format: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest
 
+# `pets ui` serves the store below on 127.0.0.1 with artifacts beside it (flows/cli.py, mlflow.md §1).
 ui: $(STAMP)
-	mkdir -p $(MLFLOW_DIR)/artifacts
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui \
-		--backend-store-uri sqlite:///$(MLFLOW_DIR)/mlflow.db \
-		--default-artifact-root file://$(MLFLOW_DIR)/artifacts \
-		--host 127.0.0.1 --port $(UI_PORT) --workers 1
+	MLFLOW_TRACKING_URI=sqlite:///$(MLFLOW_DIR)/mlflow.db $(BIN)/pets ui --port $(UI_PORT)
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

@@ -86,6 +86,7 @@ def train(
     Without data_url or data_dir the Oxford-IIIT Pet archive is downloaded. Each run writes its files to
     `<out_dir>/<MLflow run id>/` (out_dir defaults to ./outputs/train). Returns the run's headline numbers.
     """
+    parameters = dict(locals())
     if size > presize:
         raise ValueError(f"size={size} is larger than presize={presize}: presize to at least the training size")
     run_name = arch if comparison is None else f"{arch} ({comparison})"
@@ -93,33 +94,10 @@ def train(
     run_id = run["run_id"]
     try:
         out_dir = str((Path(out_dir or default_output_dir() / "train") / run_id).resolve())  # one folder per run
-        settings = {key: value for key, value in locals().items() if key in TRACKED_PARAMETERS}
+        settings = {key: parameters[key] for key in TRACKED_PARAMETERS}
         tracking.log_params(run_id, {**settings, "data_url": data_url or (None if data_dir else PETS_URL)})
-        data = data_stage(
-            data_url=data_url,
-            data_dir=data_dir,
-            label_pattern=label_pattern,
-            skip_unmatched=False,
-            valid_pct=valid_pct,
-            seed=seed,
-            presize=presize,
-            sha256=None,
-            out_dir=str(Path(out_dir) / "data"),
-            cache_dir=cache_dir,
-        )
+        data, recipe = _data_and_recipe(parameters, out_dir)
         _log_data(run_id, data)
-        recipe = recipe_settings(
-            arch=arch,
-            pretrained=pretrained,
-            presize=presize,
-            size=size,
-            min_scale=min_scale,
-            batch_size=bs,
-            seed=seed,
-            fp16=fp16,
-            device=device,
-            workers=workers,
-        )
         common = {"manifest_path": data["manifest"], "vocab_path": data["vocab"], "out_dir": out_dir, "recipe": recipe}
         tuning = {"freeze_epochs": freeze_epochs, "lr_mult": lr_mult, "run_id": run_id}
 
@@ -178,6 +156,22 @@ TRACKED_PARAMETERS = (
     "freeze_epochs", "epochs", "lr_mult", "fp16", "device", "workers", "baseline", "baseline_epochs", "retrain",
     "registered_model", "comparison",
 )  # fmt: skip
+
+
+# Flow parameters that feed the data stage and the recipe every training stage shares.
+DATA_PARAMETERS = ("data_url", "data_dir", "label_pattern", "valid_pct", "seed", "presize", "cache_dir")
+RECIPE_PARAMETERS = ("arch", "pretrained", "presize", "size", "min_scale", "bs", "seed", "fp16", "device", "workers")
+
+
+def _data_and_recipe(parameters: dict[str, Any], out_dir: str) -> tuple[dict, dict]:
+    """Run the data tasks into <out_dir>/data; collect the recipe settings from the flow's parameters."""
+    data = data_stage(
+        **{key: parameters[key] for key in DATA_PARAMETERS},
+        skip_unmatched=False,
+        sha256=None,
+        out_dir=str(Path(out_dir) / "data"),
+    )
+    return data, recipe_settings(**{key: parameters[key] for key in RECIPE_PARAMETERS})
 
 
 def _run_tags(arch: str, comparison: str | None) -> dict[str, str]:
@@ -274,34 +268,14 @@ def lr_find(
     seed: int | None = DEFAULT_SEED,
     fp16: bool = True,
     device: str | None = None,
+    workers: Annotated[int, Field(ge=0)] | None = None,
     out_dir: str | None = None,
     cache_dir: str | None = None,
 ) -> dict:
     """Run the data stage and fastai's LR finder on a fresh model; return every suggestion and the plot's path."""
+    parameters = dict(locals())
     out_dir = str(Path(out_dir or default_output_dir() / "lr_find").resolve())
-    data = data_stage(
-        data_url=data_url,
-        data_dir=data_dir,
-        label_pattern=label_pattern,
-        skip_unmatched=False,
-        valid_pct=valid_pct,
-        seed=seed,
-        presize=presize,
-        sha256=None,
-        out_dir=str(Path(out_dir) / "data"),
-        cache_dir=cache_dir,
-    )
-    recipe = recipe_settings(
-        arch=arch,
-        pretrained=pretrained,
-        presize=presize,
-        size=size,
-        min_scale=min_scale,
-        batch_size=bs,
-        seed=seed,
-        fp16=fp16,
-        device=device,
-    )
+    data, recipe = _data_and_recipe(parameters, out_dir)
     found = find_learning_rate(data["manifest"], data["vocab"], out_dir, recipe)
     suggestions = ", ".join(f"{name}: {value:.2e}" for name, value in found["suggestions"].items())
     print(f"{suggestions}; plot: {found['plot']}")

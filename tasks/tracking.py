@@ -62,7 +62,14 @@ def ensure_experiment(name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location(uri))
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location(uri))
+    except MlflowException as error:  # another run created it between our read and our write
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 # -- the run ----------------------------------------------------------------------------------------------------------
@@ -250,13 +257,16 @@ def set_champion(registered_model: str, version: str, alias: str = "champion") -
 
 
 def champion_version(registered_model: str, alias: str = "champion") -> str:
-    """Return the version the alias points at."""
-    return _client().get_model_version_by_alias(registered_model, alias).version
+    """Return the version the alias points at, as a string like the model_version run tag (MLflow returns an int)."""
+    return str(_client().get_model_version_by_alias(registered_model, alias).version)
+
+
+LOCAL_UI = "http://127.0.0.1:5000"  # where `pets ui` / `make ui` serve the local store
 
 
 def run_url(run: Mapping[str, str]) -> str:
-    """Return where the run is in the UI that `pets ui` / `make ui` serves."""
-    return f"http://127.0.0.1:5000/#/experiments/{run['experiment_id']}/runs/{run['run_id']}"
+    """Return the run's page: on the tracking server when there is one, else in the local UI."""
+    return f"{ui_url()}/#/experiments/{run['experiment_id']}/runs/{run['run_id']}"
 
 
 def describe(value: Any) -> str:
@@ -264,8 +274,14 @@ def describe(value: Any) -> str:
     return json.dumps(value) if isinstance(value, list | dict | tuple) else str(value)
 
 
+def ui_url() -> str:
+    """Return the MLflow UI's address: the tracking server when there is one, else the local UI."""
+    uri = tracking_uri()
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+
+
 def compare_url(experiment_id: str, run_ids: Sequence[str]) -> str:
     """Return the UI's compare-runs page for these runs (JSON arrays in a hash-routed URL, mlflow.md §4)."""
     runs = quote(json.dumps(list(run_ids)))
     experiments = quote(json.dumps([experiment_id]))
-    return f"http://127.0.0.1:5000/#/compare-runs?runs={runs}&experiments={experiments}"
+    return f"{ui_url()}/#/compare-runs?runs={runs}&experiments={experiments}"

@@ -240,3 +240,20 @@ def test_fp16_training_on_cuda_uses_autocast_a_scaler_and_channels_last(pets):
     assert next(trainer.model.parameters()).dtype == torch.float32  # weights stay fp32 (fastai to_fp16)
     predictions = trainer.predictions()
     assert predictions.probabilities.dtype == torch.float32
+
+
+def _epoch(phase, epoch, error_rate, valid_loss=1.0):
+    from lib.training import EpochStats
+
+    return EpochStats(phase, epoch, 4, 1.0, 1.0, valid_loss, error_rate, 1 - error_rate, 1.0, 1.0, 1e-3)
+
+
+def test_best_epoch_counts_unfrozen_epochs_up_to_the_lowest_error_with_ties_broken_by_loss_then_length():
+    from lib.training import best_epoch
+
+    frozen = [_epoch("frozen", 0, 0.01)]  # a better frozen epoch does not count: the retrain length is unfrozen
+    assert best_epoch(frozen + [_epoch("unfrozen", e, r) for e, r in enumerate([0.3, 0.1, 0.2, 0.1])]) == 2
+    tied = [_epoch("unfrozen", 0, 0.1, 0.5), _epoch("unfrozen", 1, 0.1, 0.4), _epoch("unfrozen", 2, 0.1, 0.4)]
+    assert best_epoch(tied) == 2
+    with pytest.raises(ValueError, match="no 'unfrozen' epochs"):
+        best_epoch(frozen)

@@ -1,0 +1,199 @@
+"""The `pets` command line: help, train -> predict on one real tiny run, and the errors a user can make."""
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from flows.cli import app, ui_command
+from lib.inference import Classifier
+from lib.synthetic import make_pets_dataset, pack_tgz
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+BREEDS = 4
+# The design doc's fast settings: random-init resnet18 on 32 px crops, given LR (no LR finder), CPU, no workers.
+TINY = [
+    "--arch", "resnet18", "--no-pretrained", "--presize", "48", "--size", "32", "--bs", "8", "--freeze-epochs", "1",
+    "--epochs", "1", "--no-baseline", "--base-lr", "2e-3", "--no-fp16", "--device", "cpu", "--workers", "0",
+]  # fmt: skip
+RECIPE_FLAGS = [
+    "--data-url", "--data-dir", "--label-pattern", "--pretrained", "--no-pretrained", "--presize", "--size",
+    "--min-scale", "--bs", "--valid-pct", "--seed", "--freeze-epochs", "--epochs", "--base-lr", "--lr-mult", "--fp16",
+    "--no-fp16", "--device", "--workers", "--experiment", "--baseline", "--no-baseline", "--baseline-epochs",
+    "--retrain", "--no-retrain", "--registered-model", "--out-dir", "--cache-dir", "--json",
+]  # fmt: skip
+HELP_FLAGS = {
+    "train": ["--arch", *RECIPE_FLAGS],
+    "compare": ["--archs", "--train-deployment", *RECIPE_FLAGS],
+    "lr-find": ["--data-url", "--data-dir", "--arch", "--no-pretrained", "--presize", "--size", "--min-scale", "--bs",
+                "--seed", "--no-fp16", "--device", "--out-dir", "--cache-dir", "--json"],
+    "predict": ["MODEL_URI", "IMAGES", "--top-k", "--json"],
+    "ui": ["--port", "--host"],
+    "demo": ["--breeds", "--images-per-breed", "--epochs", "--out-dir", "--cache-dir"],
+    "announce-dataset": ["DATA_URL", "--name"],
+    "summary": ["--data-url", "--data-dir", "--skip-unmatched", "--presize"],
+}  # fmt: skip
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, [str(arg) for arg in args], env={"COLUMNS": "200"})
+
+
+def last_json(result):
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, _mlflow_template_db):
+    """One MLflow store for the module's training run (the conftest `mlflow_uri` fixture is per test)."""
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    shutil.copy(_mlflow_template_db, path)
+    uri = f"sqlite:///{path}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        yield uri
+
+
+@pytest.fixture(scope="module")
+def trained(prefect_harness, store, tmp_path_factory):
+    """`pets train --json` once on a 4-breed synthetic archive served from a file:// URL; its parsed last line."""
+    root = tmp_path_factory.mktemp("train")
+    images = make_pets_dataset(root / "source", breeds=BREEDS, images_per_breed=10, max_side=96)
+    archive = pack_tgz(images, root / "pets.tgz")
+    result = invoke(
+        "train", "--data-url", archive.as_uri(), *TINY, "--experiment", "cli", "--registered-model", "cli-pets",
+        "--out-dir", root / "out", "--cache-dir", root / "cache", "--json",
+    )  # fmt: skip
+    return last_json(result)
+
+
+@pytest.fixture(scope="module")
+def valid_images(trained):
+    manifest = pd.read_csv(trained["data"]["manifest"])
+    return manifest.loc[manifest["split"] == "valid", "path"].head(2).tolist()
+
+
+@pytest.mark.parametrize("command", HELP_FLAGS)
+def test_every_command_has_help_naming_its_flags(command):
+    result = invoke(command, "--help")
+
+    assert result.exit_code == 0, result.output
+    missing = [flag for flag in HELP_FLAGS[command] if flag not in result.stdout]
+    assert not missing, result.stdout
+
+
+def test_train_json_is_the_last_line_and_matches_the_mlflow_run(trained, store):
+    required = {"run_id", "error_rate", "valid_loss", "best_epoch", "epochs_trained", "base_lr", "images_per_second"}
+    assert required | {"model_uri", "arch", "model_version", "registered_model", "experiment_id"} <= set(trained)
+    assert trained["arch"] == "resnet18" and trained["registered_model"] == "cli-pets" and trained["base_lr"] == 2e-3
+    assert Path(trained["out_dir"]).is_absolute()
+    run = mlflow.MlflowClient(store).get_run(trained["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["error_rate"] == pytest.approx(trained["error_rate"])
+    assert run.data.tags["model_version"] == str(trained["model_version"])
+
+
+def test_predict_json_agrees_with_the_exported_classifier(trained, valid_images):
+    out_dir = Path(trained["out_dir"])
+    exported = next(out_dir / stage / "model.pth" for stage in ("final", "probe") if (out_dir / stage).is_dir())
+    expected = Classifier.load(exported, device="cpu").predict(valid_images)
+
+    predictions = last_json(invoke("predict", trained["model_uri"], *valid_images, "--top-k", BREEDS, "--json"))
+
+    assert [p["image"] for p in predictions] == valid_images
+    assert [p["label"] for p in predictions] == [e.label for e in expected]
+    for prediction, oracle in zip(predictions, expected, strict=True):
+        probabilities = [top["probability"] for top in prediction["top"]]
+        assert {top["label"] for top in prediction["top"]} == set(oracle.probabilities)
+        assert all(0 <= p <= 1 for p in probabilities) and sum(probabilities) == pytest.approx(1, abs=1e-5)
+        assert probabilities == sorted(probabilities, reverse=True)
+        assert prediction["probability"] == pytest.approx(oracle.probability, abs=1e-4)
+
+
+def test_predict_by_registered_version_prints_one_line_per_image(trained, valid_images):
+    result = invoke("predict", f"models:/cli-pets/{trained['model_version']}", *valid_images)
+
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if line.split(":")[0] in valid_images]
+    assert len(lines) == len(valid_images)
+
+
+def test_predict_names_a_missing_image(tmp_path):
+    missing = tmp_path / "no-such-cat.jpg"
+
+    result = invoke("predict", "models:/cli-pets/1", missing)
+
+    assert result.exit_code != 0
+    assert str(missing) in result.output and "Traceback" not in result.output
+
+
+def test_predict_names_a_model_uri_that_does_not_resolve(mlflow_uri, tmp_path):
+    picture = tmp_path / "cat.jpg"
+    Image.new("RGB", (64, 48), "orange").save(picture)
+
+    result = invoke("predict", "models:/no-such-model/7", picture)
+
+    assert result.exit_code == 1
+    assert "models:/no-such-model/7" in result.output and "pets train" in result.output
+    assert "MLFLOW_TRACKING_URI" in result.output
+
+
+def test_compare_rejects_an_unknown_architecture_by_name():
+    result = invoke("compare", "--archs", "resnet18,nope")
+
+    assert result.exit_code == 2
+    assert "nope" in result.output and "resnet50" in result.output
+
+
+def test_compare_passes_every_recipe_flag_as_a_valid_training_setting(tmp_path):
+    # The flow checks settings and archs before training anything: a repeated arch fails it right after that check.
+    result = invoke("compare", "--archs", "resnet18,resnet18", *TINY[2:], "--out-dir", tmp_path, "--json")
+
+    assert result.exit_code == 1
+    assert "more than once" in result.output and "Unknown training settings" not in result.output
+
+
+def test_data_url_and_data_dir_are_exclusive(tmp_path):
+    result = invoke("train", "--data-url", "file:///x.tgz", "--data-dir", tmp_path)
+
+    assert result.exit_code == 2 and "not both" in result.output
+
+
+def test_announce_dataset_without_a_prefect_server_says_what_to_set():
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        result = invoke("announce-dataset", "file:///data/pets-v2.tgz")
+
+    assert result.exit_code == 1
+    assert "PREFECT_API_URL is not set" in result.output and "Traceback" not in result.output
+
+
+def test_announce_dataset_sends_the_event_to_the_server():
+    from flows.events import announce_dataset
+
+    assert announce_dataset("file:///data/pets-v2.tgz", "cli-test")
+
+
+def test_ui_serves_the_tracking_store_on_loopback_with_artifacts_beside_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+
+    command, env = ui_command(host="127.0.0.1", port=5123)
+
+    options = dict(zip(command[4::2], command[5::2], strict=True))
+    assert command[1:4] == ["-m", "mlflow", "ui"]
+    assert options == {
+        "--backend-store-uri": f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}",
+        "--default-artifact-root": (tmp_path / "store" / "artifacts").as_uri(),
+        "--host": "127.0.0.1",
+        "--port": "5123",
+        "--workers": "1",
+    }
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false" and (tmp_path / "store").is_dir()
