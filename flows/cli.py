@@ -9,7 +9,6 @@ pets ui | announce-dataset         the MLflow UI on the project's store; tell Pr
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import os
 import sys
@@ -20,25 +19,31 @@ from typing import Annotated, Any, NoReturn
 import numpy as np
 import typer
 
-from flows.compare import DEFAULT_ARCHS
-from flows.demo import DEMO_EXPERIMENT
-from flows.demo import demo as demo_flow
-from flows.train import (
+from flows.defaults import (
+    DEFAULT_EXPERIMENT,
+    DEFAULT_REGISTERED_MODEL,
+    DEMO_BREEDS,
+    DEMO_EPOCHS,
+    DEMO_EXPERIMENT,
+    DEMO_IMAGES_PER_BREED,
+)
+from lib.recipe import (
+    ARCHITECTURES,
     BASELINE_EPOCHS,
     DEFAULT_ARCH,
+    DEFAULT_ARCHS,
+    DEFAULT_BATCH_SIZE,
     DEFAULT_EPOCHS,
-    DEFAULT_EXPERIMENT,
     DEFAULT_FREEZE_EPOCHS,
+    DEFAULT_LABEL_PATTERN,
     DEFAULT_LR_MULT,
     DEFAULT_MIN_SCALE,
-    DEFAULT_REGISTERED_MODEL,
+    DEFAULT_PRESIZE,
+    DEFAULT_SEED,
     DEFAULT_SIZE,
+    DEFAULT_VALID_PCT,
+    MAX_DEFAULT_WORKERS,
 )
-from lib.labelling import DEFAULT_LABEL_PATTERN
-from lib.loading import DEFAULT_BATCH_SIZE, MAX_DEFAULT_WORKERS
-from lib.model import ARCHITECTURES
-from lib.presize import DEFAULT_PRESIZE
-from lib.splitting import DEFAULT_SEED, DEFAULT_VALID_PCT
 
 app = typer.Typer(
     help="Train and compare pet-breed classifiers the fastai way (fastbook ch. 5) on Prefect, PyTorch and MLflow.",
@@ -49,7 +54,6 @@ app = typer.Typer(
 UI_PORT = 5000  # MLflow's default port, the one tasks.tracking.run_url links to
 UI_HOST = "127.0.0.1"  # loopback only: the UI has no authentication (mlflow.md §1)
 UI_WORKERS = 1  # one uvicorn worker starts in ~6-15 s instead of ~35-46 s on two CPUs (mlflow.md §1)
-DEMO_DEFAULTS = {name: p.default for name, p in inspect.signature(demo_flow.fn).parameters.items()}
 
 
 def _check_arch(arch: str | None) -> str | None:
@@ -328,9 +332,9 @@ def summary(
 
 @app.command()
 def demo(
-    breeds: Annotated[int, typer.Option(help="Breeds in the generated dataset.")] = DEMO_DEFAULTS["breeds"],
-    images_per_breed: Annotated[int, typer.Option(help="Images per breed.")] = DEMO_DEFAULTS["images_per_breed"],
-    epochs: Epochs = DEMO_DEFAULTS["epochs"],
+    breeds: Annotated[int, typer.Option(help="Breeds in the generated dataset.")] = DEMO_BREEDS,
+    images_per_breed: Annotated[int, typer.Option(help="Images per breed.")] = DEMO_IMAGES_PER_BREED,
+    epochs: Epochs = DEMO_EPOCHS,
     out_dir: Annotated[
         Path | None, typer.Option(help="Archive, data and run files.", show_default="./outputs/demo")
     ] = None,
@@ -340,6 +344,8 @@ def demo(
 ) -> None:
     """Run the whole recipe offline on the CPU: a generated pets-like dataset, a small resnet, MLflow, registry."""
     arguments = _flow_arguments(locals())
+    from flows.demo import demo as demo_flow
+
     result = _result_or_exit(demo_flow(**arguments, return_state=True))
     registered = f"models:/{result['registered_model']}/{result['model_version']}"
     _print_training(result, experiment=DEMO_EXPERIMENT, ui_hint="`make ui` (or `pets ui`)")

@@ -20,11 +20,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
 from prefect.futures import wait
 
-from flows.train import DEFAULT_EXPERIMENT, DEFAULT_REGISTERED_MODEL, Architecture, train
+from flows.defaults import DEFAULT_EXPERIMENT, DEFAULT_REGISTERED_MODEL
+from flows.train import Architecture, train
 from lib.paths import default_output_dir
+from lib.recipe import DEFAULT_ARCHS
 from tasks import tracking
 
-DEFAULT_ARCHS = ["resnet50", "resnet101"]  # fastbook ch. 5: resnet50, then "try a deeper model"
 # Training parameters the comparison sets itself, per child; `settings` may not override them.
 SET_BY_COMPARE = ("arch", "experiment", "registered_model", "comparison")
 CHAMPION_ALIAS = "champion"
@@ -46,7 +47,7 @@ COUNT_COLUMNS = ("parameters", "epochs_trained")  # MLflow stores every metric a
 
 @flow(name="compare-pets", log_prints=True)
 def compare(
-    archs: list[Architecture] = DEFAULT_ARCHS,
+    archs: list[Architecture] = DEFAULT_ARCHS,  # a tuple: an immutable default, a list once Prefect validates it
     settings: dict[str, Any] | None = None,
     experiment: str = DEFAULT_EXPERIMENT,
     registered_model: str = DEFAULT_REGISTERED_MODEL,

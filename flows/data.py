@@ -7,10 +7,8 @@ from pathlib import Path
 from prefect import flow
 
 from lib.download import PETS_URL
-from lib.labelling import DEFAULT_LABEL_PATTERN
 from lib.paths import default_cache_dir, default_output_dir
-from lib.presize import DEFAULT_PRESIZE
-from lib.splitting import DEFAULT_SEED, DEFAULT_VALID_PCT
+from lib.recipe import DEFAULT_LABEL_PATTERN, DEFAULT_PRESIZE, DEFAULT_SEED, DEFAULT_VALID_PCT
 from tasks.data import (
     clean_images,
     download_dataset,

@@ -11,25 +11,35 @@ from typing import Annotated
 from prefect import flow
 from pydantic import Field
 
-from flows.train import train
+from flows.defaults import (
+    DEMO_ARCH,
+    DEMO_BASELINE_EPOCHS,
+    DEMO_BATCH_SIZE,
+    DEMO_BREEDS,
+    DEMO_EPOCHS,
+    DEMO_EXPERIMENT,
+    DEMO_FREEZE_EPOCHS,
+    DEMO_IMAGES_PER_BREED,
+    DEMO_PRESIZE,
+    DEMO_REGISTERED_MODEL,
+    DEMO_SIZE,
+)
+from flows.train import Architecture, train
 from lib.paths import default_output_dir
 from tasks.data import make_synthetic_archive
-
-DEMO_EXPERIMENT = "pets-demo"
-DEMO_REGISTERED_MODEL = "pets-demo-classifier"
 
 
 @flow(name="demo-pets", log_prints=True)
 def demo(
-    breeds: Annotated[int, Field(ge=2, le=37)] = 6,
-    images_per_breed: Annotated[int, Field(ge=5)] = 24,
-    arch: str = "resnet18",
-    presize: Annotated[int, Field(ge=8)] = 96,
-    size: Annotated[int, Field(ge=8)] = 64,
-    bs: Annotated[int, Field(ge=1)] = 16,
-    freeze_epochs: Annotated[int, Field(ge=0)] = 1,
-    epochs: Annotated[int, Field(ge=1)] = 8,  # on the demo data the best epoch comes before the last, so retraining runs too
-    baseline_epochs: Annotated[int, Field(ge=1)] = 1,
+    breeds: Annotated[int, Field(ge=2, le=37)] = DEMO_BREEDS,
+    images_per_breed: Annotated[int, Field(ge=5)] = DEMO_IMAGES_PER_BREED,
+    arch: Architecture = DEMO_ARCH,
+    presize: Annotated[int, Field(ge=8)] = DEMO_PRESIZE,
+    size: Annotated[int, Field(ge=8)] = DEMO_SIZE,
+    bs: Annotated[int, Field(ge=1)] = DEMO_BATCH_SIZE,
+    freeze_epochs: Annotated[int, Field(ge=0)] = DEMO_FREEZE_EPOCHS,
+    epochs: Annotated[int, Field(ge=1)] = DEMO_EPOCHS,
+    baseline_epochs: Annotated[int, Field(ge=1)] = DEMO_BASELINE_EPOCHS,
     base_lr: Annotated[float, Field(gt=0)] | None = None,
     experiment: str = DEMO_EXPERIMENT,
     registered_model: str = DEMO_REGISTERED_MODEL,

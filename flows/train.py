@@ -13,13 +13,25 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from pydantic import Field
 
 from flows.data import data_stage
+from flows.defaults import DEFAULT_EXPERIMENT, DEFAULT_REGISTERED_MODEL
 from lib.download import PETS_URL
-from lib.labelling import DEFAULT_LABEL_PATTERN
-from lib.loading import DEFAULT_BATCH_SIZE
-from lib.model import ARCHITECTURES
 from lib.paths import default_output_dir
-from lib.presize import DEFAULT_PRESIZE
-from lib.splitting import DEFAULT_SEED, DEFAULT_VALID_PCT
+from lib.recipe import (
+    ARCHITECTURES,
+    BASELINE_EPOCHS,
+    BASELINE_LR,
+    DEFAULT_ARCH,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_EPOCHS,
+    DEFAULT_FREEZE_EPOCHS,
+    DEFAULT_LABEL_PATTERN,
+    DEFAULT_LR_MULT,
+    DEFAULT_MIN_SCALE,
+    DEFAULT_PRESIZE,
+    DEFAULT_SEED,
+    DEFAULT_SIZE,
+    DEFAULT_VALID_PCT,
+)
 from tasks import tracking
 from tasks.training import (
     evaluate_classifier,
@@ -28,17 +40,6 @@ from tasks.training import (
     read_history,
     recipe_settings,
 )
-
-DEFAULT_ARCH = "resnet50"  # fastbook ch. 5's last model (resnet50, fp16, fine_tune(6, freeze_epochs=3))
-DEFAULT_EPOCHS = 6
-DEFAULT_FREEZE_EPOCHS = 3
-BASELINE_EPOCHS = 2  # the book's first model: fine_tune(2) with fastai's defaults
-BASELINE_LR = 2e-3  # fastai fine_tune default base_lr
-DEFAULT_LR_MULT = 100  # fastai fine_tune default lr_mult
-DEFAULT_SIZE = 224  # aug_transforms(size=224, min_scale=0.75)
-DEFAULT_MIN_SCALE = 0.75
-DEFAULT_EXPERIMENT = "pets"
-DEFAULT_REGISTERED_MODEL = "pets-classifier"
 
 Positive = Annotated[int, Field(ge=1)]
 Architecture = Literal[tuple(ARCHITECTURES)]  # an enum in the Prefect UI; a bad name is refused, listing the good ones

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from lib.recipe import DEFAULT_LABEL_PATTERN
+
 # fastbook ch. 5: `RegexLabeller(pat=r'(.+)_\d+.jpg$')` applied to the file name. The `.` is unescaped in the
 # book, so it matches any character; we keep the book's pattern verbatim.
-DEFAULT_LABEL_PATTERN = r"(.+)_\d+.jpg$"
 MAX_EXAMPLES = 5
 
 

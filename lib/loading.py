@@ -17,9 +17,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from lib.recipe import DEFAULT_BATCH_SIZE, MAX_DEFAULT_WORKERS
+
 # fastai DataLoaders defaults (fastai-recipe.md §1.4): bs=64, val_bs=bs, shuffle+drop_last on train only.
-DEFAULT_BATCH_SIZE = 64
-MAX_DEFAULT_WORKERS = 16  # fastai: num_workers = min(16, cpus)
 
 CropRequest = tuple[int, float, float]  # (item index, fraction along x, fraction along y)
 

@@ -16,9 +16,9 @@ import torch
 import torchvision
 from torch import nn
 
+from lib.recipe import ARCHITECTURES
 from lib.weights import load_pretrained
 
-ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # Channels layer4 puts out: BasicBlock resnets 512, Bottleneck resnets 512 * expansion 4.
 _BODY_FEATURES = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
 # fastai resnet model_meta: cut=-2 drops avgpool and fc.

@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from lib.files import write_atomically, write_text_atomically
 from lib.images import ImageFacts, open_rgb_with_facts
+from lib.recipe import DEFAULT_PRESIZE
 
-DEFAULT_PRESIZE = 460  # fastbook ch. 5: item_tfms=Resize(460)
 # Quality 95 keeps re-encoding loss below what the bilinear resize and augmentation already change.
 CACHE_JPEG_QUALITY = 95
 # Bump when the resize or encoding changes, so old cache entries are never read as new ones.

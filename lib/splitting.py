@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from lib.recipe import DEFAULT_SEED, DEFAULT_VALID_PCT
+
 # fastbook ch. 5: RandomSplitter(valid_pct=0.2, seed=42)
-DEFAULT_VALID_PCT = 0.2
-DEFAULT_SEED = 42
 
 
 @dataclass(frozen=True)

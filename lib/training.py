@@ -42,11 +42,11 @@ from lib.interpret import (
     top_loss_titles,
     top_losses,
 )
-from lib.loading import DEFAULT_BATCH_SIZE, epoch_seed, make_loaders
+from lib.loading import epoch_seed, make_loaders
 from lib.lr_finder import DivergenceCheck, LRFinderResult, SmoothedLoss, suggest
 from lib.model import create_model, freeze_to, no_weight_decay, parameter_groups
 from lib.precision import Precision, resolve_precision, use_channels_last
-from lib.presize import DEFAULT_PRESIZE
+from lib.recipe import DEFAULT_BATCH_SIZE, DEFAULT_PRESIZE
 from lib.schedule import DEFAULT_MOMS, OneCycle, Phase, fine_tune_phases, group_lrs, lr_finder_lr
 
 DEFAULT_LR = 1e-3  # fastai Learner default lr
