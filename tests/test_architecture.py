@@ -43,3 +43,14 @@ def test_flows_do_not_talk_to_mlflow_directly(path):
 
 def test_the_checker_sees_imports():
     assert {"prefect", "pandas"} <= imported_roots(ROOT / "tasks" / "data.py")
+
+
+def test_the_cli_starts_without_loading_torch_prefect_or_mlflow():
+    # `pets --help` must answer at once: flows/cli.py reads its defaults from import-free modules and loads the
+    # flows (torch, Prefect, MLflow) only inside a command.
+    import subprocess
+    import sys
+
+    probe = "import sys, flows.cli; print(sorted({'torch', 'prefect', 'mlflow'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"
