@@ -8,7 +8,6 @@ pets ui | announce-dataset         the MLflow UI on the project's store; tell Pr
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import sys
@@ -349,9 +348,8 @@ def demo(
     result = _result_or_exit(demo_flow(**arguments, return_state=True))
     registered = f"models:/{result['registered_model']}/{result['model_version']}"
     _print_training(result, experiment=DEMO_EXPERIMENT, ui_hint="`make ui` (or `pets ui`)")
-    image = _a_validation_image(result)
-    if image:
-        typer.echo(f"Try the model: pets predict {registered} {image} --top-k 3")
+    image = result["data"]["example_images"][0]
+    typer.echo(f"Try the model: pets predict {registered} {image} --top-k 3")
 
 
 @app.command()
@@ -463,15 +461,6 @@ def _top_k(image: str, probabilities: np.ndarray, vocab: Sequence[str], k: int) 
     order = probabilities.argsort()[::-1][:k]
     top = [{"label": vocab[i], "probability": float(probabilities[i])} for i in order]
     return {"image": image, "label": top[0]["label"], "probability": top[0]["probability"], "top": top}
-
-
-def _a_validation_image(result: Mapping[str, Any]) -> str | None:
-    """Return one validation picture of the run (from its data manifest) to try `pets predict` on."""
-    manifest = Path(result.get("data", {}).get("manifest") or "")
-    if not manifest.is_file():
-        return None
-    with manifest.open(newline="") as rows:
-        return next((row["path"] for row in csv.DictReader(rows) if row.get("split") == "valid"), None)
 
 
 def _print_summary(result: dict) -> None:

@@ -137,8 +137,9 @@ def train(
         tracking.log_metrics(run_id, _summary_metrics(summary), step=last_step)
         tracking.log_params(run_id, {"precision_effective": final["precision"], "device_effective": final["device"]})
 
+        examples = _example_images(data)
         model = tracking.log_classifier(
-            run_id, final["model"], _example_images(data), registered_model=registered_model, step=last_step
+            run_id, final["model"], examples, registered_model=registered_model, step=last_step
         )
         tracking.end_run(run_id, "FINISHED")
     except BaseException as error:
@@ -147,6 +148,7 @@ def train(
         raise
     result = {**summary, **model, "registered_model": registered_model, "arch": arch, "out_dir": out_dir}
     result["data"] = {key: data[key] for key in ("manifest", "cache_hits", "written", "decoded", "sizes", "classes")}
+    result["data"]["example_images"] = examples  # validation pictures to try the model on
     _report(result, run)
     return result
 

@@ -410,13 +410,16 @@ class Trainer:
         with torch.inference_mode():
             return self.augmentation.decode(self.augmentation(raw, train=False)).cpu()
 
-    def write_interpretation(self, out_dir: Path, *, top_k: int = 9, min_val: int = 1) -> dict[str, Path]:
+    def write_interpretation(
+        self, out_dir: Path, *, top_k: int = 9, min_val: int = 1, predictions: Predictions | None = None
+    ) -> dict[str, Path]:
         """Write fastai's ClassificationInterpretation views of the validation set, and the loss curves, as files.
 
-        Returns the paths of confusion_matrix.png, most_confused.txt, top_losses.png and loss_curves.png.
+        `predictions` are this trainer's validation predictions when the caller already has them (one pass, not
+        two). Returns the paths of confusion_matrix.png, most_confused.txt, top_losses.png and loss_curves.png.
         """
         out_dir = Path(out_dir)
-        predictions = self.predictions()
+        predictions = predictions if predictions is not None else self.predictions()
         cm = confusion_matrix(predictions, len(self.vocab))
         report = out_dir / "most_confused.txt"
         write_text_atomically(report, interpretation_report(cm, self.vocab, min_val=min_val))

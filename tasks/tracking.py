@@ -7,6 +7,7 @@ process-global active run, so steps can run in any thread or process (architectu
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -96,11 +97,15 @@ def log_params(run_id: str, params: Mapping[str, Any]) -> None:
 
 def log_metrics(run_id: str, metrics: Mapping[str, float], *, step: int = 0) -> None:
     """Log numbers at one step in one call."""
+    _client().log_batch(run_id, metrics=_metric_rows(metrics, step))
+
+
+def _metric_rows(metrics: Mapping[str, float], step: int) -> list:
+    """Return MLflow Metric entities for numbers at one step, stamped now."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    rows = [Metric(key, float(value), now, step) for key, value in metrics.items()]
-    _client().log_batch(run_id, metrics=rows)
+    return [Metric(key, float(value), now, step) for key, value in metrics.items()]
 
 
 def set_tags(run_id: str, tags: Mapping[str, Any]) -> None:
@@ -126,7 +131,7 @@ def epoch_metrics(row: EpochStats, stage: str) -> dict[str, float]:
 
 def epoch_logger(run_id: str, stage: str) -> Callable[[EpochStats], None]:
     """Return an `on_epoch_end` callable that logs each epoch at step = its index within the stage (0, 1, ...)."""
-    steps = iter(range(1_000_000))
+    steps = itertools.count()
 
     def log_epoch(row: EpochStats) -> None:
         log_metrics(run_id, epoch_metrics(row, stage), step=next(steps))
@@ -136,14 +141,7 @@ def epoch_logger(run_id: str, stage: str) -> Callable[[EpochStats], None]:
 
 def log_history(run_id: str, stage: str, history: Sequence[EpochStats]) -> None:
     """Log a whole stage's epochs at once (used when the final model is the probe's and is not retrained)."""
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    rows = [
-        Metric(key, float(value), now, step)
-        for step, row in enumerate(history)
-        for key, value in epoch_metrics(row, stage).items()
-    ]
+    rows = [metric for step, row in enumerate(history) for metric in _metric_rows(epoch_metrics(row, stage), step)]
     client = _client()
     for start in range(0, len(rows), MAX_BATCH):
         client.log_batch(run_id, metrics=rows[start : start + MAX_BATCH])
@@ -206,8 +204,12 @@ def log_classifier(run_id: str, model_path: str, example_images: Sequence[str], 
 
     exported = read_export(Path(model_path))
     example = serving_batch(list(example_images)[:EXAMPLE_IMAGES], exported.presize)
-    metadata = {"vocab": list(exported.vocab), "arch": exported.arch, "size": exported.size}
-    metadata["presize"] = exported.presize
+    metadata = {
+        "vocab": list(exported.vocab),
+        "arch": exported.arch,
+        "size": exported.size,
+        "presize": exported.presize,
+    }
     mlflow.set_tracking_uri(tracking_uri())
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
@@ -239,7 +241,7 @@ COMPARISON_TAG = "comparison"
 
 
 def comparison_runs(experiment: str, comparison: str) -> list:
-    """Return the MLflow runs of one comparison (tag comparison=<id>), best first by final error rate."""
+    """Return the MLflow runs of one comparison (tag comparison=<id>); the compare flow ranks them itself."""
     client = _client()
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -247,7 +249,6 @@ def comparison_runs(experiment: str, comparison: str) -> list:
     return client.search_runs(
         [found.experiment_id],
         filter_string=f"tags.{COMPARISON_TAG} = '{comparison}'",
-        order_by=["metrics.error_rate ASC", "metrics.valid_loss ASC"],
     )
 
 

@@ -199,13 +199,13 @@ def evaluate_classifier(
     """Evaluate an exported model on the validation set: metrics, confusion matrix, most confused, top losses."""
     trainer = build_trainer(manifest_path, vocab_path, recipe, pretrained=False)
     trainer.model.load_state_dict(read_export(Path(model_path)).model.state_dict())
-    valid_loss, accuracy = trainer.validate()
-    files = trainer.write_interpretation(Path(out_dir) / "evaluation")
+    predictions = trainer.predictions()  # one validation pass serves the metrics and the interpretation
+    files = trainer.write_interpretation(Path(out_dir) / "evaluation", predictions=predictions)
     size_mb = Path(model_path).stat().st_size / 2**20
     return {
-        "valid_loss": valid_loss,
-        "accuracy": accuracy,
-        "error_rate": 1.0 - accuracy,
+        "valid_loss": float(predictions.losses.double().mean()),
+        "accuracy": predictions.accuracy(),
+        "error_rate": predictions.error_rate(),
         "model_size_mb": size_mb,
         "files": {name: str(path) for name, path in files.items()},
     }
