@@ -11,7 +11,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install demo test lint format ui clean
+.PHONY: install demo test lint format ui clean bench
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ format: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest
+
+# Every CPU benchmark, one JSON line each, into outputs/bench/results.jsonl (BENCHMARKS.md). GPU: bench/gpu.sh.
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	PYTHON=$(BIN)/python bench/run_all.sh
 
 # `pets ui` serves the store below on 127.0.0.1 with artifacts beside it (flows/cli.py, mlflow.md §1).
 ui: $(STAMP)

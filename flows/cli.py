@@ -29,6 +29,7 @@ from flows.defaults import (
 from lib.recipe import (
     ARCHITECTURES,
     BASELINE_EPOCHS,
+    CPU_CORES_PER_WORKER,
     DEFAULT_ARCH,
     DEFAULT_ARCHS,
     DEFAULT_BATCH_SIZE,
@@ -111,7 +112,17 @@ Device = Annotated[
     str | None, typer.Option(help="Torch device, e.g. cuda:1 or cpu.", show_default="CUDA, else MPS, else CPU")
 ]
 Workers = Annotated[
-    int | None, typer.Option(help="DataLoader worker processes.", show_default=f"min({MAX_DEFAULT_WORKERS}, CPUs)")
+    int | None,
+    typer.Option(
+        help="DataLoader worker processes.",
+        show_default=f"min({MAX_DEFAULT_WORKERS}, CPUs) with a GPU; CPUs // {CPU_CORES_PER_WORKER} on the CPU",
+    ),
+]
+Compile = Annotated[
+    bool,
+    typer.Option(
+        help="torch.compile the model. It costs about a minute of compiling first; see BENCHMARKS.md for when it pays."
+    ),
 ]
 Experiment = Annotated[str, typer.Option(help="MLflow experiment the runs go to.")]
 Baseline = Annotated[bool, typer.Option(help="First train the book's baseline (fastai fine_tune defaults).")]
@@ -147,6 +158,7 @@ def train(
     fp16: Fp16 = True,
     device: Device = None,
     workers: Workers = None,
+    compile: Compile = False,
     experiment: Experiment = DEFAULT_EXPERIMENT,
     baseline: Baseline = True,
     baseline_epochs: BaselineEpochs = BASELINE_EPOCHS,
@@ -197,6 +209,7 @@ def compare(
     fp16: Fp16 = True,
     device: Device = None,
     workers: Workers = None,
+    compile: Compile = False,
     experiment: Experiment = DEFAULT_EXPERIMENT,
     baseline: Baseline = True,
     baseline_epochs: BaselineEpochs = BASELINE_EPOCHS,
@@ -242,6 +255,7 @@ def lr_find(
     seed: Seed = DEFAULT_SEED,
     fp16: Fp16 = True,
     device: Device = None,
+    compile: Compile = False,
     out_dir: Annotated[
         Path | None, typer.Option(help="Where the plot and data files go.", show_default="./outputs/lr_find")
     ] = None,

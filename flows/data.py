@@ -92,6 +92,7 @@ def data_stage(
         found=labelled["found"],
         unmatched=labelled["unmatched"],
         seed=seed,
+        cache_dir=cache_dir,
     )
     return {
         "images_dir": images_dir,

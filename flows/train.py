@@ -65,6 +65,7 @@ def train(
     fp16: bool = True,
     device: str | None = None,
     workers: Annotated[int, Field(ge=0)] | None = None,
+    compile: bool = False,
     experiment: str = DEFAULT_EXPERIMENT,
     baseline: bool = True,
     baseline_epochs: Positive = BASELINE_EPOCHS,
@@ -156,14 +157,16 @@ def train(
 # Flow parameters recorded as MLflow params (with their names): the settings, not where files go.
 TRACKED_PARAMETERS = (
     "data_dir", "label_pattern", "arch", "pretrained", "presize", "size", "min_scale", "bs", "valid_pct", "seed",
-    "freeze_epochs", "epochs", "lr_mult", "fp16", "device", "workers", "baseline", "baseline_epochs", "retrain",
-    "registered_model", "comparison",
+    "freeze_epochs", "epochs", "lr_mult", "fp16", "device", "workers", "compile", "baseline", "baseline_epochs",
+    "retrain", "registered_model", "comparison",
 )  # fmt: skip
 
 
 # Flow parameters that feed the data stage and the recipe every training stage shares.
 DATA_PARAMETERS = ("data_url", "data_dir", "label_pattern", "valid_pct", "seed", "presize", "cache_dir")
-RECIPE_PARAMETERS = ("arch", "pretrained", "presize", "size", "min_scale", "bs", "seed", "fp16", "device", "workers")
+RECIPE_PARAMETERS = (
+    "arch", "pretrained", "presize", "size", "min_scale", "bs", "seed", "fp16", "device", "workers", "compile",
+)  # fmt: skip
 
 
 def _data_and_recipe(parameters: dict[str, Any], out_dir: str) -> tuple[dict, dict]:
@@ -272,6 +275,7 @@ def lr_find(
     fp16: bool = True,
     device: str | None = None,
     workers: Annotated[int, Field(ge=0)] | None = None,
+    compile: bool = False,
     out_dir: str | None = None,
     cache_dir: str | None = None,
 ) -> dict:

@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from lib import images
+from lib.digests import FileDigests, stamp_of
 from lib.files import write_text_atomically
 from lib.presize import PresizeCache
 
@@ -79,6 +80,7 @@ def clean_images(
     workers: int | None = None,
     progress: bool = True,
     presize_cache: PresizeCache | None = None,
+    digests: FileDigests | None = None,
 ) -> CleaningResult:
     """Decode every image of a manifest and split its rows into kept and excluded.
 
@@ -89,6 +91,7 @@ def clean_images(
         progress: Show a progress bar.
         presize_cache: Where each image that decodes is presized while it is in memory, so no original is
             decoded twice; images it already holds are kept without decoding them again.
+        digests: Remembered digests of unchanged files: with the presize cache, a warm re-run reads no original.
     """
     paths = manifest["path"].astype(str).tolist()
     workers = workers or len(os.sched_getaffinity(0))
@@ -98,9 +101,15 @@ def clean_images(
     with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=workers) as pool:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         # map keeps the input order
-        checks = pool.map(lambda path: _check_image(path, max_pixels, presize_cache), paths)
-        bar = tqdm(checks, total=len(paths), desc="verifying images", unit="image", disable=not progress)
-        verdicts = list(bar)
+        # Unchanged files the cache holds are settled here, with a stat each; the others are read in the pool.
+        verdicts = [_remembered(path, presize_cache, digests) for path in paths]
+        unsettled = [index for index, verdict in enumerate(verdicts) if verdict is None]
+        checks = pool.map(lambda index: _check_image(paths[index], max_pixels, presize_cache, digests), unsettled)
+        bar = tqdm(checks, total=len(unsettled), desc="verifying images", unit="image", disable=not progress)
+        for index, verdict in zip(unsettled, bar, strict=True):
+            verdicts[index] = verdict
+    if digests is not None:
+        digests.save()
     # A positional mask, not an index-aligned Series: the manifest's index may be anything.
     is_kept = np.array([verdict.reason is None for verdict in verdicts], dtype=bool)
     return CleaningResult(
@@ -120,9 +129,12 @@ def write_cleaning_report(result: CleaningResult, out_dir: Path) -> Path:
     return write_text_atomically(out_dir / REPORT_NAME, json.dumps(report, indent=2, default=str) + "\n")
 
 
-def _check_image(path: str, max_pixels: int | None, presize_cache: PresizeCache | None) -> _Verdict:
+def _check_image(
+    path: str, max_pixels: int | None, presize_cache: PresizeCache | None, digests: FileDigests | None = None
+) -> _Verdict:
     """Read one file once, decode it fully (unless the presize cache knows it) and say whether to keep it."""
     try:
+        stamp = stamp_of(path)  # before reading: a change while reading gives a new stamp next time
         data = Path(path).read_bytes()
     except OSError as error:  # permission denied, a directory, a file gone since listing
         return _Verdict(reason="unreadable", detail=str(error))
@@ -131,11 +143,30 @@ def _check_image(path: str, max_pixels: int | None, presize_cache: PresizeCache 
     sha256 = hashlib.sha256(data).hexdigest()
     known = presize_cache.lookup(sha256) if presize_cache else None
     if known is not None:  # these exact bytes decoded before, or the cache would not hold them
-        return _Verdict(sha256=sha256, **known.as_dict())
+        verdict = _Verdict(sha256=sha256, **known.as_dict())
+    else:
+        try:
+            verdict = _decode(path, data, sha256, max_pixels, presize_cache)
+        except Exception as error:  # every failure must become a row of the report, not stop the whole run
+            return _Verdict(reason=_reason_for(error), detail=str(error) or type(error).__name__, decoded=True)
+    if digests is not None:
+        facts = {key: getattr(verdict, key) for key in ("width", "height", "mode", "converted")}
+        digests.remember(path, stamp, sha256, facts)
+    return verdict
+
+
+def _remembered(path: str, presize_cache: PresizeCache | None, digests: FileDigests | None) -> _Verdict | None:
+    """The verdict of an unchanged file the presize cache holds, from its remembered digest; else None."""
+    if digests is None or presize_cache is None:
+        return None
     try:
-        return _decode(path, data, sha256, max_pixels, presize_cache)
-    except Exception as error:  # every failure must become a row of the report, not stop the whole run
-        return _Verdict(reason=_reason_for(error), detail=str(error) or type(error).__name__, decoded=True)
+        remembered = digests.get(path, stamp_of(path))
+    except OSError:
+        return None  # let the full check report it
+    if remembered is None or remembered[1] is None or not presize_cache.holds(remembered[0]):
+        return None
+    sha256, facts = remembered
+    return _Verdict(sha256=sha256, **facts)
 
 
 def _decode(

@@ -17,16 +17,25 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from lib.recipe import DEFAULT_BATCH_SIZE, MAX_DEFAULT_WORKERS
+from lib.recipe import CPU_CORES_PER_WORKER, DEFAULT_BATCH_SIZE, MAX_DEFAULT_WORKERS
 
 # fastai DataLoaders defaults (fastai-recipe.md §1.4): bs=64, val_bs=bs, shuffle+drop_last on train only.
 
 CropRequest = tuple[int, float, float]  # (item index, fraction along x, fraction along y)
 
 
-def default_workers() -> int:
-    """Return fastai's default worker count: min(16, usable CPUs)."""
-    return min(MAX_DEFAULT_WORKERS, len(os.sched_getaffinity(0)))
+def default_workers(device: torch.device | str | None = None) -> int:
+    """Return loader worker processes sized to the machine and to where the model runs.
+
+    With a GPU training, fastai's min(16, usable CPUs): the cores are free to decode. On the CPU the model's
+    intra-op threads already use every core, and a worker only takes cores from it: one worker per
+    `CPU_CORES_PER_WORKER` cores, none on small machines (BENCHMARKS.md, "Loader workers on the CPU").
+    """
+    cpus = len(os.sched_getaffinity(0))
+    device_type = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cpu":
+        return min(MAX_DEFAULT_WORKERS, cpus // CPU_CORES_PER_WORKER)
+    return min(MAX_DEFAULT_WORKERS, cpus)
 
 
 def crop_offset(length: int, crop: int, fraction: float) -> int:
@@ -114,7 +123,8 @@ def make_loader(
 ) -> DataLoader:
     """Build a loader over manifest rows (needs `presized_path` and `target` columns).
 
-    Training loaders shuffle and drop the last incomplete batch, as fastai's do.
+    Training loaders shuffle and drop the last incomplete batch, as fastai's do. `workers` defaults to
+    `default_workers()` for the default device.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")

@@ -48,17 +48,27 @@ class PresizeCache:
             raise ValueError(f"presize must be a positive number of pixels, got {presize}: e.g. --presize 460.")
         self.presize = presize
         self.folder = Path(root) / f"presize-{presize}-{CACHE_FORMAT_VERSION}"
+        self._folder = str(self.folder)
 
     def image_path(self, sha256: str) -> Path:
         """Return where the presized image of the original with this digest lives."""
         return self.folder / sha256[:2] / f"{sha256}.jpg"
 
+    def image_path_str(self, sha256: str) -> str:
+        """`image_path` as a string, built without pathlib (it is called for every image of every run)."""
+        return os.path.join(self._folder, sha256[:2], f"{sha256}.jpg")
+
     def lookup(self, sha256: str) -> ImageFacts | None:
         """Return the facts of a cached original, or None when it is not (completely) cached."""
-        facts_path = self.image_path(sha256).with_suffix(".json")
-        if not (facts_path.is_file() and self.image_path(sha256).is_file()):
+        if not self.holds(sha256):
             return None
-        return ImageFacts(**json.loads(facts_path.read_text()))
+        return ImageFacts(**json.loads(self.image_path(sha256).with_suffix(".json").read_text()))
+
+    def holds(self, sha256: str) -> bool:
+        """Return whether a complete entry is cached (the facts file is written last), without reading it."""
+        # Plain strings, not Paths: a warm run asks this for every image, and pathlib costs more than the stats.
+        stem = os.path.join(self._folder, sha256[:2], sha256)
+        return os.path.isfile(stem + ".json") and os.path.isfile(stem + ".jpg")
 
     def store(self, sha256: str, image: Image.Image, facts: ImageFacts) -> Path:
         """Presize an upright RGB image and cache it; the facts are written last, so they mark a complete entry."""
@@ -104,14 +114,12 @@ def presize_images(
     cache = PresizeCache(cache_dir, presize)
     digests = manifest["sha256"].tolist()
     missing = {
-        digest: Path(path)
-        for path, digest in zip(manifest["path"], digests, strict=True)
-        if cache.lookup(digest) is None
+        digest: Path(path) for path, digest in zip(manifest["path"], digests, strict=True) if not cache.holds(digest)
     }
     with ThreadPoolExecutor(max_workers=workers or len(os.sched_getaffinity(0))) as pool:
         jobs = pool.map(lambda item: presize_file(item[1], item[0], cache), missing.items())
         for _ in tqdm(jobs, total=len(missing), desc=f"presize {presize}px", unit="img", disable=not progress):
             pass
-    result = manifest.assign(presized_path=[str(cache.image_path(digest)) for digest in digests])
+    result = manifest.assign(presized_path=[cache.image_path_str(digest) for digest in digests])
     hits = sum(digest not in missing for digest in digests)
     return PresizeResult(manifest=result, cache_hits=hits, written=len(missing))

@@ -15,6 +15,9 @@ DEFAULT_SIZE = 224  # batch_tfms=aug_transforms(size=224, min_scale=0.75)
 DEFAULT_MIN_SCALE = 0.75
 DEFAULT_BATCH_SIZE = 64  # fastai DataLoaders: bs=64, val_bs=bs
 MAX_DEFAULT_WORKERS = 16  # fastai: num_workers = min(16, cpus)
+# Training on the CPU, the model's threads use every core and loader workers only take cores from it. The warm loader
+# delivers ~15x what a CPU-trained resnet18 consumes (BENCHMARKS.md), so one worker per 8 cores keeps up.
+CPU_CORES_PER_WORKER = 8
 
 DEFAULT_FREEZE_EPOCHS = 3  # fastbook ch. 5's last model: fine_tune(6, freeze_epochs=3)
 DEFAULT_EPOCHS = 6

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,6 +15,7 @@ import torch
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from lib.augment import BatchAugmentation
+from lib.files import write_atomically
 from lib.images import open_rgb
 from lib.loading import PresizedImages, make_loader
 from lib.plots import pyplot, save_figure
@@ -22,6 +26,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 SHOW_BATCH_MAX = 9  # fastai show_batch: max_n=9
+SHOW_BATCH_CACHE = "show-batch-v1"  # bump when the grid's drawing changes, so old grids are drawn again
 INCHES_PER_IMAGE = 3  # fastai show_batch: figsize from 3 inches per image
 MAX_VOCAB_SHOWN = 40
 
@@ -192,17 +197,56 @@ def show_training_batch(
     size: int,
     seed: int | None = None,
     augmentation: BatchAugmentation | None = None,
+    cache_dir: Path | None = None,
 ) -> Path:
     """Draw one shuffled training batch of up to nine images with their class names, as the model would see it.
 
     With an augmentation the batch goes through its training path (fastai's show_batch shows augmented batches);
-    without one it shows the random presize crops alone.
+    without one it shows the random presize crops alone. With a cache_dir, a grid drawn before from the same images,
+    labels and settings is copied instead of drawn again (drawing is most of a warm data stage's time).
     """
     train = split.manifest[split.manifest["split"] == "train"]
+    if cache_dir is None:
+        return _draw_training_batch(train, split.vocab, out_path, size=size, seed=seed, augmentation=augmentation)
+    cached = Path(cache_dir) / SHOW_BATCH_CACHE / f"{_grid_key(train, split.vocab, size, seed, augmentation)}.png"
+    if cached.is_file():
+        out_path = Path(out_path)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cached, out_path)
+        return out_path
+    drawn = _draw_training_batch(train, split.vocab, out_path, size=size, seed=seed, augmentation=augmentation)
+    write_atomically(cached, lambda temporary: shutil.copyfile(drawn, temporary))
+    return drawn
+
+
+def _grid_key(
+    train: pd.DataFrame, vocab: Sequence[str], size: int, seed: int | None, augmentation: BatchAugmentation | None
+) -> str:
+    """Digest of everything the grid depends on: the images (by content digest), labels, order and settings."""
+    described = {
+        "images": train["presized_path"].astype(str).tolist(),  # content-addressed: the path names the bytes
+        "targets": train["target"].astype(int).tolist(),
+        "vocab": list(vocab),
+        "size": size,
+        "seed": seed,
+        "augmentation": repr(augmentation),
+    }
+    return hashlib.sha256(json.dumps(described).encode()).hexdigest()
+
+
+def _draw_training_batch(
+    train: pd.DataFrame,
+    vocab: Sequence[str],
+    out_path: Path,
+    *,
+    size: int,
+    seed: int | None,
+    augmentation: BatchAugmentation | None,
+) -> Path:
     batch_size = min(SHOW_BATCH_MAX, len(train))
     loader = make_loader(train, size=size, train=True, batch_size=batch_size, workers=0, seed=seed)
     images, targets = next(iter(loader))
     if augmentation is not None:
         generator = torch.Generator().manual_seed(0 if seed is None else seed)
         images = augmentation.decode(augmentation(images, train=True, generator=generator))
-    return show_batch(images, [split.vocab[t] for t in targets.tolist()], out_path)
+    return show_batch(images, [vocab[t] for t in targets.tolist()], out_path)

@@ -42,7 +42,7 @@ from lib.interpret import (
     top_loss_titles,
     top_losses,
 )
-from lib.loading import epoch_seed, make_loaders
+from lib.loading import default_workers, epoch_seed, make_loaders
 from lib.lr_finder import DivergenceCheck, LRFinderResult, SmoothedLoss, suggest
 from lib.model import create_model, freeze_to, no_weight_decay, parameter_groups
 from lib.precision import Precision, resolve_precision, use_channels_last
@@ -54,6 +54,9 @@ DEFAULT_WEIGHT_DECAY = 0.01  # fastai Adam wd, decoupled (AdamW)
 SQR_MOM = 0.99  # fastai Adam sqr_mom = AdamW beta2
 ADAM_EPS = 1e-5  # fastai Adam eps (torch's default is 1e-8)
 MIN_LR_FIND_ITERATIONS = 6  # fastai LRFinder raises num_it to at least 6
+# Training losses stay on the device and are read back this many batches at a time: one host-device sync per chunk
+# instead of one per batch (`.item()`), which stalls a GPU's queue. A non-finite loss is still caught within a chunk.
+LOSS_READBACK_BATCHES = 8
 
 EpochCallback = Callable[["EpochStats"], None]
 
@@ -94,11 +97,15 @@ def resolve_device(device: torch.device | str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def make_optimizer(model: nn.Module, *, weight_decay: float = DEFAULT_WEIGHT_DECAY) -> torch.optim.AdamW:
+def make_optimizer(
+    model: nn.Module, *, weight_decay: float = DEFAULT_WEIGHT_DECAY, fused: bool = False
+) -> torch.optim.AdamW:
     """Build AdamW over the model's parameter groups; norm parameters and biases get no weight decay.
 
     fastai's Adam (decoupled wd, eps 1e-5, beta2 0.99) gives the same updates as AdamW with these settings
     (fastai-recipe.md §3, measured). Each fastai group becomes two torch groups, tagged with its `layer_group`.
+    `fused` runs the step as one kernel; on CUDA it also lets GradScaler skip inf/NaN steps on the device, without
+    the host sync its unfused path needs (torch.amp.GradScaler.step).
     """
     exempt = no_weight_decay(model)
     torch_groups = []
@@ -109,7 +116,9 @@ def make_optimizer(model: nn.Module, *, weight_decay: float = DEFAULT_WEIGHT_DEC
                 torch_groups.append(
                     {"params": chosen, "layer_group": index, "weight_decay": weight_decay if decays else 0.0}
                 )
-    return torch.optim.AdamW(torch_groups, lr=DEFAULT_LR, betas=(DEFAULT_MOMS[0], SQR_MOM), eps=ADAM_EPS)
+    return torch.optim.AdamW(
+        torch_groups, lr=DEFAULT_LR, betas=(DEFAULT_MOMS[0], SQR_MOM), eps=ADAM_EPS, fused=fused or None
+    )
 
 
 class Trainer:
@@ -132,12 +141,17 @@ class Trainer:
         checkpoint_dir: Path | None = None,
         on_epoch_end: EpochCallback | None = None,
         progress: bool = True,
+        compile: bool = False,
     ):
         self.device = resolve_device(device)
         self.precision: Precision = resolve_precision(precision, self.device)
         self.channels_last = use_channels_last(self.device, channels_last)
         memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         self.model = model.to(self.device, memory_format=memory_format)
+        # torch.compile pays only when its minute of compiling is amortised: off by default (BENCHMARKS.md). The
+        # compiled module shares the parameters, so checkpoints and exports keep using `self.model`.
+        self.compiled = compile
+        self.forward = torch.compile(self.model) if compile else self.model
         self.train_loader, self.valid_loader = train_loader, valid_loader
         self.vocab = tuple(vocab)
         self.augmentation = augmentation or aug_transforms()
@@ -147,7 +161,7 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.on_epoch_end = on_epoch_end
         self.progress = progress
-        self.optimizer = make_optimizer(self.model, weight_decay=weight_decay)
+        self.optimizer = make_optimizer(self.model, weight_decay=weight_decay, fused=self.device.type == "cuda")
         self.n_groups = len(parameter_groups(self.model))
         self.loss_function = nn.CrossEntropyLoss()  # fastai CrossEntropyLossFlat: mean, no smoothing
         self.history: list[EpochStats] = []
@@ -306,34 +320,38 @@ class Trainer:
         self.model.train()  # frozen BatchNorm layers keep updating their statistics, as in fastai
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epochs_run))
         batches = self._epoch_batches(self.train_loader, desc=f"{phase.name} {epoch + 1}/{phase.epochs}")
-        total, images, lr = 0.0, 0, 0.0
+        losses = LossReadback(smoother, self.smoothed_losses)
+        images, lrs = 0, [0.0]
         for batch, (inputs, targets) in enumerate(batches):
             step = epoch * len(self.train_loader) + batch
             lrs, momentum = schedule.at(step)
             self._set_hyperparameters(lrs, momentum)
-            loss = self._train_step(inputs, targets, scaler, generator)
-            if not math.isfinite(loss):
-                raise self._non_finite(loss, phase, epoch, batch, lrs)
-            self.smoothed_losses.append(smoother.update(loss))
-            batches.set_postfix(loss=f"{smoother.value:.4f}", refresh=False)
-            total, images, lr = total + loss, images + len(targets), lrs[-1]
-        return total / max(1, len(self.train_loader)), lr, images
+            losses.add(self._train_step(inputs, targets, scaler, generator), lrs)
+            images += len(targets)
+            if losses.due() or batch == len(self.train_loader) - 1:
+                self._read_losses(losses, phase, epoch, batch)
+                batches.set_postfix(loss=f"{smoother.value:.4f}", refresh=False)
+        return losses.total / max(1, len(self.train_loader)), lrs[-1], images
+
+    def _read_losses(self, losses: LossReadback, phase: Phase, epoch: int, batch: int) -> None:
+        non_finite = losses.read()
+        if non_finite is not None:
+            value, back, lrs = non_finite
+            raise self._non_finite(value, phase, epoch, batch - back, lrs)
 
     def _train_step(
         self, inputs: torch.Tensor, targets: torch.Tensor, scaler: torch.amp.GradScaler, generator: torch.Generator
-    ) -> float:
+    ) -> torch.Tensor:
+        """Run one optimizer step; return the batch's loss as a detached tensor, still on the device."""
         inputs, targets = self._to_device(inputs, targets, train=True, generator=generator)
         with self.precision.autocast():
-            logits = self.model(inputs)
+            logits = self.forward(inputs)
         loss = self.loss_function(logits.float(), targets)  # fastai casts predictions to fp32 before the loss
-        value = loss.item()
-        if not math.isfinite(value):
-            return value
         scaler.scale(loss).backward()
         scaler.step(self.optimizer)  # skipped when the unscaled fp16 gradients hold inf/NaN
         scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return value
+        return loss.detach()
 
     def _set_hyperparameters(self, lrs: Sequence[float], momentum: float) -> None:
         for group in self.optimizer.param_groups:
@@ -380,7 +398,7 @@ class Trainer:
         for inputs, targets in self._epoch_batches(loader, desc="valid"):
             inputs, targets = self._to_device(inputs, targets, train=False)
             with self.precision.autocast():
-                logits = self.model(inputs)
+                logits = self.forward(inputs)
             yield logits.float(), targets
 
     def validate(self, loader: DataLoader | None = None) -> tuple[float, float]:
@@ -515,7 +533,8 @@ class Trainer:
         for step, (inputs, targets) in enumerate(self._cycle(self.train_loader, num_it)):
             lr = lr_finder_lr(step, start_lr=start_lr, end_lr=end_lr, num_it=num_it)
             self._set_hyperparameters([lr] * self.n_groups, momentum)
-            loss = self._train_step(inputs, targets, scaler, generator)
+            # The sweep decides after every batch whether to stop, so it reads each loss back at once.
+            loss = self._train_step(inputs, targets, scaler, generator).item()
             smoothed = smoother.update(loss)
             lrs.append(lr)
             losses.append(smoothed)
@@ -536,6 +555,37 @@ class Trainer:
                         break
         finally:
             bar.close()
+
+
+class LossReadback:
+    """Training losses kept on the device and read back in chunks: the smoother and the epoch's sum see every value.
+
+    `read()` returns (value, batches before the chunk's end, head LRs) of the first non-finite loss, if any.
+    """
+
+    def __init__(self, smoother: SmoothedLoss, smoothed: list[float], every: int = LOSS_READBACK_BATCHES):
+        self.smoother, self.smoothed, self.every = smoother, smoothed, every
+        self.pending: list[torch.Tensor] = []
+        self.pending_lrs: list[Sequence[float]] = []
+        self.total = 0.0
+
+    def add(self, loss: torch.Tensor, lrs: Sequence[float]) -> None:
+        self.pending.append(loss)
+        self.pending_lrs.append(lrs)
+
+    def due(self) -> bool:
+        return len(self.pending) >= self.every
+
+    def read(self) -> tuple[float, int, Sequence[float]] | None:
+        values = torch.stack(self.pending).tolist()  # the one host-device sync of the chunk
+        lrs, count = self.pending_lrs, len(values)
+        self.pending, self.pending_lrs = [], []
+        for index, value in enumerate(values):
+            if not math.isfinite(value):
+                return value, count - 1 - index, lrs[index]
+            self.smoothed.append(self.smoother.update(value))
+            self.total += value
+        return None
 
 
 def best_epoch(history: Sequence[EpochStats], *, phase: str = "unfrozen") -> int:
@@ -594,6 +644,7 @@ def vision_trainer(
     """Build fastai's `vision_learner` equivalent over a presized split manifest; pretrained models start frozen."""
     check_presize(manifest, presize)
     device = resolve_device(trainer_settings.pop("device", None))
+    workers = default_workers(device) if workers is None else workers
     train_loader, valid_loader = make_loaders(
         manifest, size=presize, batch_size=batch_size, workers=workers, seed=seed, pin_memory=device.type == "cuda"
     )

@@ -16,6 +16,7 @@ from prefect.tasks import exponential_backoff
 
 from lib import cleaning, download, labelling, presize, splitting, summary, synthetic
 from lib.augment import AugmentSettings, aug_transforms
+from lib.digests import DIGESTS_FILE, FileDigests
 
 MANIFEST_FILE = "manifest.csv"
 UNMATCHED_FILE = "unmatched.txt"
@@ -92,7 +93,8 @@ def clean_images(manifest_path: str, cache_dir: str, size: int) -> dict:
     Each image that decodes is presized into the shared cache while it is in memory, so no original is decoded twice.
     """
     cache = presize.PresizeCache(Path(cache_dir), size)
-    result = cleaning.clean_images(pd.read_csv(manifest_path), presize_cache=cache)
+    digests = FileDigests(Path(cache_dir) / DIGESTS_FILE)  # a warm re-run stats the originals instead of hashing
+    result = cleaning.clean_images(pd.read_csv(manifest_path), presize_cache=cache, digests=digests)
     out = Path(manifest_path).parent
     cleaned_path = out / "cleaned.csv"
     result.kept.to_csv(cleaned_path, index=False)
@@ -145,8 +147,9 @@ def summarize_data(
     found: int,
     unmatched: int,
     seed: int | None,
+    cache_dir: str | None = None,
 ) -> dict:
-    """Write the DataBlock.summary analogue and a show_batch grid beside the manifest."""
+    """Write the DataBlock.summary analogue and a show_batch grid beside the manifest (drawn once per cache)."""
     out = Path(manifest_path).parent
     split = _read_split(manifest_path, vocab_path)
     excluded_path = out / cleaning.EXCLUDED_NAME
@@ -166,7 +169,12 @@ def summarize_data(
     # Shown as training will see it: fastai's aug_transforms at the book's 224 px (never above the presize).
     augmentation = aug_transforms(min(AugmentSettings().size, size))
     grid_path = summary.show_training_batch(
-        split, out / "show_batch.png", size=size, seed=seed, augmentation=augmentation
+        split,
+        out / "show_batch.png",
+        size=size,
+        seed=seed,
+        augmentation=augmentation,
+        cache_dir=Path(cache_dir) if cache_dir else None,
     )
     return {"summary": str(summary_path), "show_batch": str(grid_path)}
 

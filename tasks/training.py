@@ -41,6 +41,7 @@ def recipe_settings(
     fp16: bool,
     device: str | None,
     workers: int | None = None,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Collect the settings every training stage shares into the small dict tasks pass around."""
     return {
@@ -54,6 +55,7 @@ def recipe_settings(
         "precision": "fp16" if fp16 else "fp32",
         "device": device,
         "workers": workers,
+        "compile": compile,
     }
 
 
@@ -83,6 +85,7 @@ def build_trainer(
             min_scale=recipe["min_scale"],
             batch_size=recipe["batch_size"],
             workers=recipe["workers"],
+            compile=recipe.get("compile", False),
             seed=seed,
             device=recipe["device"],
             precision=recipe["precision"],

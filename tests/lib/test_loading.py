@@ -100,3 +100,13 @@ def test_images_presized_for_another_size_are_refused(presized):
     loader = make_loader(presized[presized["split"] == "valid"], size=SIZE * 4, train=False, batch_size=2, workers=0)
     with pytest.raises(ValueError, match="presized for another size"):
         next(iter(loader))
+
+
+def test_default_workers_leave_the_cores_to_a_cpu_model_and_feed_a_gpu(monkeypatch):
+    from lib import loading
+
+    monkeypatch.setattr(loading.os, "sched_getaffinity", lambda pid: set(range(2)))
+    assert loading.default_workers("cpu") == 0 and loading.default_workers("cuda") == 2
+    monkeypatch.setattr(loading.os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert loading.default_workers("cpu") == 64 // loading.CPU_CORES_PER_WORKER
+    assert loading.default_workers("cuda") == loading.MAX_DEFAULT_WORKERS  # fastai's min(16, cpus)

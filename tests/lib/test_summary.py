@@ -101,3 +101,23 @@ def test_show_batch_honours_rows_and_columns(tmp_path):
     with Image.open(path) as grid, Image.open(untitled) as blank:
         assert grid.size == (3 * 3 * 72, 1 * 3 * 72)
         assert grid.tobytes() != blank.tobytes()  # the titles are drawn
+
+
+def test_show_batch_grid_is_drawn_once_per_cache_and_again_when_its_inputs_change(split, tmp_path, monkeypatch):
+    from lib import summary
+
+    drawn = []
+    real = summary._draw_training_batch
+    monkeypatch.setattr(summary, "_draw_training_batch", lambda *a, **k: drawn.append(1) or real(*a, **k))
+    augmentation = aug_transforms(24)
+    first = show_training_batch(
+        split, tmp_path / "one.png", size=PRESIZE, seed=1, augmentation=augmentation, cache_dir=tmp_path
+    )
+    again = show_training_batch(
+        split, tmp_path / "two.png", size=PRESIZE, seed=1, augmentation=augmentation, cache_dir=tmp_path
+    )
+    assert len(drawn) == 1 and again.read_bytes() == first.read_bytes()
+    show_training_batch(
+        split, tmp_path / "three.png", size=PRESIZE, seed=2, augmentation=augmentation, cache_dir=tmp_path
+    )
+    assert len(drawn) == 2  # another seed shows another batch

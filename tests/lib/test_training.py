@@ -1,4 +1,6 @@
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -257,3 +259,52 @@ def test_best_epoch_counts_unfrozen_epochs_up_to_the_lowest_error_with_ties_brok
     assert best_epoch(tied) == 2
     with pytest.raises(ValueError, match="no 'unfrozen' epochs"):
         best_epoch(frozen)
+
+
+def test_training_reads_losses_back_in_chunks_not_once_per_batch(pets, monkeypatch):
+    trainer = build(pets)
+    calls = {"item": 0}
+    real_item = torch.Tensor.item
+    project = str(Path(__file__).resolve().parents[2] / "lib")
+
+    def counting_item(self):
+        if sys._getframe(1).f_code.co_filename.startswith(project):  # torch's own CPU AdamW reads its step count
+            calls["item"] += 1
+        return real_item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    row = trainer.fit_one_cycle(1, 1e-3)[0]
+    assert len(trainer.train_loader) > 2
+    assert calls["item"] == 2  # the validation loss and accuracy, once an epoch; no `.item()` per training batch
+    assert len(trainer.smoothed_losses) == len(trainer.train_loader)  # every loss still reached the smoother
+    assert math.isfinite(row.train_loss) and row.train_loss_mean > 0
+
+
+def test_a_non_finite_loss_is_reported_at_its_own_batch_even_when_read_back_later():
+    from lib.lr_finder import SmoothedLoss
+    from lib.training import LossReadback
+
+    smoothed = []
+    losses = LossReadback(SmoothedLoss(), smoothed, every=8)
+    for value, lrs in ((1.0, [0.1]), (2.0, [0.2]), (float("nan"), [0.3]), (3.0, [0.4])):
+        losses.add(torch.tensor(value), lrs)
+    value, batches_before_end, lrs = losses.read()
+    assert math.isnan(value) and batches_before_end == 1 and lrs == [0.3]
+    assert len(smoothed) == 2 and losses.total == 3.0
+
+
+def test_the_compile_switch_compiles_the_model_and_changes_no_result(pets, monkeypatch):
+    compiled = []
+    real_compile = torch.compile
+
+    def eager_compile(model, **options):  # the eager backend: dynamo's tracing without a minute of codegen
+        compiled.append(model)
+        return real_compile(model, backend="eager", **options)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    plain = build(pets).fit_one_cycle(1, 1e-3)[0]
+    trainer = build(pets, compile=True)
+    assert compiled == [trainer.model] and trainer.compiled
+    fast = trainer.fit_one_cycle(1, 1e-3)[0]
+    assert fast.valid_loss == pytest.approx(plain.valid_loss, rel=1e-4)
+    assert fast.train_loss == pytest.approx(plain.train_loss, rel=1e-4)

@@ -1,0 +1,77 @@
+"""The benchmarks run end to end on tiny settings and print one JSON line whose figures agree with each other.
+
+These check that `make bench` works and reports what BENCHMARKS.md says; the speed targets themselves are met (or
+not) by the benchmarks on full settings, never by timed unit tests.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--breeds", "2", "--per-breed", "12", "--size", "32", "--presize", "48", "--bs", "4"]
+
+
+def run_bench(module: str, *arguments: str, data_dir: Path, timeout: int = 300) -> dict:
+    environment = {**os.environ, "PETS_BENCH_DIR": str(data_dir), "DO_NOT_TRACK": "1"}
+    environment.pop("PREFECT_API_URL", None)
+    done = subprocess.run(
+        [sys.executable, "-m", f"bench.{module}", *arguments],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1, f"stdout must hold one JSON line, got: {done.stdout[-2000:]}"
+    record = json.loads(lines[0])
+    assert record["benchmark"] == module and record["machine"]["cpus"] >= 1
+    assert record["met"] == all(record["targets"].values())
+    return record
+
+
+def test_train_throughput_reports_the_ratio_of_its_own_medians(tmp_path):
+    record = run_bench("train_throughput", *TINY, "--repeats", "1", data_dir=tmp_path)
+    ratio = record["project_images_per_second"] / record["model_only_channels_last_images_per_second"]
+    assert record["ratio_to_model_only"] == pytest.approx(ratio, rel=0.01)
+    assert record["batches_per_epoch"] == 20 // 4  # 24 images, int(0.2 * 24) = 4 held out, drop_last batches of 4
+    assert record["targets"] == {"ratio_at_least_0.85": record["ratio_to_model_only"] >= 0.85}
+
+
+def test_data_pipeline_compares_the_warm_loader_with_the_model(tmp_path):
+    record = run_bench("data_pipeline", *TINY, "--epochs", "1", data_dir=tmp_path)
+    assert record["images"] == 24 and record["workers"] == 0  # two CPUs: no loader workers on the CPU
+    assert record["warm_to_model"] == pytest.approx(
+        record["warm_images_per_second"] / record["model_images_per_second"], rel=0.01
+    )
+    assert record["cold_presize_images_per_second"] > 0
+
+
+def test_memory_records_rss_after_every_epoch(tmp_path):
+    record = run_bench("memory", *TINY, "--epochs", "3", data_dir=tmp_path)
+    after = record["rss_after_epoch_mb"]
+    assert len(after) == 3 and record["peak_rss_mb"] >= max(after) - 1
+    assert record["growth_after_first_epoch_mb"] == pytest.approx(after[-1] - after[0], abs=0.2)
+
+
+def test_warm_rerun_fetches_and_decodes_nothing_the_second_time(tmp_path):
+    record = run_bench("warm_rerun", "--breeds", "2", "--per-breed", "6", "--presize", "48", data_dir=tmp_path)
+    assert record["images"] == 12 and record["http_requests"] == 1
+    assert record["cold_decoded"] == 12 and record["warm_decoded"] == 0 and record["warm_presized"] == 0
+    assert record["warm_data_stages_seconds"] <= record["warm_flow_seconds"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fastai") is None, reason="fastai is the optional `bench` extra")
+def test_vs_fastai_runs_both_sides_on_the_same_images(tmp_path):
+    record = run_bench("vs_fastai", "--quick", data_dir=tmp_path)
+    assert record["train_speedup"] == pytest.approx(
+        record["project_train_images_per_second"] / record["fastai_train_images_per_second"], rel=0.01
+    )
+    assert record["fastai_version"] == "2.8.12"
