@@ -74,7 +74,11 @@ def _precision_for(requested: str, device_type: str) -> Precision:
 
 
 def use_channels_last(device: torch.device | str, requested: bool | None = None) -> bool:
-    """Return whether to use channels_last: by default on CUDA, where cuDNN's tensor-core convolutions prefer it."""
+    """Return whether to use channels_last: by default on CUDA and on the CPU.
+
+    cuDNN's tensor-core convolutions prefer it, and so do oneDNN's on the CPU: resnet18/34/50 trained 13-17% faster
+    with it on a 2-core EPYC (BENCHMARKS.md). MPS keeps the contiguous layout.
+    """
     if requested is not None:
         return requested
-    return torch.device(device).type == "cuda"
+    return torch.device(device).type in ("cuda", "cpu")

@@ -28,9 +28,9 @@ def test_fp32_is_plain_and_unknown_precisions_are_refused():
         resolve_precision("half", "cpu")
 
 
-def test_channels_last_defaults_to_cuda_only_unless_asked():
-    assert use_channels_last("cuda") and not use_channels_last("cpu")
-    assert use_channels_last("cpu", True) and not use_channels_last("cuda", False)
+def test_channels_last_is_the_default_on_cuda_and_cpu_unless_asked_otherwise():
+    assert use_channels_last("cuda") and use_channels_last("cpu") and not use_channels_last("mps")
+    assert use_channels_last("mps", True) and not use_channels_last("cpu", False)
 
 
 @pytest.mark.cuda
