@@ -21,7 +21,10 @@ from lib.recipe import CPU_CORES_PER_WORKER, DEFAULT_BATCH_SIZE, MAX_DEFAULT_WOR
 
 # fastai DataLoaders defaults (fastai-recipe.md §1.4): bs=64, val_bs=bs, shuffle+drop_last on train only.
 
-CropRequest = tuple[int, float, float]  # (item index, fraction along x, fraction along y)
+CropRequest = tuple[int, float, float]
+# At most this share of the machine's memory holds decoded training and validation images (Pets at 460 px takes
+# ~6 GB decoded, so it stays on disk on machines under ~30 GB; a bench set of 400 images at 256 px takes ~100 MB).
+DECODED_MEMORY_FRACTION = 0.2  # (item index, fraction along x, fraction along y)
 
 
 def default_workers(device: torch.device | str | None = None) -> int:
@@ -51,29 +54,46 @@ def square_crop(image: Image.Image, size: int, fraction_x: float, fraction_y: fl
 
 
 class PresizedImages(Dataset):
-    """Square crops of presized images, as uint8 CxSxS tensors, with their integer targets."""
+    """Square crops of presized images, as uint8 CxSxS tensors, with their integer targets.
 
-    def __init__(self, paths: Sequence[str], targets: Sequence[int], size: int):
+    With `keep_decoded`, each image is decoded once and kept in memory as uint8, so later epochs only crop: decoding
+    was the largest cost of a CPU training epoch outside the model (BENCHMARKS.md). Loaders turn it on only when the
+    decoded set fits their memory budget and no worker process would hold a copy of its own.
+    """
+
+    def __init__(self, paths: Sequence[str], targets: Sequence[int], size: int, *, keep_decoded: bool = False):
         if len(paths) != len(targets):
             raise ValueError(f"{len(paths)} paths but {len(targets)} targets")
         self.paths = list(paths)
         self.targets = [int(t) for t in targets]
         self.size = size
+        self.decoded: dict[int, torch.Tensor] | None = {} if keep_decoded else None
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, request: CropRequest) -> tuple[torch.Tensor, int]:
-        index, fraction_x, fraction_y = request
+    def pixels(self, index: int) -> torch.Tensor:
+        """Return the whole presized image as uint8 CxHxW (from memory when it was decoded before)."""
+        if self.decoded is not None and index in self.decoded:
+            return self.decoded[index]
         with Image.open(self.paths[index]) as cached:
-            image = cached.convert("RGB")
-        width, height = image.size
+            pixels = pil_to_tensor(cached.convert("RGB"))
+        height, width = pixels.shape[1:]
         if min(height, width) < self.size:
             raise ValueError(
                 f"{self.paths[index]} is {width}x{height}, smaller than the {self.size}px crop: it was presized for "
                 "another size. Re-run the presize stage with the same --presize."
             )
-        return pil_to_tensor(square_crop(image, self.size, fraction_x, fraction_y)), self.targets[index]
+        if self.decoded is not None:
+            self.decoded[index] = pixels
+        return pixels
+
+    def __getitem__(self, request: CropRequest) -> tuple[torch.Tensor, int]:
+        index, fraction_x, fraction_y = request
+        pixels = self.pixels(index)
+        height, width = pixels.shape[1:]
+        left, top = crop_offset(width, self.size, fraction_x), crop_offset(height, self.size, fraction_y)
+        return pixels[:, top : top + self.size, left : left + self.size], self.targets[index]
 
 
 class CropSampler(Sampler[CropRequest]):
@@ -106,6 +126,31 @@ class CropSampler(Sampler[CropRequest]):
         return iter([(i, fx, fy) for i, (fx, fy) in zip(order, fractions, strict=True)])
 
 
+def decoded_bytes(manifest: pd.DataFrame, presize: int) -> int | None:
+    """Estimate the memory the manifest's presized images take decoded (uint8 RGB), from the originals' sizes.
+
+    None when the manifest does not record them (`width` and `height` come from the cleaning stage).
+    """
+    if not {"width", "height"} <= set(manifest.columns):
+        return None
+    scale = presize / manifest[["width", "height"]].min(axis=1).clip(lower=1)
+    # presized_shape rounds each side and never goes below the presize; this estimate is within a pixel of it
+    width = (manifest["width"] * scale).round().clip(lower=presize)
+    height = (manifest["height"] * scale).round().clip(lower=presize)
+    return int((width * height * 3).sum())
+
+
+def keep_decoded_default(manifest: pd.DataFrame, presize: int, workers: int) -> bool:
+    """Keep decoded images in memory when there are no worker processes and they fit the memory budget."""
+    estimate = decoded_bytes(manifest, presize)
+    return workers == 0 and estimate is not None and estimate <= DECODED_MEMORY_FRACTION * physical_memory()
+
+
+def physical_memory() -> int:
+    """Bytes of physical memory of this machine."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """Derive a 63-bit seed for one epoch from a run's seed (tuple hashes of ints are stable across processes)."""
     return hash((seed, epoch)) & (2**63 - 1)
@@ -120,11 +165,12 @@ def make_loader(
     workers: int | None = None,
     seed: int | None = None,
     pin_memory: bool = False,
+    keep_decoded: bool | None = None,
 ) -> DataLoader:
     """Build a loader over manifest rows (needs `presized_path` and `target` columns).
 
     Training loaders shuffle and drop the last incomplete batch, as fastai's do. `workers` defaults to
-    `default_workers()` for the default device.
+    `default_workers()` for the default device; `keep_decoded` to `keep_decoded_default` (see PresizedImages).
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
@@ -133,8 +179,12 @@ def make_loader(
             f"The training set has {len(manifest)} images, fewer than one batch of {batch_size}: with drop_last "
             "there would be no batch at all. Lower --bs or add images."
         )
-    dataset = PresizedImages(manifest["presized_path"].tolist(), manifest["target"].tolist(), size)
     workers = default_workers() if workers is None else workers
+    if keep_decoded is None:
+        keep_decoded = keep_decoded_default(manifest, size, workers)
+    dataset = PresizedImages(
+        manifest["presized_path"].tolist(), manifest["target"].tolist(), size, keep_decoded=keep_decoded
+    )
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -159,7 +209,12 @@ def make_loaders(
 ) -> tuple[DataLoader, DataLoader]:
     """Build (train_loader, valid_loader) from a split manifest."""
     by_split = {name: manifest[manifest["split"] == name] for name in ("train", "valid")}
-    common = {"size": size, "batch_size": batch_size, "workers": workers, "pin_memory": pin_memory}
+    workers = default_workers() if workers is None else workers
+    keep_decoded = keep_decoded_default(manifest, size, workers)  # the budget covers both loaders together
+    common = {
+        "size": size, "batch_size": batch_size, "workers": workers, "pin_memory": pin_memory,
+        "keep_decoded": keep_decoded,
+    }  # fmt: skip
     return (
         make_loader(by_split["train"], train=True, seed=seed, **common),
         make_loader(by_split["valid"], train=False, seed=seed, **common),

@@ -110,3 +110,31 @@ def test_default_workers_leave_the_cores_to_a_cpu_model_and_feed_a_gpu(monkeypat
     monkeypatch.setattr(loading.os, "sched_getaffinity", lambda pid: set(range(64)))
     assert loading.default_workers("cpu") == 64 // loading.CPU_CORES_PER_WORKER
     assert loading.default_workers("cuda") == loading.MAX_DEFAULT_WORKERS  # fastai's min(16, cpus)
+
+
+def test_kept_decoded_images_give_the_same_batches_and_are_not_opened_again(presized, monkeypatch):
+    from lib import loading
+
+    train = presized[presized["split"] == "train"]
+    from_disk = make_loader(train, size=SIZE, train=True, batch_size=3, workers=0, seed=1, keep_decoded=False)
+    in_memory = make_loader(train, size=SIZE, train=True, batch_size=3, workers=0, seed=1, keep_decoded=True)
+    opened = []
+    real_open = loading.Image.open
+    monkeypatch.setattr(loading.Image, "open", lambda path: opened.append(path) or real_open(path))
+    for _ in range(2):  # two epochs: other orders and crops, the same pixels
+        for (a, ta), (b, tb) in zip(from_disk, in_memory, strict=True):
+            assert torch.equal(a, b) and torch.equal(ta, tb)
+    assert len(opened) == 2 * len(train) + len(train)  # from disk: every epoch; in memory: the first epoch only
+
+
+def test_images_are_kept_decoded_only_without_workers_and_within_the_memory_budget(presized, monkeypatch):
+    from lib import loading
+
+    sized = presized.assign(width=60, height=40)  # every original 60x40: 48x32 at presize 32
+    assert loading.decoded_bytes(sized, SIZE) == len(sized) * 48 * 32 * 3
+    assert loading.decoded_bytes(presized, SIZE) is None  # no sizes recorded: no estimate
+    assert loading.keep_decoded_default(sized, SIZE, workers=0)
+    assert not loading.keep_decoded_default(sized, SIZE, workers=2)  # each worker would hold its own copy
+    assert not loading.keep_decoded_default(presized, SIZE, workers=0)
+    monkeypatch.setattr(loading, "physical_memory", lambda: 4 * len(sized) * 48 * 32 * 3)
+    assert not loading.keep_decoded_default(sized, SIZE, workers=0)  # 20% of that is under the estimate
