@@ -15,6 +15,7 @@ model-only loop does no validation; the whole epoch's rate, validation included,
 from __future__ import annotations
 
 import statistics
+import time
 
 from bench.common import (
     alternate,
@@ -45,7 +46,9 @@ def main(argv: list[str] | None = None) -> dict:
         progress=False, compile=args.compile,
     )  # fmt: skip
     batches = len(trainer.train_loader)
+    started = time.perf_counter()
     trainer.fit_one_cycle(1, 1e-3)  # warm-up: worker start, allocator, oneDNN/cuDNN kernel choice, compiling
+    warmup_seconds = time.perf_counter() - started
     epochs = []
 
     def project_epoch() -> float:
@@ -76,6 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         "compiled": args.compile,
         "workers": trainer.train_loader.num_workers,
         "batches_per_epoch": batches,
+        "warmup_epoch_seconds": warmup_seconds,  # with --compile, mostly compiling
         "repeats": args.repeats,
         "project_images_per_second": medians["project"],
         "project_epoch_images_per_second": statistics.median(batches * args.bs / row.seconds for row in epochs),

@@ -55,6 +55,7 @@ from lib.training import Trainer, vision_trainer
 
 BASE_LR = 2e-3  # fine_tune's default base_lr, passed explicitly on both sides
 FREEZE_EPOCHS = 1  # fine_tune's default
+BOOK_BASELINE_EPOCHS = 2  # fastbook ch. 5's first model: learn.fine_tune(2)
 MIN_SCALE = 0.75  # fastbook ch. 5: aug_transforms(size=224, min_scale=0.75)
 SEED = 0
 TARGET_SPEEDUP = 1.5
@@ -79,7 +80,12 @@ QUICK_SETTINGS = {
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the options; --quick swaps in small defaults, and flags given explicitly still override them."""
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=1, help="unfrozen epochs of fine_tune (after 1 frozen epoch)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=BOOK_BASELINE_EPOCHS,
+        help="unfrozen epochs of fine_tune, after 1 frozen epoch (default: the book's first model, fine_tune(2))",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="alternated rounds per measure (medians reported)")
     parser.add_argument(
         "--lr-find-iterations", type=int, default=20, help=f"LR-finder iterations (at least {LEAST_LR_FIND_ITERATIONS})"
