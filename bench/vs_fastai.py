@@ -59,9 +59,8 @@ BOOK_BASELINE_EPOCHS = 2  # fastbook ch. 5's first model: learn.fine_tune(2)
 MIN_SCALE = 0.75  # fastbook ch. 5: aug_transforms(size=224, min_scale=0.75)
 SEED = 0
 TARGET_SPEEDUP = 1.5
-# The project's lr_find keeps lrs[N//10:-5] for its suggestion, as fastai does, but raises below 2 points where fastai
-# still suggests from 1: 7 is the smallest N both finish. Both raise any N below 6 to 6 (MIN_LR_FIND_ITERATIONS).
-LEAST_LR_FIND_ITERATIONS = 7
+# Both finders raise any N below 6 to 6 (lib.training.MIN_LR_FIND_ITERATIONS), so a smaller N would not run N.
+LEAST_LR_FIND_ITERATIONS = 6
 FASTAI_MISSING = "fastai is an optional benchmark dependency: pip install -e '.[bench]'"
 # --quick: a smoke test in well under a minute of training. Explicit flags still win over these.
 QUICK_SETTINGS = {
@@ -96,7 +95,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.set_defaults(**QUICK_SETTINGS)
     args = parser.parse_args(argv)
     if args.lr_find_iterations < LEAST_LR_FIND_ITERATIONS:
-        # Below 6 both sides silently run 6; at 6 the project's finder has too few points left to suggest from.
+        # Below 6 both sides silently run 6: the iteration counts would not be the ones asked for.
         parser.error(f"--lr-find-iterations must be at least {LEAST_LR_FIND_ITERATIONS}, so both LR finders finish")
     if args.epochs < 1 or args.repeats < 1:
         parser.error("--epochs and --repeats must be at least 1")

@@ -14,7 +14,7 @@ from pydantic import Field
 
 from flows.data import data_stage
 from flows.defaults import DEFAULT_EXPERIMENT, DEFAULT_REGISTERED_MODEL
-from lib.download import PETS_URL
+from lib.download import PETS_URL, redact_url
 from lib.paths import default_output_dir
 from lib.recipe import (
     ARCHITECTURES,
@@ -97,7 +97,9 @@ def train(
     try:
         out_dir = str((Path(out_dir or default_output_dir() / "train") / run_id).resolve())  # one folder per run
         settings = {key: parameters[key] for key in TRACKED_PARAMETERS}
-        tracking.log_params(run_id, {**settings, "data_url": data_url or (None if data_dir else PETS_URL)})
+        # The URL as a param, but never a token it carries (signed URLs, user:password@host).
+        logged_url = redact_url(data_url or (None if data_dir else PETS_URL))
+        tracking.log_params(run_id, {**settings, "data_url": logged_url})
         data, recipe = _data_and_recipe(parameters, out_dir)
         _log_data(run_id, data)
         common = {"manifest_path": data["manifest"], "vocab_path": data["vocab"], "out_dir": out_dir, "recipe": recipe}
@@ -192,7 +194,7 @@ def _run_tags(arch: str, comparison: str | None) -> dict[str, str]:
 
 def _log_data(run_id: str, data: dict) -> None:
     """Log what the model was trained on: the labelled manifest as a dataset input, the reports, the counts."""
-    digest = tracking.log_dataset(run_id, data["manifest"], source=data["data_url"] or data["images_dir"])
+    digest = tracking.log_dataset(run_id, data["manifest"], source=redact_url(data["data_url"]) or data["images_dir"])
     tracking.log_params(
         run_id,
         {

@@ -145,10 +145,9 @@ def _check_image(
     if known is not None:  # these exact bytes decoded before, or the cache would not hold them
         verdict = _Verdict(sha256=sha256, **known.as_dict())
     else:
-        try:
-            verdict = _decode(path, data, sha256, max_pixels, presize_cache)
-        except Exception as error:  # every failure must become a row of the report, not stop the whole run
-            return _Verdict(reason=_reason_for(error), detail=str(error) or type(error).__name__, decoded=True)
+        verdict = _decode(path, data, sha256, max_pixels, presize_cache)
+        if verdict.reason is not None:
+            return verdict
     if digests is not None:
         facts = {key: getattr(verdict, key) for key in ("width", "height", "mode", "converted")}
         digests.remember(path, stamp, sha256, facts)
@@ -172,10 +171,18 @@ def _remembered(path: str, presize_cache: PresizeCache | None, digests: FileDige
 def _decode(
     path: str, data: bytes, sha256: str, max_pixels: int | None, presize_cache: PresizeCache | None
 ) -> _Verdict:
-    """Decode image bytes through images.open_rgb_with_facts, presize them if asked, and record the facts."""
+    """Decode image bytes through images.open_rgb_with_facts, presize them if asked, and record the facts.
+
+    A file that does not decode becomes a row of the report, never a stopped run. Writing the presize cache is
+    outside that: a full or read-only disk is the cache's fault, not the image's, and stops the stage with
+    `CacheWriteError` instead of excluding every image as broken.
+    """
     buffer = io.BytesIO(data)
     buffer.name = path  # open_rgb names the file in its errors
-    rgb, facts = images.open_rgb_with_facts(buffer, max_pixels=max_pixels)
+    try:
+        rgb, facts = images.open_rgb_with_facts(buffer, max_pixels=max_pixels)
+    except Exception as error:
+        return _Verdict(reason=_reason_for(error), detail=str(error) or type(error).__name__, decoded=True)
     if presize_cache is not None:
         presize_cache.store(sha256, rgb, facts)
     return _Verdict(sha256=sha256, decoded=True, **facts.as_dict())

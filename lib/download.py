@@ -17,10 +17,11 @@ import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 from urllib.request import url2pathname
 
 import httpx
+from filelock import FileLock
 from tqdm.auto import tqdm
 
 # fastai URLs.PETS, the archive fastbook chapter 5 downloads with untar_data.
@@ -55,6 +56,27 @@ class ChecksumMismatchError(DownloadError):
 
 class UnsafeArchiveError(ValueError):
     """An archive member would land outside the destination folder or is a link."""
+
+
+REDACTED = "<redacted>"
+
+
+def redact_url(url: str | None) -> str | None:
+    """Return the URL without what may be a secret: the password of its user info and its whole query string.
+
+    Signed URLs (S3, GCS, Azure SAS) carry their credentials in the query, and `https://user:token@host/` in the user
+    info. What stays (scheme, user, host, path) still says which archive a run used.
+    """
+    if not url:
+        return url
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        user_info, host = netloc.rsplit("@", 1)
+        user = user_info.split(":", 1)[0]
+        netloc = f"{user}:{REDACTED}@{host}" if ":" in user_info else f"{user}@{host}"
+    query = REDACTED if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 def download_archive(
@@ -120,10 +142,18 @@ def extract_archive(archive: Path, dest_dir: Path) -> Path:
 
 
 def fetch_dataset(url: str, cache_dir: Path, *, sha256: str | None = None, progress: bool = True) -> Path:
-    """Download and extract the archive at url and return the extracted folder."""
-    _archive_kind(Path(_file_name(url, _local_source(url))))  # fail before a long download, not after it
-    archive = download_archive(url, cache_dir, sha256=sha256, progress=progress)
-    return extract_archive(archive, Path(cache_dir) / "extracted" / _archive_stem(archive))
+    """Download and extract the archive at url and return the extracted folder.
+
+    Runs sharing a cache take turns per archive: the second one waits for the first, then finds the archive complete
+    and extracted, so it is transferred once and nobody reads a half-written `.part` file or staging folder.
+    """
+    name = _file_name(url, _local_source(url))
+    _archive_kind(Path(name))  # fail before a long download, not after it
+    lock = Path(cache_dir) / "downloads" / f".{name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(lock):
+        archive = download_archive(url, cache_dir, sha256=sha256, progress=progress)
+        return extract_archive(archive, Path(cache_dir) / "extracted" / _archive_stem(archive))
 
 
 def cached_archive_digest(url: str, cache_dir: Path) -> str | None:

@@ -193,10 +193,12 @@ def suggest(
     if unknown:
         raise ValueError(f"unknown suggestion method(s) {unknown}; choose from {sorted(SUGGESTION_METHODS)}")
     kept_lrs, kept_losses = trim_for_suggestions(lrs, losses, num_it)
-    if len(kept_losses) < 2:
+    # Each method says how many points it needs: valley and minimum suggest from one, as fastai's do (so the
+    # shortest sweep fastai allows, 6 iterations, works), steep needs two and slide sixteen.
+    if not kept_losses:
         raise ValueError(
-            f"only {len(kept_losses)} of {len(losses)} sweep points are left after dropping the first {num_it // 10}, "
-            f"the last {SKIP_END} and any from the first NaN on; run the LR finder for more iterations"
+            f"none of the {len(losses)} sweep points is left after dropping the first {num_it // 10}, the last "
+            f"{SKIP_END} and any from the first NaN on; run the LR finder for more iterations"
         )
     return {name: SUGGESTION_METHODS[name](kept_lrs, kept_losses) for name in methods}
 

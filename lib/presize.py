@@ -40,6 +40,10 @@ def presize_image(image: Image.Image, presize: int) -> Image.Image:
     return image.resize(presized_shape(*image.size, presize), Image.Resampling.BILINEAR)
 
 
+class CacheWriteError(RuntimeError):
+    """The presize cache could not be written: a disk or permission problem, not a problem of the image."""
+
+
 class PresizeCache:
     """Presized images and the facts about their originals, addressed by the sha256 of the original file."""
 
@@ -71,11 +75,22 @@ class PresizeCache:
         return os.path.isfile(stem + ".json") and os.path.isfile(stem + ".jpg")
 
     def store(self, sha256: str, image: Image.Image, facts: ImageFacts) -> Path:
-        """Presize an upright RGB image and cache it; the facts are written last, so they mark a complete entry."""
+        """Presize an upright RGB image and cache it; the facts are written last, so they mark a complete entry.
+
+        Raises:
+            CacheWriteError: The cache cannot be written (disk full, read-only, not a folder). Nothing partial is
+                left under an entry's name: each file is written beside it and renamed into place.
+        """
         resized = presize_image(image, self.presize)
         target = self.image_path(sha256)
-        write_atomically(target, lambda path: resized.save(path, format="JPEG", quality=CACHE_JPEG_QUALITY))
-        write_text_atomically(target.with_suffix(".json"), json.dumps(facts.as_dict()))
+        try:
+            write_atomically(target, lambda path: resized.save(path, format="JPEG", quality=CACHE_JPEG_QUALITY))
+            write_text_atomically(target.with_suffix(".json"), json.dumps(facts.as_dict()))
+        except OSError as error:
+            raise CacheWriteError(
+                f"Cannot write the presize cache at {self.folder}: {error}. Free space on that disk, or point "
+                "--cache-dir (or PETS_HOME) at a writable disk with room for the presized images."
+            ) from error
         return target
 
 

@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import httpx
 import numpy as np
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from lib.download import redact_url
 from lib.training import EpochStats
 
 # The repository's mlflow/ folder: sqlite store and artifacts, both git-ignored (MLflow 3.17 refuses ./mlruns).
@@ -37,7 +39,7 @@ MAX_BATCH = 1000  # MlflowClient.log_batch takes at most 1000 metrics per call (
 
 def tracking_uri() -> str:
     """Return $MLFLOW_TRACKING_URI, or the sqlite store in the repository's mlflow/ folder."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{MLFLOW_DIR / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or _default_uri()
 
 
 def artifact_location(uri: str) -> str | None:
@@ -50,6 +52,49 @@ def artifact_location(uri: str) -> str | None:
     return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
 
 
+STORE_CHECK_SECONDS = 5  # a tracking server that does not answer /health this fast is treated as down
+
+
+class TrackingStoreUnavailableError(RuntimeError):
+    """The MLflow tracking store cannot be reached or opened: raised before anything trains."""
+
+
+def check_tracking_store(uri: str | None = None) -> None:
+    """Fail within seconds, naming the URI, when the tracking store is down or cannot exist.
+
+    MLflow's own client retries an unreachable server with backoff for minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES),
+    and a sqlite URI in a missing folder fails only at the first write. Checked before any data or training step.
+    """
+    uri = uri or tracking_uri()
+    shown = redact_url(uri)
+    fix = (
+        "Start the tracking server, or set MLFLOW_TRACKING_URI to one that runs (unset it to use the local store "
+        f"{redact_url(_default_uri())})."
+    )
+    if uri.startswith(("http://", "https://")):
+        try:
+            response = httpx.get(uri.rstrip("/") + "/health", timeout=STORE_CHECK_SECONDS)
+        except httpx.HTTPError as error:
+            raise TrackingStoreUnavailableError(
+                f"The MLflow tracking server {shown} is not reachable ({type(error).__name__}: {error}). {fix}"
+            ) from None
+        if response.status_code != 200:
+            raise TrackingStoreUnavailableError(
+                f"The MLflow tracking server {shown} answered /health with HTTP {response.status_code}. {fix}"
+            )
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise TrackingStoreUnavailableError(
+                f"The MLflow tracking store {shown} cannot be opened: the folder {folder} does not exist or is not "
+                f"writable. Create it, or fix MLFLOW_TRACKING_URI. {fix}"
+            )
+
+
+def _default_uri() -> str:
+    return f"sqlite:///{MLFLOW_DIR / 'mlflow.db'}"
+
+
 def _client():
     import mlflow
 
@@ -59,6 +104,7 @@ def _client():
 def ensure_experiment(name: str) -> str:
     """Create the experiment with an explicit artifact location if it is missing; return its id."""
     uri = tracking_uri()
+    check_tracking_store(uri)
     client = _client()
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:

@@ -188,3 +188,39 @@ def test_download_task_is_cached_on_its_inputs_and_on_what_the_cache_holds(archi
     assert [state.name for state in states] == ["Completed", "Completed", "Cached"]
     assert after_delete.name == "Completed" and (cache / "extracted").is_dir()
     assert len({state.result() for state in [*states, after_delete]}) == 1
+
+
+def test_two_flow_runs_sharing_one_cache_at_the_same_time_both_finish_and_leave_it_valid(archive, tmp_path):
+    import os
+
+    from prefect.settings import PREFECT_API_URL
+
+    from lib.presize import PresizeCache
+
+    cache = tmp_path / "cache"
+    with serve_directory(archive.parent) as server:
+        server.delay_seconds = 1.0  # both runs are inside the download step at the same time
+        environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}  # the test's Prefect server
+        command = [sys.executable, "-m", "flows", "summary", "--data-url", server.url(archive.name)]
+        command += ["--presize", str(PRESIZE), "--cache-dir", str(cache)]
+        runs = [
+            subprocess.Popen([*command, "--out-dir", str(tmp_path / name)], env=environment, stderr=subprocess.PIPE)
+            for name in ("one", "two")
+        ]
+        try:
+            errors = [run.communicate(timeout=240)[1].decode(errors="replace") for run in runs]
+        finally:
+            for run in runs:
+                run.kill()  # no-op for finished ones; never leave one behind
+        assert [run.returncode for run in runs] == [0, 0], "\n".join(error[-2000:] for error in errors)
+        assert server.requests == 1  # one transfer: the other run waited and reused it
+
+    manifests = [pd.read_csv(tmp_path / name / "presized.csv") for name in ("one", "two")]
+    pd.testing.assert_frame_equal(manifests[0], manifests[1])
+    presize_cache = PresizeCache(cache, PRESIZE)
+    for digest, path in zip(manifests[0]["sha256"], manifests[0]["presized_path"], strict=True):
+        assert presize_cache.lookup(digest) is not None  # facts readable, image present
+        with Image.open(path) as image:
+            image.load()  # decodes in full: no half-written file
+            assert min(image.size) == PRESIZE
+    assert not [p for p in cache.rglob("*.tmp")] and not list(cache.rglob("*.part"))

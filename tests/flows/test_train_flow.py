@@ -52,7 +52,9 @@ def test_the_flow_tracks_the_whole_recipe_in_one_mlflow_run_and_a_warm_rerun_reu
     archive, tmp_path, mlflow_uri
 ):
     with serve_directory(archive.parent) as server:
-        common = {**TINY, "data_url": server.url(archive.name), "cache_dir": str(tmp_path / "cache")}
+        # A signed-URL style token: it must reach the download but never an MLflow param or the dataset source.
+        url = server.url(archive.name) + "?token=s3cr3t"
+        common = {**TINY, "data_url": url, "cache_dir": str(tmp_path / "cache")}
         result = train(**common, epochs=2, baseline_epochs=1, out_dir=str(tmp_path / "runs"))
         requests_after_first = server.requests
         warm = train(**common, epochs=1, base_lr=1e-3, baseline=False, retrain=False, out_dir=str(tmp_path / "runs"))
@@ -68,6 +70,8 @@ def test_the_flow_tracks_the_whole_recipe_in_one_mlflow_run_and_a_warm_rerun_reu
     assert params["bs"] == "8" and params["size"] == "32" and params["epochs"] == "2"
     assert float(params["base_lr"]) == pytest.approx(result["base_lr"]) and params["base_lr_source"] == "lr_find valley"
     assert params["precision_effective"] == "fp32" and params["device_effective"] == "cpu"
+    assert params["data_url"] == server.url(archive.name) + "?<redacted>"
+    assert not [key for key, value in params.items() if "s3cr3t" in value]
     manifest = pd.read_csv(result["data"]["manifest"])
     assert params["classes"] == str(BREEDS) and int(params["valid_size"]) == (manifest["split"] == "valid").sum()
 
@@ -98,6 +102,7 @@ def test_the_flow_tracks_the_whole_recipe_in_one_mlflow_run_and_a_warm_rerun_reu
     # The labelled dataset is the run's training input.
     (dataset_input,) = run.inputs.dataset_inputs
     assert dataset_input.dataset.name == DATASET_NAME and dataset_input.dataset.digest == params["dataset_digest"]
+    assert "s3cr3t" not in dataset_input.dataset.source and "<redacted>" in dataset_input.dataset.source
     assert {(tag.key, tag.value) for tag in dataset_input.tags} >= {("mlflow.data.context", "training")}
     assert json.loads(dataset_input.dataset.profile)["num_rows"] == len(manifest)
 
@@ -156,3 +161,56 @@ def test_parameters_are_validated_before_anything_runs(mlflow_uri):
         (name,) = bad
         assert f"{name}: Input should" in str(state.result(raise_on_failure=False)), bad
     assert mlflow.MlflowClient(mlflow_uri).search_experiments(filter_string="name = 'pets-test'") == []
+
+
+def test_an_unreachable_tracking_server_stops_the_flow_before_any_data_is_fetched(archive, tmp_path, monkeypatch):
+    from tasks.tracking import TrackingStoreUnavailableError
+    from tests.support.http_server import refused_port
+
+    with serve_directory(archive.parent) as server, refused_port() as port:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+        state = train(**TINY, data_url=server.url(archive.name), cache_dir=str(tmp_path / "cache"), return_state=True)
+        assert server.requests == 0  # nothing downloaded, nothing trained
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, TrackingStoreUnavailableError) and f"127.0.0.1:{port}" in str(error)
+
+
+def test_ctrl_c_during_training_marks_the_run_killed_and_keeps_a_usable_checkpoint(
+    archive, tmp_path, mlflow_uri, monkeypatch
+):
+    import torch
+
+    from lib.recipe import DEFAULT_LR_MULT, DEFAULT_MIN_SCALE, DEFAULT_SEED
+    from lib.training import Trainer
+    from tasks.training import build_trainer, recipe_settings
+
+    real_report = Trainer._report
+
+    def interrupt_after_the_first_epoch(self, row):
+        real_report(self, row)
+        raise KeyboardInterrupt  # what Ctrl-C raises in the main thread, here right after a checkpoint was written
+
+    monkeypatch.setattr(Trainer, "_report", interrupt_after_the_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            **TINY, data_url=archive.as_uri(), epochs=2, base_lr=1e-3, baseline=False,
+            out_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"),
+        )  # fmt: skip
+
+    client = mlflow.MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("pets-test").experiment_id])
+    assert run.info.status == "KILLED"
+    assert [point.value for point in client.get_metric_history(run.info.run_id, "probe/error_rate")]  # kept
+    checkpoint = tmp_path / "runs" / run.info.run_id / "probe" / "checkpoints" / "last.pt"
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert state["epochs_done"] == 1 and state["plan"]["kind"] == "fine_tune"
+    # Usable: a trainer built as the flow builds it resumes from it and finishes the fit.
+    monkeypatch.setattr(Trainer, "_report", real_report)
+    data = tmp_path / "runs" / run.info.run_id / "data"
+    recipe = recipe_settings(
+        arch="resnet18", pretrained=False, presize=48, size=32, min_scale=DEFAULT_MIN_SCALE, bs=8, seed=DEFAULT_SEED,
+        fp16=False, device=None, workers=0,
+    )  # fmt: skip
+    trainer = build_trainer(str(data / "presized.csv"), str(data / "vocab.json"), recipe)
+    finished = trainer.fine_tune(2, 1e-3, freeze_epochs=1, lr_mult=DEFAULT_LR_MULT, resume_from=checkpoint)
+    assert [(row.phase, row.epoch) for row in finished] == [("unfrozen", 0), ("unfrozen", 1)]

@@ -241,3 +241,28 @@ def test_presize_cache_is_filled_while_cleaning_and_spares_a_second_decode(manif
     assert second.decoded == len(EXPECTED_REASONS) - 2  # neither the empty file nor the directory is decoded
     pd.testing.assert_frame_equal(first.kept, second.kept)
     pd.testing.assert_frame_equal(first.excluded, second.excluded)
+
+
+def test_a_full_disk_stops_cleaning_with_a_clear_error_and_leaves_no_partial_cache_file(
+    images_dir, tmp_path, monkeypatch
+):
+    import errno
+
+    from lib.presize import CacheWriteError, PresizeCache
+
+    real_save = Image.Image.save
+
+    def save_half_then_fail(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"\xff\xd8 half a jpeg")  # what a full disk leaves behind
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    manifest = _manifest([images_dir / "Abyssinian_1.jpg", images_dir / "Abyssinian_2.jpg"])
+    cache = PresizeCache(tmp_path / "cache", 32)
+    monkeypatch.setattr(Image.Image, "save", save_half_then_fail)
+    with pytest.raises(CacheWriteError, match=r"No space left on device.*--cache-dir"):
+        clean_images(manifest, progress=False, presize_cache=cache)
+    assert [p for p in cache.folder.rglob("*") if p.is_file()] == []  # nothing half-written under any name
+
+    monkeypatch.setattr(Image.Image, "save", real_save)  # space freed: the same call now fills the cache
+    kept = clean_images(manifest, progress=False, presize_cache=cache).kept
+    assert len(kept) == 2 and all(cache.lookup(digest) is not None for digest in kept["sha256"])

@@ -501,3 +501,27 @@ def test_cached_archive_digest_reads_only_the_cache(tmp_path):
     shutil.rmtree(cache / "extracted")  # a deleted extraction is not a cache hit
     assert cached_archive_digest(url, cache) is None
     assert cached_archive_digest("ftp://host/x.tgz", cache) is None
+
+
+def test_urls_are_redacted_of_passwords_and_query_strings_before_they_are_logged():
+    from lib.download import redact_url
+
+    assert redact_url("https://s3.amazonaws.com/b/pets.tgz?X-Amz-Signature=abc&X-Amz-Credential=k") == (
+        "https://s3.amazonaws.com/b/pets.tgz?<redacted>"
+    )
+    assert redact_url("https://me:tok3n@host.example/pets.tgz") == "https://me:<redacted>@host.example/pets.tgz"
+    assert redact_url("https://me@host.example/pets.tgz#x") == "https://me@host.example/pets.tgz"
+    assert redact_url("file:///data/pets.tgz") == "file:///data/pets.tgz" and redact_url(None) is None
+
+
+def test_two_runs_sharing_a_cache_fetch_the_archive_once_and_both_see_it_whole(server, pets_archive, cache_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    server.delay_seconds = 0.5  # both runs ask while the first transfer is still pending
+    url = server.url(pets_archive.name)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda _: fetch_dataset(url, cache_dir, progress=False), range(2)))
+    assert results[0] == results[1]
+    assert server.requests == 1  # the second waited for the first, then found the archive complete
+    assert tree(results[0]) == PET_FILES
+    assert not list((cache_dir / "downloads").glob("*.part"))

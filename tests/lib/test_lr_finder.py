@@ -93,9 +93,13 @@ def test_unknown_method_lists_the_valid_ones():
         suggest(SWEEP_LRS, FIXTURE_LOSSES, num_it=100, methods=("steepest",))
 
 
-def test_too_few_points_is_a_clear_error():
-    with pytest.raises(ValueError, match="only 1 of 16 sweep points are left"):
-        suggest(SWEEP_LRS[:16], FIXTURE_LOSSES[:16], num_it=100)
+def test_too_few_points_is_a_clear_error_but_one_point_still_gives_a_valley():
+    one_left = suggest(SWEEP_LRS[:16], FIXTURE_LOSSES[:16], num_it=100)  # points 10..10 survive the trimming
+    assert one_left["valley"].lr == SWEEP_LRS[10]
+    with pytest.raises(ValueError, match="steep suggestion needs at least 2 points"):
+        suggest(SWEEP_LRS[:16], FIXTURE_LOSSES[:16], num_it=100, methods=("steep",))
+    with pytest.raises(ValueError, match="none of the 15 sweep points is left"):
+        suggest(SWEEP_LRS[:15], FIXTURE_LOSSES[:15], num_it=100)
     with pytest.raises(ValueError, match="slide suggestion needs at least 16 points"):
         slide(SWEEP_LRS[:10], FIXTURE_LOSSES[:10])
 

@@ -308,3 +308,8 @@ def test_the_compile_switch_compiles_the_model_and_changes_no_result(pets, monke
     fast = trainer.fit_one_cycle(1, 1e-3)[0]
     assert fast.valid_loss == pytest.approx(plain.valid_loss, rel=1e-4)
     assert fast.train_loss == pytest.approx(plain.train_loss, rel=1e-4)
+
+
+def test_the_shortest_lr_sweep_fastai_allows_gives_a_suggestion(pets):
+    result = build(pets).lr_find(num_it=6, stop_div=False)  # fastai's floor: 6 iterations, one point after trimming
+    assert len(result.lrs) == 6 and result.suggestions["valley"].lr == result.lrs[0]

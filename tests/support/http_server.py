@@ -9,6 +9,7 @@ with serve_directory(root) as server:
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -28,6 +29,7 @@ class FileServer:
         cut_every_request: Cut every response; by default only the next one, then cut_after is cleared.
         ignore_range: Answer 200 with the whole file even when the request has a Range header.
         force_status: Answer every request with this status and an empty body (e.g. 503).
+        delay_seconds: Wait this long before answering each request (to make concurrent clients overlap).
         requests: Number of requests received.
         range_headers: The Range header of each request, in order (None where there was none).
     """
@@ -38,6 +40,7 @@ class FileServer:
     cut_every_request: bool = False
     ignore_range: bool = False
     force_status: int | None = None
+    delay_seconds: float = 0.0
     requests: int = 0
     range_headers: list[str | None] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -65,6 +68,7 @@ def _handler_for(server: FileServer) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:  # the name http.server dispatches GET to
             cut_after = server.record(self.headers.get("Range"))
+            time.sleep(server.delay_seconds)
             if server.force_status is not None:
                 self._send_empty(server.force_status)
                 return
