@@ -224,18 +224,20 @@ def _local_source(url: str) -> Path | None:
         return None
     if scheme == "file":
         if parsed.netloc not in ("", "localhost"):
-            raise DownloadError(f"Cannot read {url}: only local file:// URLs are supported (no host).")
+            raise DownloadError(f"Cannot read {redact_url(url)}: only local file:// URLs are supported (no host).")
         return Path(url2pathname(parsed.path))
     if scheme == "" or len(scheme) == 1:  # one letter is a Windows drive, as in C:\data\pets.tgz
         return Path(url).expanduser()
-    raise DownloadError(f"Unsupported URL scheme {scheme!r} in {url}; use {_ACCEPTED_SOURCES}.")
+    raise DownloadError(f"Unsupported URL scheme {scheme!r} in {redact_url(url)}; use {_ACCEPTED_SOURCES}.")
 
 
 def _file_name(url: str, local_source: Path | None) -> str:
     """Return the archive's file name: the last component of the URL's path, without the query."""
     name = local_source.name if local_source is not None else PurePosixPath(unquote(urlparse(url).path)).name
     if name in ("", ".", ".."):
-        raise DownloadError(f"Cannot tell the archive's file name from {url}; the URL must end in a file name.")
+        raise DownloadError(
+            f"Cannot tell the archive's file name from {redact_url(url)}; the URL must end in a file name."
+        )
     return name
 
 
@@ -287,9 +289,9 @@ def _download_http(url: str, part: Path, *, progress: bool, timeout: float, chun
             _raise_for_status(url, response)
             _write_body(url, response, part, offset=offset, progress=progress, chunk_size=chunk_size)
     except httpx.TransportError as error:
-        raise DownloadError(f"Could not download {url}: {_describe(error)}", transient=True) from error
+        raise DownloadError(f"Could not download {redact_url(url)}: {_describe(error)}", transient=True) from error
     except (httpx.HTTPError, httpx.InvalidURL) as error:
-        raise DownloadError(f"Could not download {url}: {_describe(error)}") from error
+        raise DownloadError(f"Could not download {redact_url(url)}: {_describe(error)}") from error
 
 
 def _raise_for_status(url: str, response: httpx.Response) -> None:
@@ -300,9 +302,9 @@ def _raise_for_status(url: str, response: httpx.Response) -> None:
     reason = f"HTTP {status} {response.reason_phrase}".strip()
     # Server errors, 408 Request Timeout and 429 Too Many Requests say "try later"; other 4xx will not change.
     if status >= 500 or status in (httpx.codes.REQUEST_TIMEOUT, httpx.codes.TOO_MANY_REQUESTS):
-        raise DownloadError(f"Could not download {url}: the server answered {reason}.", transient=True)
+        raise DownloadError(f"Could not download {redact_url(url)}: the server answered {reason}.", transient=True)
     raise DownloadError(
-        f"Could not download {url}: the server answered {reason}. "
+        f"Could not download {redact_url(url)}: the server answered {reason}. "
         "Check --data-url, or use --data-dir to point at a folder of images you already have."
     )
 
@@ -313,8 +315,8 @@ def _accept_complete_part(url: str, part: Path, response: httpx.Response, offset
         return  # a crash between the last byte and the rename left a complete .part
     part.unlink()
     raise DownloadError(
-        f"Could not resume {url}: the server has no bytes from offset {offset} (HTTP 416). The partial file "
-        f"{part} was deleted; try again to download from the start.",
+        f"Could not resume {redact_url(url)}: the server has no bytes from offset {offset} (HTTP 416). The partial "
+        f"file {part} was deleted; try again to download from the start.",
         transient=True,
     )
 
@@ -353,7 +355,7 @@ def _check_resume_start(url: str, response: httpx.Response, part: Path, offset: 
         return
     part.unlink()
     raise DownloadError(
-        f"Could not resume {url}: asked for bytes from {offset}, the server sent them from {start}. "
+        f"Could not resume {redact_url(url)}: asked for bytes from {offset}, the server sent them from {start}. "
         f"The partial file {part} was deleted; try again to download from the start.",
         transient=True,
     )
@@ -364,7 +366,7 @@ def _cut_off_error(url: str, part: Path, received: int, total: int | None, error
     cause = f" ({_describe(error)})" if error is not None else ""
     of_total = f" of {total}" if total is not None else ""
     return DownloadError(
-        f"Download of {url} was cut off after {received}{of_total} bytes{cause}. "
+        f"Download of {redact_url(url)} was cut off after {received}{of_total} bytes{cause}. "
         f"The partial file {part} is kept; call again to resume from it.",
         transient=True,
     )
@@ -424,7 +426,7 @@ def _finish_download(part: Path, target: Path, *, url: str, expected: str | None
     if expected is not None and actual != expected:
         part.unlink()
         raise ChecksumMismatchError(
-            f"Checksum mismatch for {target.name} downloaded from {url}: expected sha256 {expected}, "
+            f"Checksum mismatch for {target.name} downloaded from {redact_url(url)}: expected sha256 {expected}, "
             f"got {actual}. The download was discarded; check --data-url, or pass the right --sha256.",
             path=target,
             expected=expected,

@@ -525,3 +525,12 @@ def test_two_runs_sharing_a_cache_fetch_the_archive_once_and_both_see_it_whole(s
     assert server.requests == 1  # the second waited for the first, then found the archive complete
     assert tree(results[0]) == PET_FILES
     assert not list((cache_dir / "downloads").glob("*.part"))
+
+
+def test_download_errors_never_print_a_token_from_the_url(server, cache_dir):
+    url = server.url("missing.tgz") + "?X-Amz-Signature=s3cr3t"
+
+    with pytest.raises(DownloadError) as caught:
+        download_archive(url, cache_dir, progress=False)
+
+    assert "s3cr3t" not in str(caught.value) and server.url("missing.tgz") + "?<redacted>" in str(caught.value)
