@@ -26,7 +26,7 @@ from torch import nn
 from lib.cleaning import clean_images
 from lib.labelling import label_images
 from lib.model import create_model
-from lib.precision import resolve_precision, use_channels_last
+from lib.precision import resolve_precision
 from lib.presize import PresizeCache, presize_images
 from lib.splitting import split_manifest
 from lib.synthetic import make_pets_dataset
@@ -178,6 +178,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(run: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """Wall-clock seconds of `run()` with queued device work included, and what it returned."""
+    synchronize(device)
+    started = time.perf_counter()
+    result = run()
+    synchronize(device)
+    return time.perf_counter() - started, result
+
+
 def alternate(measures: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
     """Run each measure once per round, `repeats` rounds, and return the median of each."""
     results: dict[str, list[float]] = {name: [] for name in measures}
@@ -202,11 +211,6 @@ def bench_device(args: argparse.Namespace) -> torch.device:
     """The device the options ask for, or CUDA when present, else CPU (MPS is not benchmarked)."""
     device = resolve_device(args.device)
     return torch.device("cpu") if device.type == "mps" and args.device is None else device
-
-
-def project_channels_last(device: torch.device) -> bool:
-    """The memory format the project's Trainer picks by default on this device."""
-    return use_channels_last(device)
 
 
 def rounded(figures: dict[str, float], digits: int = 3) -> dict[str, float]:

@@ -26,13 +26,14 @@ from bench.common import (
     generated_pets,
     model_only_throughput,
     prepared_pets,
-    project_channels_last,
     reference_model,
     rounded,
     synchronize,
+    timed,
 )
 from lib.augment import aug_transforms
 from lib.loading import default_workers, make_loader
+from lib.precision import use_channels_last
 
 TARGET_WARM_TO_MODEL = 5.0  # issue 5: the warm loader delivers at least 5x what the model consumes
 
@@ -62,14 +63,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     images_dir = generated_pets(args.data_dir, breeds=args.breeds, per_breed=args.per_breed)
     with tempfile.TemporaryDirectory(dir=args.data_dir) as fresh:
-        started = time.perf_counter()
-        cold_manifest, _ = prepared_pets(images_dir, Path(fresh) / "cache", presize=args.presize)
-        stage_seconds = time.perf_counter() - started
+        stage_seconds, (cold_manifest, _) = timed(
+            lambda: prepared_pets(images_dir, Path(fresh) / "cache", presize=args.presize), device
+        )
         cold_train = cold_manifest[cold_manifest["split"] == "train"]
         cold_loader = _train_loader(cold_train, args, workers, device)
-        started = time.perf_counter()
-        delivered_per_second(cold_loader, augmentation, device, epochs=1)
-        first_pass_seconds = time.perf_counter() - started
+        first_pass_seconds, _ = timed(lambda: delivered_per_second(cold_loader, augmentation, device, epochs=1), device)
 
     manifest, vocab = bench_pets(args)
     train = manifest[manifest["split"] == "train"]
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     warm = delivered_per_second(loader, augmentation, device, epochs=args.epochs)
     model = model_only_throughput(
         reference_model(args.arch, len(vocab)), batch_size=args.bs, size=args.size, batches=len(loader),
-        device=device, channels_last=project_channels_last(device), precision=args.precision,
+        device=device, channels_last=use_channels_last(device), precision=args.precision,
     )  # fmt: skip
     cold_images = (len(train) // args.bs) * args.bs
     figures = {

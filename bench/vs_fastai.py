@@ -29,7 +29,7 @@ import contextlib
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ from bench.common import (
     reference_model,
     rounded,
     synchronize,
+    timed,
 )
 from lib.precision import resolve_precision
 from lib.training import Trainer, vision_trainer
@@ -252,15 +253,6 @@ def project_images_per_fine_tune(trainer: Trainer, epochs: int) -> int:
 
 
 # -- measures -----------------------------------------------------------------------------------------------------
-def timed(run: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    """Wall-clock seconds of `run()` with queued device work included, and what it returned."""
-    synchronize(device)
-    started = time.perf_counter()
-    result = run()
-    synchronize(device)
-    return time.perf_counter() - started, result
-
-
 def warm_up(args: argparse.Namespace, classes: int, device: torch.device) -> None:
     """One untimed forward/backward at the training size, so kernel set-up is paid before either side's clock."""
     model = reference_model(args.arch, classes).to(device).train()

@@ -12,7 +12,7 @@ import json
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -149,7 +149,7 @@ def _check_image(
         if verdict.reason is not None:
             return verdict
     if digests is not None:
-        facts = {key: getattr(verdict, key) for key in ("width", "height", "mode", "converted")}
+        facts = {field.name: getattr(verdict, field.name) for field in fields(images.ImageFacts)}
         digests.remember(path, stamp, sha256, facts)
     return verdict
 

@@ -17,14 +17,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from lib.presize import presized_shape
 from lib.recipe import CPU_CORES_PER_WORKER, DEFAULT_BATCH_SIZE, MAX_DEFAULT_WORKERS
 
 # fastai DataLoaders defaults (fastai-recipe.md §1.4): bs=64, val_bs=bs, shuffle+drop_last on train only.
 
-CropRequest = tuple[int, float, float]
+CropRequest = tuple[int, float, float]  # (item index, fraction along x, fraction along y)
 # At most this share of the machine's memory holds decoded training and validation images (Pets at 460 px takes
 # ~6 GB decoded, so it stays on disk on machines under ~30 GB; a bench set of 400 images at 256 px takes ~100 MB).
-DECODED_MEMORY_FRACTION = 0.2  # (item index, fraction along x, fraction along y)
+DECODED_MEMORY_FRACTION = 0.2
 
 
 def default_workers(device: torch.device | str | None = None) -> int:
@@ -133,11 +134,9 @@ def decoded_bytes(manifest: pd.DataFrame, presize: int) -> int | None:
     """
     if not {"width", "height"} <= set(manifest.columns):
         return None
-    scale = presize / manifest[["width", "height"]].min(axis=1).clip(lower=1)
-    # presized_shape rounds each side and never goes below the presize; this estimate is within a pixel of it
-    width = (manifest["width"] * scale).round().clip(lower=presize)
-    height = (manifest["height"] * scale).round().clip(lower=presize)
-    return int((width * height * 3).sum())
+    sizes = zip(manifest["width"], manifest["height"], strict=True)
+    shapes = (presized_shape(int(width), int(height), presize) for width, height in sizes)
+    return sum(width * height * 3 for width, height in shapes)
 
 
 def keep_decoded_default(manifest: pd.DataFrame, presize: int, workers: int) -> bool:

@@ -54,13 +54,17 @@ class PresizeCache:
         self.folder = Path(root) / f"presize-{presize}-{CACHE_FORMAT_VERSION}"
         self._folder = str(self.folder)
 
+    def _stem(self, sha256: str) -> str:
+        # Plain strings, not Paths: a warm run asks for every image's entry, and pathlib costs more than the stats.
+        return os.path.join(self._folder, sha256[:2], sha256)
+
     def image_path(self, sha256: str) -> Path:
         """Return where the presized image of the original with this digest lives."""
-        return self.folder / sha256[:2] / f"{sha256}.jpg"
+        return Path(self.image_path_str(sha256))
 
     def image_path_str(self, sha256: str) -> str:
-        """`image_path` as a string, built without pathlib (it is called for every image of every run)."""
-        return os.path.join(self._folder, sha256[:2], f"{sha256}.jpg")
+        """`image_path` as a string (it is asked for every image of every run)."""
+        return self._stem(sha256) + ".jpg"
 
     def lookup(self, sha256: str) -> ImageFacts | None:
         """Return the facts of a cached original, or None when it is not (completely) cached."""
@@ -70,8 +74,7 @@ class PresizeCache:
 
     def holds(self, sha256: str) -> bool:
         """Return whether a complete entry is cached (the facts file is written last), without reading it."""
-        # Plain strings, not Paths: a warm run asks this for every image, and pathlib costs more than the stats.
-        stem = os.path.join(self._folder, sha256[:2], sha256)
+        stem = self._stem(sha256)
         return os.path.isfile(stem + ".json") and os.path.isfile(stem + ".jpg")
 
     def store(self, sha256: str, image: Image.Image, facts: ImageFacts) -> Path:

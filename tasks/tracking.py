@@ -69,7 +69,7 @@ def check_tracking_store(uri: str | None = None) -> None:
     shown = redact_url(uri)
     fix = (
         "Start the tracking server, or set MLFLOW_TRACKING_URI to one that runs (unset it to use the local store "
-        f"{redact_url(_default_uri())})."
+        f"{_default_uri()})."
     )
     if uri.startswith(("http://", "https://")):
         try:
