@@ -32,14 +32,9 @@ from lib.recipe import (
     DEFAULT_SIZE,
     DEFAULT_VALID_PCT,
 )
+from lib.stages import read_history, recipe_settings
 from tasks import tracking
-from tasks.training import (
-    evaluate_classifier,
-    find_learning_rate,
-    fine_tune_classifier,
-    read_history,
-    recipe_settings,
-)
+from tasks.training import evaluate_classifier, find_learning_rate, fine_tune_classifier
 
 Positive = Annotated[int, Field(ge=1)]
 Architecture = Literal[tuple(ARCHITECTURES)]  # an enum in the Prefect UI; a bad name is refused, listing the good ones

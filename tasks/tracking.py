@@ -7,12 +7,11 @@ process-global active run, so steps can run in any thread or process (architectu
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -173,16 +172,6 @@ def epoch_metrics(row: EpochStats, stage: str) -> dict[str, float]:
         "images_per_second": row.images_per_second,
     }
     return {f"{stage}/{key}": values[key] for key in EPOCH_METRICS}
-
-
-def epoch_logger(run_id: str, stage: str) -> Callable[[EpochStats], None]:
-    """Return an `on_epoch_end` callable that logs each epoch at step = its index within the stage (0, 1, ...)."""
-    steps = itertools.count()
-
-    def log_epoch(row: EpochStats) -> None:
-        log_metrics(run_id, epoch_metrics(row, stage), step=next(steps))
-
-    return log_epoch
 
 
 def log_history(run_id: str, stage: str, history: Sequence[EpochStats]) -> None:

@@ -1,113 +1,76 @@
-"""Prefect tasks of the training stage: each builds a trainer from the presized manifest, runs one lib step, writes its
-outputs under `<out_dir>/<stage>/` and returns paths and small numbers (never a model or a loader).
+"""Prefect tasks of the training stage: each runs one lib step over the presized manifest, writes its outputs under
+`<out_dir>/<stage>/` and returns paths and small numbers (never a model or a loader).
 
-`recipe` is the plain dict of model and data settings every stage shares (see `recipe_settings`).
+`recipe` is the plain dict of model and data settings every stage shares (`lib.stages.recipe_settings`). The
+fine-tuning stages run in a process of their own, so a stage killed mid-epoch is retried and resumes (see
+`fine_tune_classifier`).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-import torch
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
+import lib.stages
 from lib.files import write_text_atomically
-from lib.inference import export_classifier, read_export
+from lib.inference import read_export
 from lib.lr_finder import plot_lr_find
-from lib.model import count_parameters
-from lib.training import EpochStats, Trainer, best_epoch, vision_trainer
+from lib.stages import build_trainer, last_checkpoint
+from lib.training import EpochStats
 from tasks import tracking
 
 LR_FIND_METHODS = ("valley", "steep", "minimum", "slide")  # valley first: fastai 2.8's default suggestion
-MODEL_FILE = "model.pth"
-HISTORY_FILE = "history.json"
+REQUEST_FILE = "request.json"
+
+# A stage whose process is killed outright (the OOM killer, a preempted host, `kill -9`) is retried by Prefect and
+# resumes from the checkpoint of its last complete epoch. Twice is enough for a transient kill; a stage that is
+# killed every time (memory that never suffices) then fails instead of looping.
+STAGE_RETRIES = 2
+STAGE_RETRY_DELAY_SECONDS = 2
+STOP_GRACE_SECONDS = 10  # how long a stage process gets to stop on SIGINT before it is killed
 
 
-def recipe_settings(
-    *,
-    arch: str,
-    pretrained: bool,
-    presize: int,
-    size: int,
-    min_scale: float,
-    bs: int,
-    seed: int | None,
-    fp16: bool,
-    device: str | None,
-    workers: int | None = None,
-    compile: bool = False,
-) -> dict[str, Any]:
-    """Collect the settings every training stage shares into the small dict tasks pass around."""
-    return {
-        "arch": arch,
-        "pretrained": pretrained,
-        "presize": presize,
-        "size": size,
-        "min_scale": min_scale,
-        "batch_size": bs,
-        "seed": seed,
-        "precision": "fp16" if fp16 else "fp32",
-        "device": device,
-        "workers": workers,
-        "compile": compile,
-    }
+class StageKilledError(RuntimeError):
+    """The training stage's process was killed by a signal; the retry resumes from the stage's `last.pt`."""
 
 
-def build_trainer(
-    manifest_path: str,
-    vocab_path: str,
-    recipe: Mapping[str, Any],
-    *,
-    pretrained: bool | None = None,
-    checkpoint_dir: Path | None = None,
-    on_epoch_end: Callable[[EpochStats], None] | None = None,
-) -> Trainer:
-    """Build the vision trainer of the recipe; the model's random parts are seeded, so stages start alike."""
-    manifest = pd.read_csv(manifest_path)
-    vocab = json.loads(Path(vocab_path).read_text())
-    seed = recipe["seed"]
-    with torch.random.fork_rng(devices=[]):  # seed the head's init without touching the caller's RNG
-        if seed is not None:
-            torch.manual_seed(seed)
-        return vision_trainer(
-            manifest,
-            vocab,
-            arch=recipe["arch"],
-            pretrained=recipe["pretrained"] if pretrained is None else pretrained,
-            presize=recipe["presize"],
-            size=recipe["size"],
-            min_scale=recipe["min_scale"],
-            batch_size=recipe["batch_size"],
-            workers=recipe["workers"],
-            compile=recipe.get("compile", False),
-            seed=seed,
-            device=recipe["device"],
-            precision=recipe["precision"],
-            checkpoint_dir=checkpoint_dir,
-            on_epoch_end=on_epoch_end,
-        )
+class StageFailedError(RuntimeError):
+    """The training stage's process failed with an exception this process cannot rebuild; the message has it."""
 
 
-def _progress_reporter(run_id: str, stage: str, total_epochs: int) -> Callable[[EpochStats], None]:
-    """Log each epoch to MLflow and move a Prefect progress bar for the stage."""
-    log_epoch = tracking.epoch_logger(run_id, stage)
+def _retry_when_killed(task, task_run, state) -> bool:
+    """Retry only kills: an exception in the stage (a diverging LR, a bad manifest) would happen again."""
+    return isinstance(state.data, StageKilledError)
+
+
+def _progress_reporter(run_id: str, stage: str, total_epochs: int) -> Callable[[EpochStats, int], None]:
+    """Log each epoch to MLflow at its step within the stage and move a Prefect progress bar for the stage."""
     progress_id = create_progress_artifact(0.0, description=f"{stage}: epochs done")
-    done = iter(range(1, total_epochs + 1))
 
-    def report(row: EpochStats) -> None:
-        log_epoch(row)
-        update_progress_artifact(progress_id, 100.0 * next(done) / total_epochs)
+    def report(row: EpochStats, step: int) -> None:
+        tracking.log_metrics(run_id, tracking.epoch_metrics(row, stage), step=step)
+        update_progress_artifact(progress_id, 100.0 * (step + 1) / total_epochs)
 
     return report
 
 
-@task(cache_policy=NO_CACHE, task_run_name="fine-tune-{stage}")
+@task(
+    cache_policy=NO_CACHE,
+    task_run_name="fine-tune-{stage}",
+    retries=STAGE_RETRIES,
+    retry_delay_seconds=STAGE_RETRY_DELAY_SECONDS,
+    retry_condition_fn=_retry_when_killed,
+)
 def fine_tune_classifier(
     manifest_path: str,
     vocab_path: str,
@@ -123,58 +86,96 @@ def fine_tune_classifier(
 ) -> dict:
     """Fine-tune a fresh model the fastai way (frozen epochs, then unfrozen with discriminative LRs); export it.
 
-    Every epoch is logged to MLflow as `<stage>/<metric>`. Returns the exported model's path, the history file, the
-    loss-curve plot and the stage's numbers.
+    The stage trains in its own process (`lib.stages`), writing `<out_dir>/<stage>/checkpoints/last.pt` after every
+    epoch. If that process is killed, Prefect retries this task and the new attempt resumes from the checkpoint, so
+    the result equals an uninterrupted run's. Every epoch is logged to MLflow as `<stage>/<metric>` at its step within
+    the stage. Returns the exported model's path, the history file, the loss-curve plot and the stage's numbers.
     """
     stage_dir = Path(out_dir) / stage
-    reporter = _progress_reporter(run_id, stage, freeze_epochs + epochs)
-    trainer = build_trainer(
-        manifest_path, vocab_path, recipe, checkpoint_dir=stage_dir / "checkpoints", on_epoch_end=reporter
-    )
-    history = trainer.fine_tune(epochs, base_lr, freeze_epochs=freeze_epochs, lr_mult=lr_mult)
-    model_path = export_classifier(
-        stage_dir / MODEL_FILE,
-        trainer.model,
-        arch=recipe["arch"],
-        vocab=trainer.vocab,
-        size=recipe["size"],
-        presize=recipe["presize"],
-    )
-    history_path = write_text_atomically(
-        stage_dir / HISTORY_FILE, json.dumps([row.as_dict() for row in history], indent=1) + "\n"
-    )
-    return {
-        "stage": stage,
-        "model": str(model_path),
-        "history": str(history_path),
-        "loss_curves": str(trainer.plot_losses(stage_dir / "loss_curves.png")),
-        **stage_numbers(history, trainer),
-        "base_lr": base_lr,
+    if recipe["seed"] is None:  # a resumed attempt must draw what the first one drew: one seed per MLflow run
+        recipe = {**recipe, "seed": int(run_id[:15], 16)}
+    request = {
+        "manifest_path": str(Path(manifest_path).resolve()),
+        "vocab_path": str(Path(vocab_path).resolve()),
+        "recipe": dict(recipe),
+        "stage_dir": str(stage_dir.resolve()),
         "epochs": epochs,
+        "base_lr": base_lr,
         "freeze_epochs": freeze_epochs,
+        "lr_mult": lr_mult,
     }
+    request_path = write_text_atomically(stage_dir / REQUEST_FILE, json.dumps(request, indent=1) + "\n")
+    if last_checkpoint(stage_dir).is_file():
+        print(f"{stage}: resuming from {last_checkpoint(stage_dir)} (an earlier attempt was interrupted).")
+    result = run_stage_process(request_path, _progress_reporter(run_id, stage, freeze_epochs + epochs))
+    if result["resumed_epochs"]:
+        print(f"{stage}: resumed after {result['resumed_epochs']} complete epochs of an interrupted attempt.")
+    return result
 
 
-def stage_numbers(history: list[EpochStats], trainer: Trainer) -> dict[str, Any]:
-    """Summarise a stage: its last epoch's metrics, throughput, time, best epoch, and what actually ran."""
-    last = history[-1]
-    return {
-        "error_rate": last.error_rate,
-        "valid_loss": last.valid_loss,
-        "accuracy": last.accuracy,
-        "train_loss": last.train_loss,
-        "images_per_second": sum(row.images_per_second for row in history) / len(history),
-        "train_seconds": sum(row.seconds for row in history),
-        "best_epoch": best_epoch(history),
-        "parameters": count_parameters(trainer.model),
-        "precision": trainer.precision.effective,
-        "device": str(trainer.device),
-    }
+def run_stage_process(request_path: Path, on_epoch: Callable[[EpochStats, int], None]) -> dict:
+    """Run `python -m lib.stages <request>`, pass each epoch to on_epoch(row, step), return the stage's result.
+
+    Raises StageKilledError when a signal kills the process, the stage's own exception when it fails (rebuilt from
+    its type and message), and stops the process before re-raising anything that interrupts the wait (Ctrl-C).
+    """
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([_PROJECT_ROOT, os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "lib.stages", str(request_path)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=environment)
+    result = error = None
+    try:
+        for line in process.stdout:
+            message = json.loads(line)
+            if "epoch" in message:
+                on_epoch(EpochStats(**message["epoch"]), message["step"])
+            result = message.get("result", result)
+            error = message.get("error", error)
+        returncode = process.wait()
+    finally:
+        _stop(process)
+    if returncode < 0:
+        name, stage_dir = signal.Signals(-returncode).name, Path(request_path).parent
+        if -returncode == signal.SIGINT:
+            raise KeyboardInterrupt(f"the training stage was interrupted ({name})")
+        raise StageKilledError(
+            f"The training process {process.pid} ({stage_dir.name} stage) was killed by {name}. Its last complete "
+            f"epoch is in {last_checkpoint(stage_dir)}; a retry resumes from there."
+        )
+    if error is not None:
+        raise _rebuilt(error)
+    if returncode != 0 or result is None:
+        raise StageFailedError(f"The training process {process.pid} exited with status {returncode} and no result.")
+    return result
 
 
-def read_history(history_path: str) -> list[EpochStats]:
-    """Read a stage's epochs back from its history file."""
-    return [EpochStats(**row) for row in json.loads(Path(history_path).read_text())]
+_PROJECT_ROOT = str(Path(lib.stages.__file__).resolve().parents[1])
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Make sure the stage process is gone: SIGINT first (it stops between batches), then SIGKILL."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(STOP_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    process.stdout.close()
+
+
+def _rebuilt(error: Mapping[str, str]) -> Exception:
+    """Raise the stage's exception again in this process: the same type for the project's and Python's errors."""
+    module, _, name = error["type"].rpartition(".")
+    if module == "builtins" or module.startswith("lib."):
+        import importlib
+
+        found = getattr(importlib.import_module(module), name, None)
+        if isinstance(found, type) and issubclass(found, Exception):
+            try:
+                return found(error["message"])
+            except TypeError:  # an exception class that takes other arguments
+                pass
+    return StageFailedError(f"{error['type']}: {error['message']}")
 
 
 @task(cache_policy=NO_CACHE)

@@ -1,0 +1,206 @@
+"""One training stage (baseline, probe, final) run in its own process, so a kill costs one epoch, not the run.
+
+The Prefect task of a stage starts `python -m lib.stages <request.json>` and waits. The process builds the trainer
+from the presized manifest, resumes from the stage's `checkpoints/last.pt` when an earlier attempt left one, runs
+`fine_tune`, and writes the model, `history.json` and `loss_curves.png` into the stage folder. It talks to its parent
+through its standard output, one JSON object per line:
+
+    {"epoch": {...EpochStats...}, "step": 3}     after every epoch (step: the epoch's index within the stage)
+    {"result": {...}}                             once, when the stage is done
+    {"error": {"type": "lib.training.NonFiniteLossError", "message": "..."}}   when it fails with an exception
+
+A process killed outright (SIGKILL from the OOM killer or a preempted host) writes nothing more: its parent sees the
+signal in the exit status, and the last complete epoch is in `last.pt`. Nothing here knows about Prefect or MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from lib.checkpoint import LAST_CHECKPOINT
+from lib.files import write_text_atomically
+from lib.inference import export_classifier
+from lib.model import count_parameters
+from lib.training import EpochStats, Trainer, best_epoch, vision_trainer
+
+MODEL_FILE = "model.pth"
+HISTORY_FILE = "history.json"
+LOSS_CURVES_FILE = "loss_curves.png"
+CHECKPOINTS = "checkpoints"
+
+
+def recipe_settings(
+    *,
+    arch: str,
+    pretrained: bool,
+    presize: int,
+    size: int,
+    min_scale: float,
+    bs: int,
+    seed: int | None,
+    fp16: bool,
+    device: str | None,
+    workers: int | None = None,
+    compile: bool = False,
+) -> dict[str, Any]:
+    """Collect the settings every training stage shares into the small dict tasks pass around."""
+    return {
+        "arch": arch,
+        "pretrained": pretrained,
+        "presize": presize,
+        "size": size,
+        "min_scale": min_scale,
+        "batch_size": bs,
+        "seed": seed,
+        "precision": "fp16" if fp16 else "fp32",
+        "device": device,
+        "workers": workers,
+        "compile": compile,
+    }
+
+
+def build_trainer(
+    manifest_path: str,
+    vocab_path: str,
+    recipe: Mapping[str, Any],
+    *,
+    pretrained: bool | None = None,
+    checkpoint_dir: Path | None = None,
+    on_epoch_end: Callable[[EpochStats], None] | None = None,
+) -> Trainer:
+    """Build the vision trainer of the recipe; the model's random parts are seeded, so stages start alike."""
+    manifest = pd.read_csv(manifest_path)
+    vocab = json.loads(Path(vocab_path).read_text())
+    seed = recipe["seed"]
+    with torch.random.fork_rng(devices=[]):  # seed the head's init without touching the caller's RNG
+        if seed is not None:
+            torch.manual_seed(seed)
+        return vision_trainer(
+            manifest,
+            vocab,
+            arch=recipe["arch"],
+            pretrained=recipe["pretrained"] if pretrained is None else pretrained,
+            presize=recipe["presize"],
+            size=recipe["size"],
+            min_scale=recipe["min_scale"],
+            batch_size=recipe["batch_size"],
+            workers=recipe["workers"],
+            compile=recipe.get("compile", False),
+            seed=seed,
+            device=recipe["device"],
+            precision=recipe["precision"],
+            checkpoint_dir=checkpoint_dir,
+            on_epoch_end=on_epoch_end,
+        )
+
+
+def last_checkpoint(stage_dir: Path) -> Path:
+    """Where a stage keeps the checkpoint of its last complete epoch."""
+    return Path(stage_dir) / CHECKPOINTS / LAST_CHECKPOINT
+
+
+def fine_tune_stage(request: Mapping[str, Any], on_epoch_end: Callable[[EpochStats, int], None] | None = None) -> dict:
+    """Fine-tune a fresh model the fastai way, resuming from the stage's `last.pt` if there is one; export it.
+
+    `request` holds the manifest and vocab paths, the recipe, the stage folder and `epochs`, `base_lr`,
+    `freeze_epochs`, `lr_mult`. `on_epoch_end(row, step)` gets each epoch this call trains, with its index within the
+    stage. Returns the exported model's path, the history file, the loss-curve plot, the stage's numbers and
+    `resumed_epochs`, the epochs an earlier attempt had finished (0 for a fresh start).
+    """
+    stage_dir = Path(request["stage_dir"])
+    recipe = request["recipe"]
+    checkpoint = last_checkpoint(stage_dir)
+    resume_from = checkpoint if checkpoint.is_file() else None
+    trained: list[EpochStats] = []
+
+    def report(row: EpochStats) -> None:
+        trained.append(row)
+        if on_epoch_end is not None:
+            on_epoch_end(row, len(trainer.history) - 1)  # the trainer's history holds the resumed epochs too
+
+    trainer = build_trainer(
+        request["manifest_path"], request["vocab_path"], recipe, checkpoint_dir=checkpoint.parent, on_epoch_end=report
+    )
+    if resume_from:
+        print(f"Resuming the {stage_dir.name} stage from {resume_from}.", file=sys.stderr)
+    epochs, freeze_epochs = request["epochs"], request["freeze_epochs"]
+    trainer.fine_tune(
+        epochs, request["base_lr"], freeze_epochs=freeze_epochs, lr_mult=request["lr_mult"], resume_from=resume_from
+    )
+    history = trainer.history  # the whole stage, including epochs an earlier attempt ran
+    model_path = export_classifier(
+        stage_dir / MODEL_FILE, trainer.model, arch=recipe["arch"], vocab=trainer.vocab, size=recipe["size"],
+        presize=recipe["presize"],
+    )  # fmt: skip
+    history_path = write_text_atomically(
+        stage_dir / HISTORY_FILE, json.dumps([row.as_dict() for row in history], indent=1) + "\n"
+    )
+    return {
+        "stage": stage_dir.name,
+        "model": str(model_path),
+        "history": str(history_path),
+        "loss_curves": str(trainer.plot_losses(stage_dir / LOSS_CURVES_FILE)),
+        **stage_numbers(history, trainer),
+        "base_lr": request["base_lr"],
+        "epochs": epochs,
+        "freeze_epochs": freeze_epochs,
+        "resumed_epochs": len(history) - len(trained),
+    }
+
+
+def stage_numbers(history: list[EpochStats], trainer: Trainer) -> dict[str, Any]:
+    """Summarise a stage: its last epoch's metrics, throughput, time, best epoch, and what actually ran."""
+    last = history[-1]
+    return {
+        "error_rate": last.error_rate,
+        "valid_loss": last.valid_loss,
+        "accuracy": last.accuracy,
+        "train_loss": last.train_loss,
+        "images_per_second": sum(row.images_per_second for row in history) / len(history),
+        "train_seconds": sum(row.seconds for row in history),
+        "best_epoch": best_epoch(history),
+        "parameters": count_parameters(trainer.model),
+        "precision": trainer.precision.effective,
+        "device": str(trainer.device),
+    }
+
+
+def read_history(history_path: str | Path) -> list[EpochStats]:
+    """Read a stage's epochs back from its history file."""
+    return [EpochStats(**row) for row in json.loads(Path(history_path).read_text())]
+
+
+# -- the stage process ------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    """Run the stage a request file describes, reporting on the original standard output (see the module doc)."""
+    (request_path,) = argv if argv is not None else sys.argv[1:]
+    # Only protocol lines go to the parent: anything else printed, by Python or by C code, lands on stderr.
+    channel = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    sys.stdout = sys.stderr
+
+    def send(message: dict) -> None:
+        channel.write(json.dumps(message) + "\n")
+
+    request = json.loads(Path(request_path).read_text())
+    try:
+        result = fine_tune_stage(request, on_epoch_end=lambda row, step: send({"epoch": row.as_dict(), "step": step}))
+    except Exception as error:
+        traceback.print_exc()
+        send({"error": {"type": f"{type(error).__module__}.{type(error).__qualname__}", "message": str(error)}})
+        return 1
+    send({"result": result})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
