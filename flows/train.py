@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from prefect import flow, runtime
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.logging.loggers import flow_run_logger
 from pydantic import Field
 
 from flows.data import data_stage
@@ -40,7 +41,20 @@ Positive = Annotated[int, Field(ge=1)]
 Architecture = Literal[tuple(ARCHITECTURES)]  # an enum in the Prefect UI; a bad name is refused, listing the good ones
 
 
-@flow(name="train-pets", log_prints=True)
+def _fail_orphaned_run(flow, flow_run, state) -> None:
+    """on_crashed: the flow run's process died (SIGKILL, a lost machine), so its MLflow run must not stay RUNNING.
+
+    The worker that started the process runs this hook. `prefect flow-run retry <id>` later resumes the same run.
+    """
+    experiment = flow_run.parameters.get("experiment", DEFAULT_EXPERIMENT)
+    for run_id in tracking.fail_orphaned_runs(experiment, str(flow_run.id)):
+        flow_run_logger(flow_run, flow).warning(
+            f"MLflow run {run_id} marked FAILED: the flow run's process died. `prefect flow-run retry {flow_run.id}` "
+            "runs it again, resuming the same MLflow run from its last complete epoch."
+        )
+
+
+@flow(name="train-pets", log_prints=True, on_crashed=[_fail_orphaned_run])
 def train(
     data_url: str | None = None,
     data_dir: str | None = None,
@@ -109,6 +123,8 @@ def train(
             tracking.log_files(run_id, [first["loss_curves"]], "baseline")
 
         lr_source = "given"
+        if base_lr is None and "base_lr" in run["params"]:  # a retried flow run: its LR finder has already chosen
+            base_lr, lr_source = float(run["params"]["base_lr"]), run["params"]["base_lr_source"]
         if base_lr is None:
             found = find_learning_rate(**common)
             base_lr, lr_source = found["suggestion"], "lr_find valley"
@@ -178,7 +194,7 @@ def _data_and_recipe(parameters: dict[str, Any], out_dir: str) -> tuple[dict, di
 
 
 def _run_tags(arch: str, comparison: str | None) -> dict[str, str]:
-    tags = {"arch": arch, "prefect.flow_run_id": str(runtime.flow_run.id), "pipeline": "fastbook-ch5"}
+    tags = {"arch": arch, tracking.FLOW_RUN_TAG: str(runtime.flow_run.id), "pipeline": "fastbook-ch5"}
     deployment = runtime.deployment.name
     if deployment:
         tags["prefect.deployment"] = deployment

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -112,20 +115,29 @@ def fine_tune_stage(request: Mapping[str, Any], on_epoch_end: Callable[[EpochSta
     """Fine-tune a fresh model the fastai way, resuming from the stage's `last.pt` if there is one; export it.
 
     `request` holds the manifest and vocab paths, the recipe, the stage folder and `epochs`, `base_lr`,
-    `freeze_epochs`, `lr_mult`. `on_epoch_end(row, step)` gets each epoch this call trains, with its index within the
-    stage. Returns the exported model's path, the history file, the loss-curve plot, the stage's numbers and
-    `resumed_epochs`, the epochs an earlier attempt had finished (0 for a fresh start).
+    `freeze_epochs`, `lr_mult`. `on_epoch_end(row, step)` gets every epoch of the stage once, with its index within the
+    stage, as soon as it is known: those restored from the checkpoint first, so a listener that missed some (its
+    process died with the stage's) can fill them in. Returns the exported model's path, the history file, the
+    loss-curve plot, the stage's numbers and `resumed_epochs`, the epochs an earlier attempt had finished (0 for a
+    fresh start).
     """
     stage_dir = Path(request["stage_dir"])
     recipe = request["recipe"]
     checkpoint = last_checkpoint(stage_dir)
     resume_from = checkpoint if checkpoint.is_file() else None
     trained: list[EpochStats] = []
+    reported = 0  # rows of the trainer's history (restored ones included) handed to on_epoch_end so far
+
+    def report_history() -> None:
+        nonlocal reported
+        for step in range(reported, len(trainer.history)):
+            if on_epoch_end is not None:
+                on_epoch_end(trainer.history[step], step)
+        reported = len(trainer.history)
 
     def report(row: EpochStats) -> None:
         trained.append(row)
-        if on_epoch_end is not None:
-            on_epoch_end(row, len(trainer.history) - 1)  # the trainer's history holds the resumed epochs too
+        report_history()
 
     trainer = build_trainer(
         request["manifest_path"], request["vocab_path"], recipe, checkpoint_dir=checkpoint.parent, on_epoch_end=report
@@ -136,6 +148,7 @@ def fine_tune_stage(request: Mapping[str, Any], on_epoch_end: Callable[[EpochSta
     trainer.fine_tune(
         epochs, request["base_lr"], freeze_epochs=freeze_epochs, lr_mult=request["lr_mult"], resume_from=resume_from
     )
+    report_history()  # a checkpoint of the whole stage trains nothing more, but its epochs are still reported
     history = trainer.history  # the whole stage, including epochs an earlier attempt ran
     model_path = export_classifier(
         stage_dir / MODEL_FILE, trainer.model, arch=recipe["arch"], vocab=trainer.vocab, size=recipe["size"],
@@ -183,6 +196,7 @@ def read_history(history_path: str | Path) -> list[EpochStats]:
 def main(argv: list[str] | None = None) -> int:
     """Run the stage a request file describes, reporting on the original standard output (see the module doc)."""
     (request_path,) = argv if argv is not None else sys.argv[1:]
+    _exit_with_parent(os.getppid())
     # Only protocol lines go to the parent: anything else printed, by Python or by C code, lands on stderr.
     channel = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
@@ -200,6 +214,24 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     send({"result": result})
     return 0
+
+
+PARENT_CHECK_SECONDS = 1.0
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Die when the process that started this one dies (killed, preempted): never train on as an orphan.
+
+    An orphan would hold the GPU and race the retry that resumes the stage. Once its parent is gone a process is
+    re-parented, so a changed parent PID is the signal (PR_SET_PDEATHSIG would follow the parent's thread instead).
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 if __name__ == "__main__":

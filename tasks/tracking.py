@@ -119,12 +119,49 @@ def ensure_experiment(name: str) -> str:
 
 
 # -- the run ----------------------------------------------------------------------------------------------------------
+FLOW_RUN_TAG = "prefect.flow_run_id"  # the Prefect flow run an MLflow run belongs to: one MLflow run per flow run
+
+
 @task(cache_policy=NO_CACHE)
 def start_run(experiment: str, run_name: str, tags: Mapping[str, str]) -> dict:
-    """Create the flow run's MLflow run (status RUNNING) and return its ids and where to open it."""
+    """Create the flow run's MLflow run (status RUNNING); return its ids, where to open it and its params so far.
+
+    A flow run Prefect runs again (`prefect flow-run retry` after a crash) gets back the MLflow run it had, set
+    RUNNING again, so the retry resumes into it instead of leaving a second, half-finished run beside it.
+    """
     experiment_id = ensure_experiment(experiment)
-    run = _client().create_run(experiment_id, run_name=run_name, tags={key: str(v) for key, v in tags.items()})
-    return {"run_id": run.info.run_id, "experiment_id": experiment_id, "artifact_uri": run.info.artifact_uri}
+    client = _client()
+    earlier = runs_of_flow_run(experiment, tags[FLOW_RUN_TAG]) if FLOW_RUN_TAG in tags else []
+    if earlier:
+        run = earlier[0]
+        client.update_run(run.info.run_id, status="RUNNING")
+    else:
+        run = client.create_run(experiment_id, run_name=run_name, tags={key: str(v) for key, v in tags.items()})
+    return {
+        "run_id": run.info.run_id,
+        "experiment_id": experiment_id,
+        "artifact_uri": run.info.artifact_uri,
+        "resumed": bool(earlier),
+        "params": dict(run.data.params),
+    }
+
+
+def runs_of_flow_run(experiment: str, flow_run_id: str, *, status: str | None = None) -> list:
+    """Return the MLflow runs a Prefect flow run created in the experiment (optionally only those with a status)."""
+    client = _client()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    query = f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'" + (f" and attributes.status = '{status}'" if status else "")
+    return client.search_runs([found.experiment_id], filter_string=query)
+
+
+def fail_orphaned_runs(experiment: str, flow_run_id: str) -> list[str]:
+    """Mark the flow run's MLflow runs that are still RUNNING as FAILED (its process died); return their ids."""
+    orphans = [run.info.run_id for run in runs_of_flow_run(experiment, flow_run_id, status="RUNNING")]
+    for run_id in orphans:
+        _client().set_terminated(run_id, status="FAILED")
+    return orphans
 
 
 @task(cache_policy=NO_CACHE)
@@ -172,6 +209,11 @@ def epoch_metrics(row: EpochStats, stage: str) -> dict[str, float]:
         "images_per_second": row.images_per_second,
     }
     return {f"{stage}/{key}": values[key] for key in EPOCH_METRICS}
+
+
+def logged_steps(run_id: str, key: str) -> set[int]:
+    """Return the steps at which the run has logged the metric."""
+    return {point.step for point in _client().get_metric_history(run_id, key)}
 
 
 def log_history(run_id: str, stage: str, history: Sequence[EpochStats]) -> None:

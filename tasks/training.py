@@ -54,11 +54,18 @@ def _retry_when_killed(task, task_run, state) -> bool:
 
 
 def _progress_reporter(run_id: str, stage: str, total_epochs: int) -> Callable[[EpochStats, int], None]:
-    """Log each epoch to MLflow at its step within the stage and move a Prefect progress bar for the stage."""
+    """Log each epoch to MLflow at its step within the stage and move a Prefect progress bar for the stage.
+
+    Steps MLflow already has (logged by an attempt that was then killed) are not logged twice; epochs a resumed
+    stage restores that MLflow lacks (the attempt died between its checkpoint and its report) are filled in.
+    """
     progress_id = create_progress_artifact(0.0, description=f"{stage}: epochs done")
+    logged = tracking.logged_steps(run_id, f"{stage}/{tracking.EPOCH_METRICS[0]}")
 
     def report(row: EpochStats, step: int) -> None:
-        tracking.log_metrics(run_id, tracking.epoch_metrics(row, stage), step=step)
+        if step not in logged:
+            tracking.log_metrics(run_id, tracking.epoch_metrics(row, stage), step=step)
+            logged.add(step)
         update_progress_artifact(progress_id, 100.0 * (step + 1) / total_epochs)
 
     return report

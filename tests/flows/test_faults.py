@@ -1,7 +1,9 @@
-"""Faults during training: a stage process killed outright (preemption, the OOM killer) and Ctrl-C.
+"""Faults during training: a stage process killed outright (preemption, the OOM killer), the flow run's own process
+killed under a real worker, and Ctrl-C.
 
-Real processes and real signals: the training flow runs against the test's Prefect server and MLflow sqlite store,
-and the test finds the stage process the way `ps` would (its command line in /proc) before signalling it.
+Real processes and real signals: the training flow runs against a Prefect server (the test's, or one with a worker)
+and an MLflow sqlite store, and the test finds the stage process the way `ps` would (its command line in /proc)
+before signalling it.
 """
 
 import json
@@ -163,3 +165,88 @@ def test_ctrl_c_stops_every_process_marks_the_run_killed_and_leaves_a_resumable_
     finished = fine_tune_stage(json.loads((stage_dir / "request.json").read_text()))
     assert 0 < finished["resumed_epochs"] < FREEZE_EPOCHS + EPOCHS
     assert len(json.loads(Path(finished["history"]).read_text())) == FREEZE_EPOCHS + EPOCHS
+
+
+def parent_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rfind(")") + 2 :].split()[1])
+
+
+def worker_done_with_crash(log: Path) -> bool:
+    """The worker's own handling of the crashed process has ended (it logs this last, after the on_crashed hooks)."""
+    last_line = "prefect.flow_runs.worker - Check whether the flow run exceeded its memory"
+    return last_line in log.read_text(errors="replace")
+
+
+def wait_until(condition, what: str, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while not (found := condition()):
+        assert time.monotonic() < deadline, f"{what} did not happen in {timeout} s"
+        time.sleep(0.2)
+    return found
+
+
+@pytest.mark.timeout(900)
+def test_a_deployment_run_whose_process_is_killed_crashes_fails_its_mlflow_run_and_prefect_retry_resumes_it(
+    archive, tmp_path, mlflow_uri
+):
+    """The flow run's own process is SIGKILLed under a real worker (the host's OOM killer, a lost machine)."""
+    from tests.support.prefect_server import prefect_server
+
+    out_dir = (tmp_path / "runs").resolve()
+    worker_env = {
+        "MLFLOW_TRACKING_URI": mlflow_uri,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PETS_HOME": str(tmp_path / "pets-home"),
+        "TORCH_HOME": str(tmp_path / "torch-home"),
+    }
+    parameters = {
+        **TINY, "data_url": archive.as_uri(), "epochs": EPOCHS, "base_lr": 1e-3, "baseline": False, "retrain": False,
+        "out_dir": str(out_dir), "cache_dir": str(tmp_path / "cache"),
+    }  # fmt: skip
+    client = mlflow.MlflowClient(mlflow_uri)
+
+    def mlflow_runs():
+        experiment = client.get_experiment_by_name("pets-test")
+        return client.search_runs([experiment.experiment_id]) if experiment else []
+
+    with prefect_server(tmp_path / "prefect") as server:
+        for pool in ("gpu", "cpu"):
+            server.cli("work-pool", "create", pool, "--type", "process", "--overwrite")
+        server.cli("--no-prompt", "deploy", "--all")
+        (deployment,) = server.post("/deployments/filter", {"deployments": {"name": {"any_": ["train-resnet50"]}}})
+        server.start_worker("gpu", work_queue="training", extra_env=worker_env)
+        flow_run = server.post(f"/deployments/{deployment['id']}/create_flow_run", {"parameters": parameters})
+
+        wait_for_first_checkpoint(out_dir, "probe")
+        (stage_pid,) = stage_process_ids(out_dir)
+        flow_run_pid = parent_of(stage_pid)
+        os.kill(flow_run_pid, signal.SIGKILL)
+
+        crashed = server.wait_for_final_state(flow_run["id"], timeout=120)
+        assert crashed["state_type"] == "CRASHED", f"{crashed['state']}\n{server.diagnostics()}"
+        wait_until(lambda: not stage_process_ids(out_dir), "the stage process dying with its parent", 10)
+        # The worker ran the flow's on_crashed hook: the MLflow run is not left RUNNING.
+        (run,) = wait_until(lambda: [r for r in mlflow_runs() if r.info.status == "FAILED"], "the run FAILED")
+        checkpoint = last_checkpoint(out_dir / run.info.run_id / "probe")
+        epochs_done = len(torch.load(checkpoint, map_location="cpu", weights_only=True)["history"])
+        assert 1 <= epochs_done < FREEZE_EPOCHS + EPOCHS
+
+        # When the worker is done with the dead process (after the hooks) it proposes Crashed once more: a retry
+        # scheduled before then is overwritten (seen with Prefect 3.9.1), so retry after it, as a user would.
+        (worker,) = server.workers
+        wait_until(lambda: worker_done_with_crash(worker.log), "the worker's end of the crashed run", 60)
+        server.cli("flow-run", "retry", flow_run["id"])  # Prefect's own retry: same flow run, scheduled again
+        final = server.wait_for_final_state(flow_run["id"], timeout=300)
+        assert final["state_type"] == "COMPLETED", f"{final['state']}\n{server.diagnostics()}"
+        assert final["run_count"] == 2
+        logs = server.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run["id"]]}}})
+
+    # One MLflow run for the flow run: the same one, resumed and FINISHED; every probe epoch logged once.
+    (resumed,) = mlflow_runs()
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    steps = [point.step for point in client.get_metric_history(run.info.run_id, "probe/valid_loss")]
+    assert sorted(steps) == list(range(FREEZE_EPOCHS + EPOCHS))
+    assert resumed.data.tags["model_version"] == "1"
+    messages = "\n".join(entry["message"] for entry in logs)
+    assert f"probe: resumed after {epochs_done} complete epochs" in messages
