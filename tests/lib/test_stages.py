@@ -1,0 +1,86 @@
+"""lib/stages.py: a stage resumes from its checkpoint, reports every epoch once and dies with its parent."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lib.inference import read_export
+from lib.stages import fine_tune_stage, last_checkpoint, recipe_settings
+from tests.support.pets import presized_pets
+
+PRESIZE = 40
+
+
+@pytest.fixture(scope="module")
+def request_for(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pets")
+    manifest, vocab = presized_pets(root, breeds=3, images_per_breed=8, presize=PRESIZE)
+    manifest.to_csv(root / "presized.csv", index=False)
+    (root / "vocab.json").write_text(json.dumps(list(vocab)))
+    recipe = recipe_settings(
+        arch="resnet18", pretrained=False, presize=PRESIZE, size=32, min_scale=0.75, bs=8, seed=7, fp16=False,
+        device="cpu", workers=0,
+    )  # fmt: skip
+
+    def request(stage_dir: Path) -> dict:
+        return {
+            "manifest_path": str(root / "presized.csv"), "vocab_path": str(root / "vocab.json"), "recipe": recipe,
+            "stage_dir": str(stage_dir), "epochs": 2, "base_lr": 1e-3, "freeze_epochs": 1, "lr_mult": 100,
+        }  # fmt: skip
+
+    return request
+
+
+def test_a_stage_run_again_resumes_from_its_checkpoint_and_reports_the_restored_epochs(request_for, tmp_path):
+    reported = []
+    first = fine_tune_stage(request_for(tmp_path / "probe"), lambda row, step: reported.append((step, row.phase)))
+    assert reported == [(0, "frozen"), (1, "unfrozen"), (2, "unfrozen")] and first["resumed_epochs"] == 0
+    assert last_checkpoint(tmp_path / "probe").is_file()
+    model = read_export(Path(first["model"])).model.state_dict()
+
+    # Its checkpoint already holds the whole stage: nothing is trained, every epoch is reported for a listener that
+    # missed some, and the exported model is the same.
+    again = []
+    second = fine_tune_stage(request_for(tmp_path / "probe"), lambda row, step: again.append((step, row.phase)))
+    assert again == reported and second["resumed_epochs"] == 3
+    assert second["error_rate"] == first["error_rate"] and second["valid_loss"] == first["valid_loss"]
+    for name, tensor in read_export(Path(second["model"])).model.state_dict().items():
+        assert torch.equal(tensor, model[name]), name
+
+
+def _gone(pid: int) -> bool:
+    """True when the process has exited (a zombie no one reaps counts as exited)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rfind(")") + 2] in "ZX"
+
+
+def test_a_stage_process_dies_when_its_parent_is_killed():
+    # A parent that starts a child watching it, prints the child's PID and dies at once, as a killed flow run does.
+    child = (
+        "import os, time\nfrom lib.stages import _exit_with_parent\n_exit_with_parent(os.getppid())\n"
+        "print(os.getpid(), flush=True)\ntime.sleep(120)\n"
+    )
+    parent = (
+        "import os, subprocess, sys\n"
+        f"child = subprocess.Popen([sys.executable, '-c', {child!r}], stdout=subprocess.PIPE)\n"
+        "print(child.stdout.readline().decode().strip(), flush=True)\nos._exit(0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=120, check=True)
+    orphan = int(done.stdout.strip())
+    deadline = time.monotonic() + 10
+    try:
+        while not _gone(orphan):
+            assert time.monotonic() < deadline, "the stage process outlived its parent by 10 s"
+            time.sleep(0.1)
+    finally:
+        if not _gone(orphan):
+            os.kill(orphan, 9)
