@@ -106,6 +106,19 @@ def build_trainer(
         )
 
 
+def release_device_memory() -> None:
+    """Hand the GPU memory this process cached back to the driver, for the stage process that trains next.
+
+    PyTorch's caching allocator keeps freed blocks (the LR finder's model and activations) reserved, and a stage
+    process is another CUDA context that cannot use them.
+    """
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def last_checkpoint(stage_dir: Path) -> Path:
     """Where a stage keeps the checkpoint of its last complete epoch."""
     return Path(stage_dir) / CHECKPOINTS / LAST_CHECKPOINT

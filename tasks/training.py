@@ -25,7 +25,7 @@ import lib.stages
 from lib.files import write_text_atomically
 from lib.inference import read_export
 from lib.lr_finder import plot_lr_find
-from lib.stages import build_trainer, last_checkpoint
+from lib.stages import build_trainer, last_checkpoint, release_device_memory
 from lib.training import EpochStats
 from tasks import tracking
 
@@ -193,6 +193,8 @@ def find_learning_rate(manifest_path: str, vocab_path: str, out_dir: str, recipe
     """
     trainer = build_trainer(manifest_path, vocab_path, recipe)
     result = trainer.lr_find(methods=LR_FIND_METHODS)
+    del trainer
+    release_device_memory()  # the probe trains next, in its own process: leave it the GPU
     plot = plot_lr_find(result, Path(out_dir) / "lr_find" / "lr_find.png")
     return {
         "suggestion": result.suggestions["valley"].lr,

@@ -84,3 +84,16 @@ def test_a_stage_process_dies_when_its_parent_is_killed():
     finally:
         if not _gone(orphan):
             os.kill(orphan, 9)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_released_gpu_memory_is_returned_to_the_driver_for_the_next_stage_process():
+    from lib.stages import release_device_memory
+
+    activations = torch.empty(64, 2**20, device="cuda")
+    assert torch.cuda.memory_reserved() >= activations.nbytes
+    del activations
+    assert torch.cuda.memory_reserved() > 0  # freed but still cached by this process
+    release_device_memory()
+    assert torch.cuda.memory_reserved() == 0
