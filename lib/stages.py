@@ -138,7 +138,7 @@ def fine_tune_stage(request: Mapping[str, Any], on_epoch_end: Callable[[EpochSta
     recipe = request["recipe"]
     checkpoint = last_checkpoint(stage_dir)
     resume_from = checkpoint if checkpoint.is_file() else None
-    trained: list[EpochStats] = []
+    trained = 0  # epochs this call trains (the rest of the history was restored from the checkpoint)
     reported = 0  # rows of the trainer's history (restored ones included) handed to on_epoch_end so far
 
     def report_history() -> None:
@@ -149,7 +149,8 @@ def fine_tune_stage(request: Mapping[str, Any], on_epoch_end: Callable[[EpochSta
         reported = len(trainer.history)
 
     def report(row: EpochStats) -> None:
-        trained.append(row)
+        nonlocal trained
+        trained += 1
         report_history()
 
     trainer = build_trainer(
@@ -179,7 +180,7 @@ def fine_tune_stage(request: Mapping[str, Any], on_epoch_end: Callable[[EpochSta
         "base_lr": request["base_lr"],
         "epochs": epochs,
         "freeze_epochs": freeze_epochs,
-        "resumed_epochs": len(history) - len(trained),
+        "resumed_epochs": len(history) - trained,
     }
 
 

@@ -131,7 +131,7 @@ def start_run(experiment: str, run_name: str, tags: Mapping[str, str]) -> dict:
     """
     experiment_id = ensure_experiment(experiment)
     client = _client()
-    earlier = runs_of_flow_run(experiment, tags[FLOW_RUN_TAG]) if FLOW_RUN_TAG in tags else []
+    earlier = runs_of_flow_run(experiment_id, tags[FLOW_RUN_TAG]) if FLOW_RUN_TAG in tags else []
     if earlier:
         run = earlier[0]
         client.update_run(run.info.run_id, status="RUNNING")
@@ -141,26 +141,25 @@ def start_run(experiment: str, run_name: str, tags: Mapping[str, str]) -> dict:
         "run_id": run.info.run_id,
         "experiment_id": experiment_id,
         "artifact_uri": run.info.artifact_uri,
-        "resumed": bool(earlier),
         "params": dict(run.data.params),
     }
 
 
-def runs_of_flow_run(experiment: str, flow_run_id: str, *, status: str | None = None) -> list:
+def runs_of_flow_run(experiment_id: str, flow_run_id: str, *, status: str | None = None) -> list:
     """Return the MLflow runs a Prefect flow run created in the experiment (optionally only those with a status)."""
-    client = _client()
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return []
     query = f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'" + (f" and attributes.status = '{status}'" if status else "")
-    return client.search_runs([found.experiment_id], filter_string=query)
+    return _client().search_runs([experiment_id], filter_string=query)
 
 
 def fail_orphaned_runs(experiment: str, flow_run_id: str) -> list[str]:
     """Mark the flow run's MLflow runs that are still RUNNING as FAILED (its process died); return their ids."""
-    orphans = [run.info.run_id for run in runs_of_flow_run(experiment, flow_run_id, status="RUNNING")]
+    client = _client()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    orphans = [run.info.run_id for run in runs_of_flow_run(found.experiment_id, flow_run_id, status="RUNNING")]
     for run_id in orphans:
-        _client().set_terminated(run_id, status="FAILED")
+        client.set_terminated(run_id, status="FAILED")
     return orphans
 
 

@@ -8,6 +8,7 @@ fine-tuning stages run in a process of their own, so a stage killed mid-epoch is
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -21,7 +22,6 @@ from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-import lib.stages
 from lib.files import write_text_atomically
 from lib.inference import read_export
 from lib.lr_finder import plot_lr_find
@@ -38,6 +38,7 @@ REQUEST_FILE = "request.json"
 STAGE_RETRIES = 2
 STAGE_RETRY_DELAY_SECONDS = 2
 STOP_GRACE_SECONDS = 10  # how long a stage process gets to stop on SIGINT before it is killed
+PROJECT_ROOT = str(Path(__file__).resolve().parents[1])  # where `python -m lib.stages` finds the lib package
 
 
 class StageKilledError(RuntimeError):
@@ -126,7 +127,7 @@ def run_stage_process(request_path: Path, on_epoch: Callable[[EpochStats, int], 
     Raises StageKilledError when a signal kills the process, the stage's own exception when it fails (rebuilt from
     its type and message), and stops the process before re-raising anything that interrupts the wait (Ctrl-C).
     """
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([_PROJECT_ROOT, os.environ.get("PYTHONPATH", "")])}
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([PROJECT_ROOT, os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "lib.stages", str(request_path)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=environment)
     result = error = None
@@ -155,9 +156,6 @@ def run_stage_process(request_path: Path, on_epoch: Callable[[EpochStats, int], 
     return result
 
 
-_PROJECT_ROOT = str(Path(lib.stages.__file__).resolve().parents[1])
-
-
 def _stop(process: subprocess.Popen) -> None:
     """Make sure the stage process is gone: SIGINT first (it stops between batches), then SIGKILL."""
     if process.poll() is None:
@@ -174,8 +172,6 @@ def _rebuilt(error: Mapping[str, str]) -> Exception:
     """Raise the stage's exception again in this process: the same type for the project's and Python's errors."""
     module, _, name = error["type"].rpartition(".")
     if module == "builtins" or module.startswith("lib."):
-        import importlib
-
         found = getattr(importlib.import_module(module), name, None)
         if isinstance(found, type) and issubclass(found, Exception):
             try:

@@ -24,6 +24,7 @@ from lib.inference import read_export
 from lib.stages import fine_tune_stage, last_checkpoint
 from lib.synthetic import make_pets_dataset, pack_tgz
 from tests.flows.test_train_flow import TINY, task_runs
+from tests.support.processes import parent_pid
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -167,11 +168,6 @@ def test_ctrl_c_stops_every_process_marks_the_run_killed_and_leaves_a_resumable_
     assert len(json.loads(Path(finished["history"]).read_text())) == FREEZE_EPOCHS + EPOCHS
 
 
-def parent_of(pid: int) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat[stat.rfind(")") + 2 :].split()[1])
-
-
 def worker_done_with_crash(log: Path) -> bool:
     """The worker's own handling of the crashed process has ended (it logs this last, after the on_crashed hooks)."""
     last_line = "prefect.flow_runs.worker - Check whether the flow run exceeded its memory"
@@ -220,7 +216,7 @@ def test_a_deployment_run_whose_process_is_killed_crashes_fails_its_mlflow_run_a
 
         wait_for_first_checkpoint(out_dir, "probe")
         (stage_pid,) = stage_process_ids(out_dir)
-        flow_run_pid = parent_of(stage_pid)
+        flow_run_pid = parent_pid(stage_pid)
         os.kill(flow_run_pid, signal.SIGKILL)
 
         crashed = server.wait_for_final_state(flow_run["id"], timeout=120)

@@ -13,6 +13,7 @@ import torch
 from lib.inference import read_export
 from lib.stages import fine_tune_stage, last_checkpoint, recipe_settings
 from tests.support.pets import presized_pets
+from tests.support.processes import has_exited
 
 PRESIZE = 40
 
@@ -54,15 +55,6 @@ def test_a_stage_run_again_resumes_from_its_checkpoint_and_reports_the_restored_
         assert torch.equal(tensor, model[name]), name
 
 
-def _gone(pid: int) -> bool:
-    """True when the process has exited (a zombie no one reaps counts as exited)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rfind(")") + 2] in "ZX"
-
-
 def test_a_stage_process_dies_when_its_parent_is_killed():
     # A parent that starts a child watching it, prints the child's PID and dies at once, as a killed flow run does.
     child = (
@@ -78,11 +70,11 @@ def test_a_stage_process_dies_when_its_parent_is_killed():
     orphan = int(done.stdout.strip())
     deadline = time.monotonic() + 10
     try:
-        while not _gone(orphan):
+        while not has_exited(orphan):
             assert time.monotonic() < deadline, "the stage process outlived its parent by 10 s"
             time.sleep(0.1)
     finally:
-        if not _gone(orphan):
+        if not has_exited(orphan):
             os.kill(orphan, 9)
 
 

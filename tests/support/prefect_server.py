@@ -29,6 +29,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.support.processes import parent_pid, start_time
+
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT = Path(sys.executable).parent / "prefect"
 FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
@@ -48,16 +50,6 @@ def _tail(path: Path, lines: int = 60) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks (field 22 of /proc/PID/stat), or None when it is gone or a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return None if fields[0] in ("Z", "X") else fields[19]
-
-
 def _descendants(root_pid: int) -> list[tuple[int, str]]:
     """(pid, start time) of every live descendant of root_pid, read from /proc (empty where there is no /proc)."""
     children: dict[int, list[int]] = {}
@@ -65,16 +57,13 @@ def _descendants(root_pid: int) -> list[tuple[int, str]]:
         for entry in os.scandir("/proc"):
             if not entry.name.isdigit():
                 continue
-            try:
-                stat = Path(entry.path, "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
+            ppid = parent_pid(int(entry.name))
+            if ppid is not None:
+                children.setdefault(ppid, []).append(int(entry.name))
     found, stack = [], list(children.get(root_pid, []))
     while stack:
         pid = stack.pop()
-        started = _start_time(pid)
+        started = start_time(pid)
         if started is not None:
             found.append((pid, started))
         stack.extend(children.get(pid, []))
@@ -83,7 +72,7 @@ def _descendants(root_pid: int) -> list[tuple[int, str]]:
 
 def _signal_if_same(pid: int, started: str, signum: int) -> bool:
     """Send signum to pid unless it has exited or its PID now belongs to another process; True if sent."""
-    if _start_time(pid) != started:
+    if start_time(pid) != started:
         return False
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signum)
@@ -131,11 +120,11 @@ class ManagedProcess:
         # Whatever is left of the group we created (pgid == our child's pid, start_new_session=True).
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
-        survivors = [(pid, started) for pid, started in descendants if _start_time(pid) == started]
+        survivors = [(pid, started) for pid, started in descendants if start_time(pid) == started]
         for pid, started in survivors:
             _signal_if_same(pid, started, signal.SIGTERM)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_start_time(pid) == started for pid, started in survivors):
+        while time.monotonic() < deadline and any(start_time(pid) == started for pid, started in survivors):
             time.sleep(0.1)
         for pid, started in survivors:
             _signal_if_same(pid, started, signal.SIGKILL)
