@@ -23,14 +23,14 @@ import pandas as pd
 import torch
 from torch import nn
 
-from lib.cleaning import clean_images
-from lib.labelling import label_images
-from lib.model import create_model
-from lib.precision import resolve_precision
-from lib.presize import PresizeCache, presize_images
-from lib.splitting import split_manifest
-from lib.synthetic import make_pets_dataset
-from lib.training import make_optimizer, resolve_device
+from lib.data.cleaning import clean_images
+from lib.data.labelling import label_images
+from lib.data.presize import PresizeCache, presize_images
+from lib.data.splitting import split_manifest
+from lib.data.synthetic import make_pets_dataset
+from lib.train.model import create_model
+from lib.train.precision import resolve_precision
+from lib.train.trainer import make_optimizer, resolve_device
 
 BENCH_DIR = Path(os.environ.get("PETS_BENCH_DIR", "outputs/bench"))
 # Oxford-IIIT Pet originals are mostly 300-500 px on a side (fastbook ch. 5); the generated ones are drawn alike.

@@ -31,9 +31,9 @@ from bench.common import (
     synchronize,
     timed,
 )
-from lib.augment import aug_transforms
-from lib.loading import default_workers, make_loader
-from lib.precision import use_channels_last
+from lib.data.augment import aug_transforms
+from lib.data.loading import default_workers, make_loader
+from lib.train.precision import use_channels_last
 
 TARGET_WARM_TO_MODEL = 5.0  # issue 5: the warm loader delivers at least 5x what the model consumes
 

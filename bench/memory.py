@@ -15,7 +15,7 @@ import gc
 import torch
 
 from bench.common import base_parser, bench_device, bench_pets, current_rss_mb, emit, peak_rss_mb, rounded
-from lib.training import vision_trainer
+from lib.train.trainer import vision_trainer
 
 GROWTH_TOLERANCE = 0.02  # of the peak RSS: allocator and page-cache noise, far below one leaked batch per step
 

@@ -27,7 +27,7 @@ from bench.common import (
     reference_model,
     rounded,
 )
-from lib.training import vision_trainer
+from lib.train.trainer import vision_trainer
 
 TARGET_RATIO = 0.85  # issue 5: at least 0.85x the channels_last model-only loop
 

@@ -51,8 +51,8 @@ from bench.common import (
     synchronize,
     timed,
 )
-from lib.precision import resolve_precision
-from lib.training import Trainer, vision_trainer
+from lib.train.precision import resolve_precision
+from lib.train.trainer import Trainer, vision_trainer
 
 BASE_LR = 2e-3  # fine_tune's default base_lr, passed explicitly on both sides
 FREEZE_EPOCHS = 1  # fine_tune's default
@@ -60,7 +60,7 @@ BOOK_BASELINE_EPOCHS = 2  # fastbook ch. 5's first model: learn.fine_tune(2)
 MIN_SCALE = 0.75  # fastbook ch. 5: aug_transforms(size=224, min_scale=0.75)
 SEED = 0
 TARGET_SPEEDUP = 1.5
-# Both finders raise any N below 6 to 6 (lib.training.MIN_LR_FIND_ITERATIONS), so a smaller N would not run N.
+# Both finders raise any N below 6 to 6 (lib.train.trainer.MIN_LR_FIND_ITERATIONS), so a smaller N would not run N.
 LEAST_LR_FIND_ITERATIONS = 6
 FASTAI_MISSING = "fastai is an optional benchmark dependency: pip install -e '.[bench]'"
 # --quick: a smoke test in well under a minute of training. Explicit flags still win over these.

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from bench.common import BENCH_DIR, emit, generated_pets, rounded
+from lib.data.synthetic import pack_tgz
 from lib.recipe import DEFAULT_PRESIZE
-from lib.synthetic import pack_tgz
 
 TARGET_SHARE = 0.05  # issue 5: the warm data stages take < 5% of their cold time
 

@@ -295,7 +295,7 @@ def predict(
     missing = [str(image) for image in images if not image.is_file()]
     if missing:
         _fail(f"no such image file: {', '.join(missing)}")
-    from lib.serving import serving_batch
+    from lib.serve.serving import serving_batch
     from tasks.tracking import load_served_model, tracking_uri
 
     try:

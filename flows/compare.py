@@ -22,7 +22,7 @@ from prefect.futures import wait
 
 from flows.defaults import DEFAULT_EXPERIMENT, DEFAULT_REGISTERED_MODEL
 from flows.train import Architecture, train
-from lib.paths import default_output_dir
+from lib.common.paths import default_output_dir
 from lib.recipe import DEFAULT_ARCHS
 from tasks import tracking
 

@@ -25,7 +25,7 @@ from flows.defaults import (
     DEMO_SIZE,
 )
 from flows.train import Architecture, train
-from lib.paths import default_output_dir
+from lib.common.paths import default_output_dir
 from tasks.data import make_synthetic_archive
 
 

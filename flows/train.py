@@ -15,8 +15,8 @@ from pydantic import Field
 
 from flows.data import data_stage
 from flows.defaults import DEFAULT_EXPERIMENT, DEFAULT_REGISTERED_MODEL
-from lib.download import PETS_URL, redact_url
-from lib.paths import default_output_dir
+from lib.common.paths import default_output_dir
+from lib.data.download import PETS_URL, redact_url
 from lib.recipe import (
     ARCHITECTURES,
     BASELINE_EPOCHS,
@@ -33,7 +33,7 @@ from lib.recipe import (
     DEFAULT_SIZE,
     DEFAULT_VALID_PCT,
 )
-from lib.stages import read_history, recipe_settings
+from lib.train.stages import read_history, recipe_settings
 from tasks import tracking
 from tasks.training import evaluate_classifier, find_learning_rate, fine_tune_classifier
 

@@ -14,9 +14,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from lib import cleaning, download, labelling, presize, splitting, summary, synthetic
-from lib.augment import AugmentSettings, aug_transforms
-from lib.digests import DIGESTS_FILE, FileDigests
+from lib.data import cleaning, download, labelling, presize, splitting, summary, synthetic
+from lib.data.augment import AugmentSettings, aug_transforms
+from lib.data.digests import DIGESTS_FILE, FileDigests
 
 MANIFEST_FILE = "manifest.csv"
 UNMATCHED_FILE = "unmatched.txt"

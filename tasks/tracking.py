@@ -22,8 +22,8 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from lib.download import redact_url
-from lib.training import EpochStats
+from lib.data.download import redact_url
+from lib.train.trainer import EpochStats
 
 # The repository's mlflow/ folder: sqlite store and artifacts, both git-ignored (MLflow 3.17 refuses ./mlruns).
 MLFLOW_DIR = Path(__file__).resolve().parents[1] / "mlflow"
@@ -275,8 +275,8 @@ def log_classifier(run_id: str, model_path: str, example_images: Sequence[str], 
     import mlflow
     import mlflow.pytorch
 
-    from lib.inference import read_export
-    from lib.serving import serving_batch, serving_model
+    from lib.serve.inference import read_export
+    from lib.serve.serving import serving_batch, serving_model
 
     exported = read_export(Path(model_path))
     example = serving_batch(list(example_images)[:EXAMPLE_IMAGES], exported.presize)

@@ -1,7 +1,7 @@
 """Prefect tasks of the training stage: each runs one lib step over the presized manifest, writes its outputs under
 `<out_dir>/<stage>/` and returns paths and small numbers (never a model or a loader).
 
-`recipe` is the plain dict of model and data settings every stage shares (`lib.stages.recipe_settings`). The
+`recipe` is the plain dict of model and data settings every stage shares (`lib.train.stages.recipe_settings`). The
 fine-tuning stages run in a process of their own, so a stage killed mid-epoch is retried and resumes (see
 `fine_tune_classifier`).
 """
@@ -22,11 +22,11 @@ from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from lib.files import write_text_atomically
-from lib.inference import read_export
-from lib.lr_finder import plot_lr_find
-from lib.stages import build_trainer, last_checkpoint, release_device_memory
-from lib.training import EpochStats
+from lib.common.files import write_text_atomically
+from lib.serve.inference import read_export
+from lib.train.lr_finder import plot_lr_find
+from lib.train.stages import build_trainer, last_checkpoint, release_device_memory
+from lib.train.trainer import EpochStats
 from tasks import tracking
 
 LR_FIND_METHODS = ("valley", "steep", "minimum", "slide")  # valley first: fastai 2.8's default suggestion
@@ -38,7 +38,7 @@ REQUEST_FILE = "request.json"
 STAGE_RETRIES = 2
 STAGE_RETRY_DELAY_SECONDS = 2
 STOP_GRACE_SECONDS = 10  # how long a stage process gets to stop on SIGINT before it is killed
-PROJECT_ROOT = str(Path(__file__).resolve().parents[1])  # where `python -m lib.stages` finds the lib package
+PROJECT_ROOT = str(Path(__file__).resolve().parents[1])  # where `python -m lib.train.stages` finds the lib package
 
 
 class StageKilledError(RuntimeError):
@@ -94,10 +94,10 @@ def fine_tune_classifier(
 ) -> dict:
     """Fine-tune a fresh model the fastai way (frozen epochs, then unfrozen with discriminative LRs); export it.
 
-    The stage trains in its own process (`lib.stages`), writing `<out_dir>/<stage>/checkpoints/last.pt` after every
-    epoch. If that process is killed, Prefect retries this task and the new attempt resumes from the checkpoint, so
-    the result equals an uninterrupted run's. Every epoch is logged to MLflow as `<stage>/<metric>` at its step within
-    the stage. Returns the exported model's path, the history file, the loss-curve plot and the stage's numbers.
+    The stage trains in its own process (`lib.train.stages`), writing `<out_dir>/<stage>/checkpoints/last.pt` after
+    every epoch. If that process is killed, Prefect retries this task and the new attempt resumes from the checkpoint,
+    so the result equals an uninterrupted run's. Every epoch is logged to MLflow as `<stage>/<metric>` at its step
+    within the stage. Returns the exported model's path, the history file, the loss-curve plot and the stage's numbers.
     """
     stage_dir = Path(out_dir) / stage
     if recipe["seed"] is None:  # a resumed attempt must draw what the first one drew: one seed per MLflow run
@@ -122,13 +122,13 @@ def fine_tune_classifier(
 
 
 def run_stage_process(request_path: Path, on_epoch: Callable[[EpochStats, int], None]) -> dict:
-    """Run `python -m lib.stages <request>`, pass each epoch to on_epoch(row, step), return the stage's result.
+    """Run `python -m lib.train.stages <request>`, pass each epoch to on_epoch(row, step), return the stage's result.
 
     Raises StageKilledError when a signal kills the process, the stage's own exception when it fails (rebuilt from
     its type and message), and stops the process before re-raising anything that interrupts the wait (Ctrl-C).
     """
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([PROJECT_ROOT, os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "lib.stages", str(request_path)]
+    command = [sys.executable, "-m", "lib.train.stages", str(request_path)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=environment)
     result = error = None
     try:

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from flows.data import prepare_data
-from lib.labelling import NoImagesError
-from lib.synthetic import BROKEN_FILES, ODD_MODES, make_pets_dataset
+from lib.data.labelling import NoImagesError
+from lib.data.synthetic import BROKEN_FILES, ODD_MODES, make_pets_dataset
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

@@ -11,8 +11,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from flows.cli import app, ui_command
-from lib.inference import Classifier
-from lib.synthetic import make_pets_dataset, pack_tgz
+from lib.data.synthetic import make_pets_dataset, pack_tgz
+from lib.serve.inference import Classifier
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

@@ -14,8 +14,8 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.exceptions import ParameterTypeError
 
 from flows.compare import COLUMNS, compare
-from lib.synthetic import make_pets_dataset, pack_tgz
-from lib.weights import checkpoint_path, weights_for
+from lib.data.synthetic import make_pets_dataset, pack_tgz
+from lib.train.weights import checkpoint_path, weights_for
 from tasks.tracking import champion_version
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

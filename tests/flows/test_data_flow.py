@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.data import prepare_data
-from lib.synthetic import BROKEN_FILES, ODD_MODES, make_pets_dataset, pack_tgz
+from lib.data.synthetic import BROKEN_FILES, ODD_MODES, make_pets_dataset, pack_tgz
 from tests.support.http_server import serve_directory
 
 BREEDS, PER_BREED, PRESIZE = 4, 10, 64
@@ -195,7 +195,7 @@ def test_two_flow_runs_sharing_one_cache_at_the_same_time_both_finish_and_leave_
 
     from prefect.settings import PREFECT_API_URL
 
-    from lib.presize import PresizeCache
+    from lib.data.presize import PresizeCache
 
     cache = tmp_path / "cache"
     with serve_directory(archive.parent) as server:

@@ -15,7 +15,7 @@ import mlflow
 import pytest
 import yaml
 
-from lib.synthetic import make_pets_dataset, pack_tgz
+from lib.data.synthetic import make_pets_dataset, pack_tgz
 from tests.support.prefect_server import prefect_server
 
 ROOT = Path(__file__).resolve().parents[2]

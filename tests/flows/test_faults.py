@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from flows.train import train
-from lib.inference import read_export
-from lib.stages import fine_tune_stage, last_checkpoint
-from lib.synthetic import make_pets_dataset, pack_tgz
+from lib.data.synthetic import make_pets_dataset, pack_tgz
+from lib.serve.inference import read_export
+from lib.train.stages import fine_tune_stage, last_checkpoint
 from tests.flows.test_train_flow import TINY, task_runs
 from tests.support.processes import parent_pid
 
@@ -40,7 +40,7 @@ def archive(tmp_path_factory):
 
 
 def stage_process_ids(out_dir: Path) -> list[int]:
-    """PIDs of the `python -m lib.stages` processes training under out_dir, read from /proc as `ps` does."""
+    """PIDs of the `python -m lib.train.stages` processes training under out_dir, read from /proc as `ps` does."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -49,7 +49,7 @@ def stage_process_ids(out_dir: Path) -> list[int]:
             arguments = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:  # the process ended while we looked
             continue
-        if "lib.stages" in arguments and any(argument.startswith(str(out_dir)) for argument in arguments):
+        if "lib.train.stages" in arguments and any(argument.startswith(str(out_dir)) for argument in arguments):
             found.append(int(entry.name))
     return found
 

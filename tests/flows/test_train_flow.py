@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 from flows.train import SUMMARY_METRICS, TRACKED_PARAMETERS, train
-from lib.inference import Classifier
-from lib.synthetic import make_pets_dataset, pack_tgz
-from lib.training import NonFiniteLossError
+from lib.data.synthetic import make_pets_dataset, pack_tgz
+from lib.serve.inference import Classifier
+from lib.train.trainer import NonFiniteLossError
 from tasks.tracking import DATASET_NAME, EPOCH_METRICS, load_served_model
 from tests.support.http_server import serve_directory
 
@@ -124,7 +124,7 @@ def test_the_flow_tracks_the_whole_recipe_in_one_mlflow_run_and_a_warm_rerun_reu
     vocab = json.loads((run_dir / "data" / "vocab.json").read_text())
     assert metadata["vocab"] == vocab and metadata["presize"] == 48
     images = manifest.loc[manifest["split"] == "valid", "path"].head(3).tolist()  # batch of 3: the example had 2
-    from lib.serving import serving_batch
+    from lib.serve.serving import serving_batch
 
     logits = np.asarray(served.predict(serving_batch(images, 48)))
     stage = "final" if (run_dir / "final").is_dir() else "probe"

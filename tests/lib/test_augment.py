@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from lib.augment import (
+from lib.data.augment import (
     DIHEDRAL_OPS,
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lib.checkpoint import CheckpointMismatchError, load_checkpoint, save_checkpoint
+from lib.train.checkpoint import CheckpointMismatchError, load_checkpoint, save_checkpoint
 
 PLAN = {"kind": "fit_one_cycle", "epochs": 3, "lr": [1e-3, 1e-3, 1e-3]}
 

@@ -1,4 +1,4 @@
-"""Tests for lib.cleaning: every failure gets its reason, conversions are kept, originals are untouched."""
+"""Tests for lib.data.cleaning: every failure gets its reason, conversions are kept, originals are untouched."""
 
 import hashlib
 import json
@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from lib.cleaning import KEPT_COLUMNS, REASONS, CleaningResult, clean_images, write_cleaning_report
-from lib.synthetic import BROKEN_FILES, ODD_MODES, make_pets_dataset, odd_mode_files
+from lib.data.cleaning import KEPT_COLUMNS, REASONS, CleaningResult, clean_images, write_cleaning_report
+from lib.data.synthetic import BROKEN_FILES, ODD_MODES, make_pets_dataset, odd_mode_files
 
 IMAGES_PER_BREED = 5
 MAX_PIXELS = 1_000_000  # synthetic pictures are at most 320x320; the too-large one is 2000x2000
@@ -227,7 +227,7 @@ def test_report_json_and_excluded_csv_are_written(result, tmp_path):
 
 
 def test_presize_cache_is_filled_while_cleaning_and_spares_a_second_decode(manifest, tmp_path):
-    from lib.presize import PresizeCache
+    from lib.data.presize import PresizeCache
 
     cache = PresizeCache(tmp_path / "cache", 48)
     first = clean_images(manifest, max_pixels=MAX_PIXELS, progress=False, presize_cache=cache)
@@ -248,7 +248,7 @@ def test_a_full_disk_stops_cleaning_with_a_clear_error_and_leaves_no_partial_cac
 ):
     import errno
 
-    from lib.presize import CacheWriteError, PresizeCache
+    from lib.data.presize import CacheWriteError, PresizeCache
 
     real_save = Image.Image.save
 

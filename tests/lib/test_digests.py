@@ -1,4 +1,4 @@
-"""Tests for lib.digests and the warm path of cleaning it enables: unchanged files are not read again."""
+"""Tests for lib.data.digests and the warm path of cleaning it enables: unchanged files are not read again."""
 
 import hashlib
 import os
@@ -7,11 +7,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lib import cleaning
-from lib.cleaning import clean_images
-from lib.digests import FileDigests, stamp_of
-from lib.presize import PresizeCache
-from lib.synthetic import make_pets_dataset
+from lib.data import cleaning
+from lib.data.cleaning import clean_images
+from lib.data.digests import FileDigests, stamp_of
+from lib.data.presize import PresizeCache
+from lib.data.synthetic import make_pets_dataset
 
 
 def test_a_digest_is_returned_only_while_the_file_keeps_its_stamp(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for lib/download.py against a real HTTP server on 127.0.0.1, with archives made by the tests."""
+"""Tests for lib/data/download.py against a real HTTP server on 127.0.0.1, with archives made by the tests."""
 
 import hashlib
 import io
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lib.download import (
+from lib.data.download import (
     ChecksumMismatchError,
     DownloadError,
     UnsafeArchiveError,
@@ -504,7 +504,7 @@ def test_cached_archive_digest_reads_only_the_cache(tmp_path):
 
 
 def test_urls_are_redacted_of_passwords_and_query_strings_before_they_are_logged():
-    from lib.download import redact_url
+    from lib.data.download import redact_url
 
     assert redact_url("https://s3.amazonaws.com/b/pets.tgz?X-Amz-Signature=abc&X-Amz-Credential=k") == (
         "https://s3.amazonaws.com/b/pets.tgz?<redacted>"

@@ -1,4 +1,4 @@
-"""Tests for lib.images: each Pillow mode becomes RGB with the right colours; oversized images are refused."""
+"""Tests for lib.data.images: each Pillow mode becomes RGB with the right colours; oversized images are refused."""
 
 import io
 import warnings
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, UnidentifiedImageError
 
-from lib.images import ImageTooLargeError, exif_orientation, open_rgb, to_rgb
+from lib.data.images import ImageTooLargeError, exif_orientation, open_rgb, to_rgb
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lib.inference import Classifier, export_classifier
+from lib.serve.inference import Classifier, export_classifier
 from tests.support.pets import presized_pets, tiny_trainer
 
 PRESIZE, SIZE = 40, 32

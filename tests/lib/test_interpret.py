@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lib.interpret import (
+from lib.evaluate.interpret import (
     Predictions,
     _confusion_figure,
     _loss_figure,

@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from lib.labelling import (
+from lib.data.labelling import (
     DEFAULT_LABEL_PATTERN,
     NoImagesError,
     UnmatchedFilesError,

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from lib.loading import CropSampler, crop_offset, make_loader, make_loaders
-from lib.presize import presize_images
+from lib.data.loading import CropSampler, crop_offset, make_loader, make_loaders
+from lib.data.presize import presize_images
 from tests.support.images import write_image
 
 SIZE = 32
@@ -103,7 +103,7 @@ def test_images_presized_for_another_size_are_refused(presized):
 
 
 def test_default_workers_leave_the_cores_to_a_cpu_model_and_feed_a_gpu(monkeypatch):
-    from lib import loading
+    from lib.data import loading
 
     monkeypatch.setattr(loading.os, "sched_getaffinity", lambda pid: set(range(2)))
     assert loading.default_workers("cpu") == 0 and loading.default_workers("cuda") == 2
@@ -113,7 +113,7 @@ def test_default_workers_leave_the_cores_to_a_cpu_model_and_feed_a_gpu(monkeypat
 
 
 def test_kept_decoded_images_give_the_same_batches_and_are_not_opened_again(presized, monkeypatch):
-    from lib import loading
+    from lib.data import loading
 
     train = presized[presized["split"] == "train"]
     from_disk = make_loader(train, size=SIZE, train=True, batch_size=3, workers=0, seed=1, keep_decoded=False)
@@ -128,7 +128,7 @@ def test_kept_decoded_images_give_the_same_batches_and_are_not_opened_again(pres
 
 
 def test_images_are_kept_decoded_only_without_workers_and_within_the_memory_budget(presized, monkeypatch):
-    from lib import loading
+    from lib.data import loading
 
     sized = presized.assign(width=60, height=40)  # every original 60x40: 48x32 at presize 32
     assert loading.decoded_bytes(sized, SIZE) == len(sized) * 48 * 32 * 3

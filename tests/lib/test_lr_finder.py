@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from lib.lr_finder import (
+from lib.train.lr_finder import (
     DivergenceCheck,
     LRFinderResult,
     SmoothedLoss,

@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from lib.model import (
+from lib.train.model import (
     ARCHITECTURES,
     AdaptiveConcatPool2d,
     body_features,

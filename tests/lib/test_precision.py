@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lib.precision import resolve_precision, use_channels_last
+from lib.train.precision import resolve_precision, use_channels_last
 
 
 def test_fp16_on_cpu_falls_back_to_fp32_and_says_so():

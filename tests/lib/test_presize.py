@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from lib.images import ImageFacts
-from lib.presize import PresizeCache, presize_file, presize_images, presized_shape
+from lib.data.images import ImageFacts
+from lib.data.presize import PresizeCache, presize_file, presize_images, presized_shape
 from tests.support.images import write_image
 
 

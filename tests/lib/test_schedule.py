@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib.schedule import (
+from lib.train.schedule import (
     DEFAULT_MOMS,
     OneCycle,
     Phase,

@@ -3,10 +3,10 @@ import pytest
 import torch
 from torch.export import Dim, export
 
-from lib.augment import aug_transforms
-from lib.inference import Classifier, export_classifier, read_export
-from lib.model import create_model
-from lib.serving import ServingModel, serving_batch, serving_model
+from lib.data.augment import aug_transforms
+from lib.serve.inference import Classifier, export_classifier, read_export
+from lib.serve.serving import ServingModel, serving_batch, serving_model
+from lib.train.model import create_model
 from tests.support.pets import presized_pets
 
 PRESIZE, SIZE = 40, 32

@@ -2,7 +2,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lib.splitting import random_split, split_manifest
+from lib.data.splitting import random_split, split_manifest
 
 
 def test_pets_split_sizes_match_the_book():

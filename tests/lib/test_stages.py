@@ -1,4 +1,4 @@
-"""lib/stages.py: a stage resumes from its checkpoint, reports every epoch once and dies with its parent."""
+"""lib/train/stages.py: a stage resumes from its checkpoint, reports every epoch once and dies with its parent."""
 
 import json
 import os
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib.inference import read_export
-from lib.stages import fine_tune_stage, last_checkpoint, recipe_settings
+from lib.serve.inference import read_export
+from lib.train.stages import fine_tune_stage, last_checkpoint, recipe_settings
 from tests.support.pets import presized_pets
 from tests.support.processes import has_exited
 
@@ -58,7 +58,7 @@ def test_a_stage_run_again_resumes_from_its_checkpoint_and_reports_the_restored_
 def test_a_stage_process_dies_when_its_parent_is_killed():
     # A parent that starts a child watching it, prints the child's PID and dies at once, as a killed flow run does.
     child = (
-        "import os, time\nfrom lib.stages import _exit_with_parent\n_exit_with_parent(os.getppid())\n"
+        "import os, time\nfrom lib.train.stages import _exit_with_parent\n_exit_with_parent(os.getppid())\n"
         "print(os.getpid(), flush=True)\ntime.sleep(120)\n"
     )
     parent = (
@@ -81,7 +81,7 @@ def test_a_stage_process_dies_when_its_parent_is_killed():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_released_gpu_memory_is_returned_to_the_driver_for_the_next_stage_process():
-    from lib.stages import release_device_memory
+    from lib.train.stages import release_device_memory
 
     activations = torch.empty(64, 2**20, device="cuda")
     assert torch.cuda.memory_reserved() >= activations.nbytes

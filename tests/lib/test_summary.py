@@ -4,11 +4,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lib.augment import aug_transforms
-from lib.labelling import DEFAULT_LABEL_PATTERN, label_images
-from lib.presize import presize_images
-from lib.splitting import split_manifest
-from lib.summary import collate_or_explain, data_summary, show_batch, show_training_batch
+from lib.data.augment import aug_transforms
+from lib.data.labelling import DEFAULT_LABEL_PATTERN, label_images
+from lib.data.presize import presize_images
+from lib.data.splitting import split_manifest
+from lib.data.summary import collate_or_explain, data_summary, show_batch, show_training_batch
 from tests.support.images import write_image
 
 PRESIZE = 40
@@ -104,7 +104,7 @@ def test_show_batch_honours_rows_and_columns(tmp_path):
 
 
 def test_show_batch_grid_is_drawn_once_per_cache_and_again_when_its_inputs_change(split, tmp_path, monkeypatch):
-    from lib import summary
+    from lib.data import summary
 
     drawn = []
     real = summary._draw_training_batch

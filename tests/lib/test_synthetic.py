@@ -1,4 +1,4 @@
-"""Tests for lib.synthetic: Oxford-IIIT Pet naming and layout, determinism, and a real class structure."""
+"""Tests for lib.data.synthetic: Oxford-IIIT Pet naming and layout, determinism, and a real class structure."""
 
 import os
 import re
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, UnidentifiedImageError
 
-from lib.images import open_rgb
-from lib.synthetic import (
+from lib.data.images import open_rgb
+from lib.data.synthetic import (
     BROKEN_FILES,
     CAT_BREEDS,
     DOG_BREEDS,

@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib.checkpoint import LAST_CHECKPOINT, CheckpointMismatchError
-from lib.model import create_model, parameter_groups
-from lib.schedule import OneCycle, group_lrs, lr_finder_lr
-from lib.training import NonFiniteLossError, Trainer, make_optimizer
+from lib.train.checkpoint import LAST_CHECKPOINT, CheckpointMismatchError
+from lib.train.model import create_model, parameter_groups
+from lib.train.schedule import OneCycle, group_lrs, lr_finder_lr
+from lib.train.trainer import NonFiniteLossError, Trainer, make_optimizer
 from tests.support.pets import presized_pets, tiny_trainer
 
 PRESIZE, SIZE, BATCH = 40, 32, 16
@@ -245,13 +245,13 @@ def test_fp16_training_on_cuda_uses_autocast_a_scaler_and_channels_last(pets):
 
 
 def _epoch(phase, epoch, error_rate, valid_loss=1.0):
-    from lib.training import EpochStats
+    from lib.train.trainer import EpochStats
 
     return EpochStats(phase, epoch, 4, 1.0, 1.0, valid_loss, error_rate, 1 - error_rate, 1.0, 1.0, 1e-3)
 
 
 def test_best_epoch_counts_unfrozen_epochs_up_to_the_lowest_error_with_ties_broken_by_loss_then_length():
-    from lib.training import best_epoch
+    from lib.train.trainer import best_epoch
 
     frozen = [_epoch("frozen", 0, 0.01)]  # a better frozen epoch does not count: the retrain length is unfrozen
     assert best_epoch(frozen + [_epoch("unfrozen", e, r) for e, r in enumerate([0.3, 0.1, 0.2, 0.1])]) == 2
@@ -281,8 +281,8 @@ def test_training_reads_losses_back_in_chunks_not_once_per_batch(pets, monkeypat
 
 
 def test_a_non_finite_loss_is_reported_at_its_own_batch_even_when_read_back_later():
-    from lib.lr_finder import SmoothedLoss
-    from lib.training import LossReadback
+    from lib.train.lr_finder import SmoothedLoss
+    from lib.train.trainer import LossReadback
 
     smoothed = []
     losses = LossReadback(SmoothedLoss(), smoothed, every=8)

@@ -13,8 +13,8 @@ import torch
 import torchvision
 from torchvision.models import ResNet18_Weights, ResNet34_Weights, ResNet50_Weights, Weights, WeightsEnum
 
-from lib.model import create_model
-from lib.weights import (
+from lib.train.model import create_model
+from lib.train.weights import (
     MIRROR_ENV,
     CheckpointLoadError,
     ChecksumMismatchError,

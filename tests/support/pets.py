@@ -7,12 +7,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from lib.cleaning import clean_images
-from lib.labelling import label_images
-from lib.presize import PresizeCache, presize_images
-from lib.splitting import split_manifest
-from lib.synthetic import make_pets_dataset
-from lib.training import Trainer, vision_trainer
+from lib.data.cleaning import clean_images
+from lib.data.labelling import label_images
+from lib.data.presize import PresizeCache, presize_images
+from lib.data.splitting import split_manifest
+from lib.data.synthetic import make_pets_dataset
+from lib.train.trainer import Trainer, vision_trainer
 
 
 def presized_pets(

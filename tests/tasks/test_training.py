@@ -1,11 +1,11 @@
 """How a training stage's failure comes back from its process into the Prefect task."""
 
-from lib.training import NonFiniteLossError
+from lib.train.trainer import NonFiniteLossError
 from tasks.training import StageFailedError, _rebuilt
 
 
 def test_the_projects_and_pythons_errors_come_back_with_their_own_type_and_message():
-    error = _rebuilt({"type": "lib.training.NonFiniteLossError", "message": "The training loss became nan"})
+    error = _rebuilt({"type": "lib.train.trainer.NonFiniteLossError", "message": "The training loss became nan"})
     assert type(error) is NonFiniteLossError and str(error) == "The training loss became nan"
     error = _rebuilt({"type": "builtins.ValueError", "message": "Lower --bs"})
     assert type(error) is ValueError and str(error) == "Lower --bs"

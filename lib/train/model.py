@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 
 from lib.recipe import ARCHITECTURES
-from lib.weights import load_pretrained
+from lib.train.weights import load_pretrained
 
 # Channels layer4 puts out: BasicBlock resnets 512, Bottleneck resnets 512 * expansion 4.
 _BODY_FEATURES = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}

@@ -3,8 +3,8 @@
 fastbook ch. 5 presizes with `item_tfms=Resize(460)` and decodes every original JPEG again in every epoch. Here each
 original is decoded once: its short side is scaled to the presize (bilinear, antialiased, as Pillow's BILINEAR is
 when it shrinks) and the result is cached under the sha256 of the original's bytes, beside the facts decoding found.
-Cleaning fills the cache as it verifies each image (lib/cleaning.py), so the presize stage usually only collects
-paths. The per-epoch random square crop (centre crop on validation) happens at load time (lib/loading.py).
+Cleaning fills the cache as it verifies each image (lib/data/cleaning.py), so the presize stage usually only collects
+paths. The per-epoch random square crop (centre crop on validation) happens at load time (lib/data/loading.py).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from lib.files import write_atomically, write_text_atomically
-from lib.images import ImageFacts, open_rgb_with_facts
+from lib.common.files import write_atomically, write_text_atomically
+from lib.data.images import ImageFacts, open_rgb_with_facts
 from lib.recipe import DEFAULT_PRESIZE
 
 # Quality 95 keeps re-encoding loss below what the bilinear resize and augmentation already change.

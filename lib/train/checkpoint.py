@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lib.files import write_atomically
+from lib.common.files import write_atomically
 
 CHECKPOINT_FORMAT = 1
 LAST_CHECKPOINT = "last.pt"

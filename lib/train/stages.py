@@ -1,13 +1,13 @@
 """One training stage (baseline, probe, final) run in its own process, so a kill costs one epoch, not the run.
 
-The Prefect task of a stage starts `python -m lib.stages <request.json>` and waits. The process builds the trainer
+The Prefect task of a stage starts `python -m lib.train.stages <request.json>` and waits. The process builds the trainer
 from the presized manifest, resumes from the stage's `checkpoints/last.pt` when an earlier attempt left one, runs
 `fine_tune`, and writes the model, `history.json` and `loss_curves.png` into the stage folder. It talks to its parent
 through its standard output, one JSON object per line:
 
     {"epoch": {...EpochStats...}, "step": 3}     after every epoch (step: the epoch's index within the stage)
     {"result": {...}}                             once, when the stage is done
-    {"error": {"type": "lib.training.NonFiniteLossError", "message": "..."}}   when it fails with an exception
+    {"error": {"type": "lib.train.trainer.NonFiniteLossError", "message": "..."}}   when it fails with an exception
 
 A process killed outright (SIGKILL from the OOM killer or a preempted host) writes nothing more: its parent sees the
 signal in the exit status, and the last complete epoch is in `last.pt`. Nothing here knows about Prefect or MLflow.
@@ -29,11 +29,11 @@ from typing import Any
 import pandas as pd
 import torch
 
-from lib.checkpoint import LAST_CHECKPOINT
-from lib.files import write_text_atomically
-from lib.inference import export_classifier
-from lib.model import count_parameters
-from lib.training import EpochStats, Trainer, best_epoch, vision_trainer
+from lib.common.files import write_text_atomically
+from lib.serve.inference import export_classifier
+from lib.train.checkpoint import LAST_CHECKPOINT
+from lib.train.model import count_parameters
+from lib.train.trainer import EpochStats, Trainer, best_epoch, vision_trainer
 
 MODEL_FILE = "model.pth"
 HISTORY_FILE = "history.json"

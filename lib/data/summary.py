@@ -14,13 +14,13 @@ import pandas as pd
 import torch
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from lib.augment import BatchAugmentation
-from lib.files import write_atomically
-from lib.images import open_rgb
-from lib.loading import PresizedImages, make_loader
-from lib.plots import pyplot, save_figure
-from lib.presize import presized_shape
-from lib.splitting import SplitManifest
+from lib.common.files import write_atomically
+from lib.common.plots import pyplot, save_figure
+from lib.data.augment import BatchAugmentation
+from lib.data.images import open_rgb
+from lib.data.loading import PresizedImages, make_loader
+from lib.data.presize import presized_shape
+from lib.data.splitting import SplitManifest
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

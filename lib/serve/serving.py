@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lib.augment import aug_transforms
-from lib.inference import ExportedClassifier, prepare_image
+from lib.data.augment import aug_transforms
+from lib.serve.inference import ExportedClassifier, prepare_image
 
 
 class ServingModel(nn.Module):

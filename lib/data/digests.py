@@ -15,7 +15,7 @@ import os
 import threading
 from pathlib import Path
 
-from lib.files import write_text_atomically
+from lib.common.files import write_text_atomically
 
 DIGESTS_FILE = "file-digests-v1.json"
 

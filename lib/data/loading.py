@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from lib.presize import presized_shape
+from lib.data.presize import presized_shape
 from lib.recipe import CPU_CORES_PER_WORKER, DEFAULT_BATCH_SIZE, MAX_DEFAULT_WORKERS
 
 # fastai DataLoaders defaults (fastai-recipe.md §1.4): bs=64, val_bs=bs, shuffle+drop_last on train only.

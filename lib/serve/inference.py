@@ -16,12 +16,12 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from lib.augment import BatchAugmentation, aug_transforms
-from lib.files import write_atomically
-from lib.images import open_rgb, to_rgb
-from lib.loading import square_crop
-from lib.model import create_model
-from lib.presize import presize_image
+from lib.common.files import write_atomically
+from lib.data.augment import BatchAugmentation, aug_transforms
+from lib.data.images import open_rgb, to_rgb
+from lib.data.loading import square_crop
+from lib.data.presize import presize_image
+from lib.train.model import create_model
 
 EXPORT_FORMAT = "pets-classifier/1"
 

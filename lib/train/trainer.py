@@ -28,10 +28,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lib.augment import BatchAugmentation, aug_transforms
-from lib.checkpoint import LAST_CHECKPOINT, load_checkpoint, save_checkpoint
-from lib.files import write_text_atomically
-from lib.interpret import (
+from lib.common.files import write_text_atomically
+from lib.data.augment import BatchAugmentation, aug_transforms
+from lib.data.loading import default_workers, epoch_seed, make_loaders
+from lib.evaluate.interpret import (
     LOSS_PLOT_SKIP_START,
     Predictions,
     confusion_matrix,
@@ -42,12 +42,12 @@ from lib.interpret import (
     top_loss_titles,
     top_losses,
 )
-from lib.loading import default_workers, epoch_seed, make_loaders
-from lib.lr_finder import DivergenceCheck, LRFinderResult, SmoothedLoss, suggest
-from lib.model import create_model, freeze_to, no_weight_decay, parameter_groups
-from lib.precision import Precision, resolve_precision, use_channels_last
 from lib.recipe import DEFAULT_BATCH_SIZE, DEFAULT_PRESIZE
-from lib.schedule import DEFAULT_MOMS, OneCycle, Phase, fine_tune_phases, group_lrs, lr_finder_lr
+from lib.train.checkpoint import LAST_CHECKPOINT, load_checkpoint, save_checkpoint
+from lib.train.lr_finder import DivergenceCheck, LRFinderResult, SmoothedLoss, suggest
+from lib.train.model import create_model, freeze_to, no_weight_decay, parameter_groups
+from lib.train.precision import Precision, resolve_precision, use_channels_last
+from lib.train.schedule import DEFAULT_MOMS, OneCycle, Phase, fine_tune_phases, group_lrs, lr_finder_lr
 
 DEFAULT_LR = 1e-3  # fastai Learner default lr
 DEFAULT_WEIGHT_DECAY = 0.01  # fastai Adam wd, decoupled (AdamW)
@@ -222,7 +222,7 @@ class Trainer:
             div_final: One-cycle final divisor for both phases.
             moms: One-cycle momentum (Adam beta1) schedule for both phases.
             resume_from: A `last.pt` checkpoint written by this same call, to continue from.
-            **phase_settings: freeze_epochs, lr_mult, pct_start and div of `lib.schedule.fine_tune_phases`.
+            **phase_settings: freeze_epochs, lr_mult, pct_start and div of `lib.train.schedule.fine_tune_phases`.
         """
         phases = fine_tune_phases(epochs, base_lr=base_lr, **phase_settings)
         return self._fit_phases("fine_tune", phases, resume_from, div_final=div_final, moms=moms)

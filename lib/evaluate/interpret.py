@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lib.plots import pyplot, save_figure
-from lib.summary import image_grid
+from lib.common.plots import pyplot, save_figure
+from lib.data.summary import image_grid
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

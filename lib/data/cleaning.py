@@ -20,10 +20,10 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from lib import images
-from lib.digests import FileDigests, stamp_of
-from lib.files import write_text_atomically
-from lib.presize import PresizeCache
+from lib.common.files import write_text_atomically
+from lib.data import images
+from lib.data.digests import FileDigests, stamp_of
+from lib.data.presize import PresizeCache
 
 REASONS = ("empty", "not_image", "truncated", "too_large", "unreadable")
 KEPT_COLUMNS = ("width", "height", "mode", "converted", "sha256")

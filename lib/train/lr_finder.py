@@ -1,7 +1,7 @@
 """The pure parts of fastai's lr_find: smoothed loss, divergence check, LR suggestions and the plot.
 
 Behaviour follows fastai 2.8.12 (see ../shared/reference/fastai-recipe.md §5 and §8). The sweep itself, which trains
-the model, is `Trainer.lr_find` in lib/training.py; it restores the weights and optimizer afterwards.
+the model, is `Trainer.lr_find` in lib/train/trainer.py; it restores the weights and optimizer afterwards.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.plots import pyplot, save_figure
+from lib.common.plots import pyplot, save_figure
 
 SMOOTHING_BETA = 0.98  # fastai Recorder: beta=0.98
 DIVERGENCE_FACTOR = 4.0  # fastai LRFinder.after_batch: stop once the smoothed loss exceeds 4x the best one

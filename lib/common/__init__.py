@@ -1,0 +1,1 @@
+"""Helpers every stage shares: atomic file writes, default folders, plot saving."""

@@ -1,0 +1,1 @@
+"""The evaluation stage: validation predictions and their interpretation (fastai's ClassificationInterpretation)."""

@@ -1,0 +1,1 @@
+"""The exported classifier and the model MLflow serves."""

@@ -1,0 +1,1 @@
+"""The training stage: model and weights, schedules, precision, the fit loop, the LR finder, checkpoints, stages."""
