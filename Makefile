@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 MLFLOW_DIR ?= $(CURDIR)/mlflow
 UI_PORT ?= 5000
 
-# Offline by default: no telemetry from Prefect or MLflow (../shared/reference/prefect.md §10, mlflow.md §7).
+# Offline by default: no telemetry from Prefect or MLflow (Prefect 3.9: server/services/telemetry.py
+# honours PREFECT_SERVER_ANALYTICS_ENABLED, the SDK DO_NOT_TRACK; MLflow 3.17 docs, "Usage Tracking").
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Take the docs/ screenshots of a resnet18-vs-resnet34 comparison on the demo data in headless Chromium (needs
-# Debian's `chromium` package; ../shared/reference/mlflow.md §8):
+# Debian's `chromium` package):
 #   mlflow_compare_runs.png  the compare-runs page of the two runs: parameters, final metrics, parallel coordinates;
 #   mlflow_compare_charts.png  the experiment's chart view filtered to the comparison: per-epoch curves of each stage.
 # Everything goes to a temporary store; the UI binds 127.0.0.1 and is stopped by PID at the end.

@@ -1,7 +1,8 @@
 """Test-session settings: offline, telemetry off, Prefect and MLflow state in temporary folders.
 
 The environment is set before anything imports prefect or mlflow, because both read parts of it at import time
-(see ../shared/reference/prefect.md §4, §10 and mlflow.md §5).
+(Prefect 3.9 builds its settings from the environment when
+`prefect` is imported; MLflow 3.17 decides on telemetry at import time).
 """
 
 import os

@@ -3,7 +3,7 @@
 A client sends what the data stage's presize cache holds for validation: the centre square of the picture with its
 short side scaled to `presize`, as uint8 N x presize x presize x 3 (NHWC, the layout of PIL and numpy images).
 `ServingModel` resizes it to the training size and normalises it exactly as validation did, so the served model
-gives the validation predictions (../shared/reference/mlflow.md §3: serving contract with normalisation inside).
+gives the validation predictions (the preprocessing lives in the model, so serving cannot drift from training).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The pure parts of fastai's lr_find: smoothed loss, divergence check, LR suggestions and the plot.
 
-Behaviour follows fastai 2.8.12 (see ../shared/reference/fastai-recipe.md §5 and §8). The sweep itself, which trains
+Behaviour follows fastai 2.8.12 (fastai/callback/schedule.py: `LRFinder`, `lr_find`,
+`valley`, `steep`, `minimum`, `slide`). The sweep itself, which trains
 the model, is `Trainer.lr_find` in lib/train/trainer.py; it restores the weights and optimizer afterwards.
 """
 

@@ -1,6 +1,7 @@
 """Learning-rate schedules as pure functions of the batch index: per-group LRs, one-cycle, fine_tune phases, LR sweep.
 
-Behaviour follows fastai 2.8.12 (see ../shared/reference/fastai-recipe.md §3-§5). Time is always explicit: every
+Behaviour follows fastai 2.8.12 (fastai/callback/schedule.py: `fit_one_cycle`,
+`fine_tune`, `combined_cos`; fastai/learner.py: `Learner.lr_range`). Time is always explicit: every
 function takes the 0-based batch index and the total number of batches, so a schedule can be evaluated anywhere.
 """
 

@@ -1,8 +1,7 @@
-"""Schedules against fastai 2.8.12 fixtures (fastai-recipe.md §3-§5, §11), a torch OneCycleLR oracle and closed forms.
+"""Schedules against fastai 2.8.12 fixtures, a torch OneCycleLR oracle and closed forms.
 
-tests/fixtures/fastai_schedules.json is a verbatim copy of ../shared/fixtures/fastai_schedules.json (measured on fastai
-2.8.12): each schedule row is [[lr per group], [mom per group]] seen at before_batch, 3 groups, 10 batches per epoch.
-The copy lets the tests run from the repository alone.
+tests/fixtures/fastai_schedules.json was measured on fastai 2.8.12 (tests/fixtures/README.md says how): each schedule
+row is [[lr per group], [mom per group]] seen at before_batch, 3 groups, 10 batches per epoch.
 """
 
 import json
@@ -23,11 +22,10 @@ from lib.train.schedule import (
     one_cycle_position,
 )
 
-# fastai evaluates the schedule in float32; against float64 formulas that is within 7.7e-7 relative (§4, §11)
+# fastai evaluates the schedule in float32; against float64 formulas that is within 7.7e-7 relative 
 FASTAI_RTOL = 1e-6
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "fastai_schedules.json"
 FASTAI_FIXTURES = json.loads(FIXTURES.read_text())
-SHARED_FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "fastai_schedules.json"
 N_GROUPS = 3  # the fixtures' learner has resnet's three parameter groups
 BATCHES_PER_EPOCH = 10  # the fixtures' learner has 10 training batches per epoch
 
@@ -38,11 +36,6 @@ def assert_matches_fixture(schedule: OneCycle, rows: list) -> None:
         lrs, mom = schedule.at(step)
         assert lrs == pytest.approx(expected_lrs, rel=FASTAI_RTOL), f"lr at batch {step}"
         assert [mom] * N_GROUPS == pytest.approx(expected_moms, rel=FASTAI_RTOL), f"mom at batch {step}"
-
-
-@pytest.mark.skipif(not SHARED_FIXTURES.exists(), reason="the shared fixture folder is outside this checkout")
-def test_fixture_copy_is_the_shared_json():
-    assert json.loads(SHARED_FIXTURES.read_text()) == FASTAI_FIXTURES
 
 
 def test_cosine_anneal_runs_half_a_cosine_from_start_to_end():
