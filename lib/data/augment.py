@@ -1,6 +1,7 @@
 """Batch augmentation on the batch's device: fastai's `aug_transforms` + `Normalize(imagenet_stats)` in plain PyTorch.
 
-Behaviour follows fastai 2.8.12's `aug_transforms` and `Normalize` (fastai/vision/augment.py), with these deliberate differences:
+Behaviour follows fastai 2.8.12's `aug_transforms` and `Normalize` (fastai/vision/augment.py), with these deliberate
+differences:
 
 * One resampling instead of two. With min_scale < 1, fastai samples the flip/rotate/zoom/warp at the input size (460)
   and then samples again for `RandomResizedCropGPU` (to 224). Here the crop, flip, rotation, zoom and warp are composed

@@ -22,7 +22,7 @@ from lib.train.schedule import (
     one_cycle_position,
 )
 
-# fastai evaluates the schedule in float32; against float64 formulas that is within 7.7e-7 relative 
+# fastai evaluates the schedule in float32; against float64 formulas that is within 7.7e-7 relative
 FASTAI_RTOL = 1e-6
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "fastai_schedules.json"
 FASTAI_FIXTURES = json.loads(FIXTURES.read_text())
