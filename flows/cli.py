@@ -18,32 +18,9 @@ from typing import Annotated, Any, NoReturn
 import numpy as np
 import typer
 
-from flows.defaults import (
-    DEFAULT_EXPERIMENT,
-    DEFAULT_REGISTERED_MODEL,
-    DEMO_BREEDS,
-    DEMO_EPOCHS,
-    DEMO_EXPERIMENT,
-    DEMO_IMAGES_PER_BREED,
-)
-from lib.recipe import (
-    ARCHITECTURES,
-    BASELINE_EPOCHS,
-    CPU_CORES_PER_WORKER,
-    DEFAULT_ARCH,
-    DEFAULT_ARCHS,
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_EPOCHS,
-    DEFAULT_FREEZE_EPOCHS,
-    DEFAULT_LABEL_PATTERN,
-    DEFAULT_LR_MULT,
-    DEFAULT_MIN_SCALE,
-    DEFAULT_PRESIZE,
-    DEFAULT_SEED,
-    DEFAULT_SIZE,
-    DEFAULT_VALID_PCT,
-    MAX_DEFAULT_WORKERS,
-)
+from flows.defaults import DEMO_BREEDS, DEMO_EPOCHS, DEMO_EXPERIMENT, DEMO_IMAGES_PER_BREED
+from flows.options import RecipeError, RecipeRequest, recipe_options
+from lib.recipe import ARCHITECTURES, DEFAULT_ARCHS, Recipe
 
 app = typer.Typer(
     help="Train and compare pet-breed classifiers the fastai way (fastbook ch. 5) on Prefect, PyTorch and MLflow.",
@@ -56,12 +33,6 @@ UI_HOST = "127.0.0.1"  # loopback only: the UI has no authentication (mlflow.md 
 UI_WORKERS = 1  # one uvicorn worker starts in ~6-15 s instead of ~35-46 s on two CPUs (mlflow.md §1)
 
 
-def _check_arch(arch: str | None) -> str | None:
-    if arch is not None and arch not in ARCHITECTURES:
-        raise typer.BadParameter(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
-    return arch
-
-
 def _split_archs(archs: str) -> list[str]:
     names = [name.strip() for name in archs.split(",") if name.strip()]
     unknown = [name for name in names if name not in ARCHITECTURES]
@@ -72,114 +43,40 @@ def _split_archs(archs: str) -> list[str]:
     return names
 
 
-# -- options shared by the commands (one declaration each) ------------------------------------------------------------
-DataUrl = Annotated[
-    str | None,
-    typer.Option(
-        help="http(s):// or file:// URL of a .tgz/.tar/.zip archive of images.",
-        show_default="the Oxford-IIIT Pet archive, when --data-dir is not given either",
-    ),
-]
-DataDir = Annotated[Path | None, typer.Option(help="Local folder of images, used instead of downloading.")]
-LabelPattern = Annotated[str, typer.Option(help="Regex searched in each file name; its first group is the label.")]
-SkipUnmatched = Annotated[bool, typer.Option(help="Report and leave out files the label pattern does not match.")]
-ValidPct = Annotated[float, typer.Option(help="Fraction of the images held out for validation.")]
-Seed = Annotated[int, typer.Option(help="Seed of the random split, the crops and the model's random init.")]
-Presize = Annotated[int, typer.Option(help="Short side in pixels of the images cached once before training.")]
-OutDir = Annotated[
-    Path | None, typer.Option(help="Where manifests, reports and plots go.", show_default="./outputs/data")
-]
-CacheDir = Annotated[
-    Path | None, typer.Option(help="Downloads and presize cache.", show_default="$PETS_HOME or ~/.cache/pets")
-]
-Sha256 = Annotated[str | None, typer.Option(help="Expected sha256 of the downloaded archive.")]
-
-Arch = Annotated[str, typer.Option(help=f"Model: one of {', '.join(ARCHITECTURES)}.", callback=_check_arch)]
-Pretrained = Annotated[
-    bool, typer.Option(help="Start from ImageNet weights; --no-pretrained starts from random weights (no download).")
-]
-Size = Annotated[int, typer.Option(help="Training image size in pixels (random resized crop, at most --presize).")]
-MinScale = Annotated[float, typer.Option(help="Smallest fraction of the picture a training crop keeps.")]
-BatchSize = Annotated[int, typer.Option("--bs", help="Batch size.")]
-FreezeEpochs = Annotated[int, typer.Option(help="Epochs training only the new head before unfreezing.")]
-Epochs = Annotated[int, typer.Option(help="Epochs of the whole model after unfreezing (the probe run).")]
-BaseLr = Annotated[
-    float | None, typer.Option(help="Base learning rate.", show_default="the LR finder's valley suggestion")
-]
-LrMult = Annotated[float, typer.Option(help="Ratio of the head's to the first layers' learning rate.")]
-Fp16 = Annotated[bool, typer.Option(help="Mixed precision on a CUDA GPU; ignored (fp32) on other devices.")]
-Device = Annotated[
-    str | None, typer.Option(help="Torch device, e.g. cuda:1 or cpu.", show_default="CUDA, else MPS, else CPU")
-]
-Workers = Annotated[
-    int | None,
-    typer.Option(
-        help="DataLoader worker processes.",
-        show_default=f"min({MAX_DEFAULT_WORKERS}, CPUs) with a GPU; CPUs // {CPU_CORES_PER_WORKER} on the CPU",
-    ),
-]
-Compile = Annotated[
-    bool,
-    typer.Option(
-        help="torch.compile the model. It costs about a minute of compiling first; see BENCHMARKS.md for when it pays."
-    ),
-]
-Experiment = Annotated[str, typer.Option(help="MLflow experiment the runs go to.")]
-Baseline = Annotated[bool, typer.Option(help="First train the book's baseline (fastai fine_tune defaults).")]
-BaselineEpochs = Annotated[int, typer.Option(help="Epochs of the baseline.")]
-Retrain = Annotated[
-    bool, typer.Option(help="Retrain from scratch for the best epoch count when it is not the last epoch.")
-]
-RegisteredModel = Annotated[str, typer.Option(help="MLflow registered model the trained model becomes a version of.")]
-TrainOutDir = Annotated[
-    Path | None, typer.Option(help="Each run writes to <out-dir>/<MLflow run id>/.", show_default="./outputs/train")
-]
+# -- options of several commands (the recipe's own options come from flows/options.py) --------------------------------
 Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on the last line.")]
 
 
 # -- commands ---------------------------------------------------------------------------------------------------------
 @app.command()
+@recipe_options()
 def train(
-    data_url: DataUrl = None,
-    data_dir: DataDir = None,
-    label_pattern: LabelPattern = DEFAULT_LABEL_PATTERN,
-    arch: Arch = DEFAULT_ARCH,
-    pretrained: Pretrained = True,
-    presize: Presize = DEFAULT_PRESIZE,
-    size: Size = DEFAULT_SIZE,
-    min_scale: MinScale = DEFAULT_MIN_SCALE,
-    bs: BatchSize = DEFAULT_BATCH_SIZE,
-    valid_pct: ValidPct = DEFAULT_VALID_PCT,
-    seed: Seed = DEFAULT_SEED,
-    freeze_epochs: FreezeEpochs = DEFAULT_FREEZE_EPOCHS,
-    epochs: Epochs = DEFAULT_EPOCHS,
-    base_lr: BaseLr = None,
-    lr_mult: LrMult = DEFAULT_LR_MULT,
-    fp16: Fp16 = True,
-    device: Device = None,
-    workers: Workers = None,
-    compile: Compile = False,
-    experiment: Experiment = DEFAULT_EXPERIMENT,
-    baseline: Baseline = True,
-    baseline_epochs: BaselineEpochs = BASELINE_EPOCHS,
-    retrain: Retrain = True,
-    registered_model: RegisteredModel = DEFAULT_REGISTERED_MODEL,
-    out_dir: TrainOutDir = None,
-    cache_dir: CacheDir = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            metavar="RUN_ID",
+            help="Continue an interrupted run (FAILED, KILLED or still RUNNING) from its last complete epoch, into "
+            "the same MLflow run, with the recipe it logged.",
+            rich_help_panel="Recipe",
+        ),
+    ] = None,
     as_json: Json = False,
+    *,
+    recipe: RecipeRequest,
 ) -> None:
     """Train one classifier with the fastbook ch. 5 recipe, track it in MLflow and register the model."""
-    arguments = _flow_arguments(locals())
+    resolved = _resumed_recipe(resume, recipe) if resume else _resolved(recipe)
     from flows.train import train as train_flow
 
-    result = _result_or_exit(train_flow(**arguments, return_state=True))
+    result = _result_or_exit(train_flow(recipe=resolved, resume=resume, return_state=True))
     if as_json:
         _print_json(result)
     else:
-        _print_training(result, experiment=experiment)
+        _print_training(result, experiment=resolved.tracking.experiment)
 
 
 @app.command()
+@recipe_options(exclude=("arch",))
 def compare(
     archs: Annotated[
         str, typer.Option(help="Comma-separated architectures to train and compare.", callback=_split_archs)
@@ -192,48 +89,23 @@ def compare(
             show_default="train them here, as subflows",
         ),
     ] = None,
-    data_url: DataUrl = None,
-    data_dir: DataDir = None,
-    label_pattern: LabelPattern = DEFAULT_LABEL_PATTERN,
-    pretrained: Pretrained = True,
-    presize: Presize = DEFAULT_PRESIZE,
-    size: Size = DEFAULT_SIZE,
-    min_scale: MinScale = DEFAULT_MIN_SCALE,
-    bs: BatchSize = DEFAULT_BATCH_SIZE,
-    valid_pct: ValidPct = DEFAULT_VALID_PCT,
-    seed: Seed = DEFAULT_SEED,
-    freeze_epochs: FreezeEpochs = DEFAULT_FREEZE_EPOCHS,
-    epochs: Epochs = DEFAULT_EPOCHS,
-    base_lr: BaseLr = None,
-    lr_mult: LrMult = DEFAULT_LR_MULT,
-    fp16: Fp16 = True,
-    device: Device = None,
-    workers: Workers = None,
-    compile: Compile = False,
-    experiment: Experiment = DEFAULT_EXPERIMENT,
-    baseline: Baseline = True,
-    baseline_epochs: BaselineEpochs = BASELINE_EPOCHS,
-    retrain: Retrain = True,
-    registered_model: RegisteredModel = DEFAULT_REGISTERED_MODEL,
-    out_dir: TrainOutDir = None,
-    cache_dir: CacheDir = None,
     as_json: Json = False,
+    *,
+    recipe: RecipeRequest,
 ) -> None:
     """Train several architectures with one recipe, tabulate them, and make the best the registry's `champion`."""
-    arguments = _flow_arguments(locals())
+    resolved = _resolved(recipe)
     from flows.compare import compare as compare_flow
     from flows.compare import markdown_table
 
-    options = {key: arguments.pop(key) for key in ("archs", "train_deployment", "experiment", "registered_model")}
-    # The rest is the training recipe; None means the train flow's default. --out-dir holds the runs and the tables.
-    settings = {key: value for key, value in arguments.items() if value is not None}
-    state = compare_flow(**options, settings=settings, out_dir=arguments["out_dir"], return_state=True)
+    state = compare_flow(archs=archs, recipe=resolved, train_deployment=train_deployment, return_state=True)
     result = _result_or_exit(state)
     if as_json:
         _print_json({**result, "runs": {row["arch"]: row for row in result["runs"]}})
         return
     typer.echo(f"Comparison {result['comparison']} (MLflow experiment {result['experiment']}), best first:")
     typer.echo(markdown_table(result["runs"]))
+    registered_model = resolved.tracking.registered_model
     typer.echo(
         f"Champion: {result['champion']}, models:/{registered_model}@champion -> version {result['champion_version']}"
     )
@@ -241,32 +113,16 @@ def compare(
 
 
 @app.command("lr-find")
-def lr_find(
-    data_url: DataUrl = None,
-    data_dir: DataDir = None,
-    label_pattern: LabelPattern = DEFAULT_LABEL_PATTERN,
-    arch: Arch = DEFAULT_ARCH,
-    pretrained: Pretrained = True,
-    presize: Presize = DEFAULT_PRESIZE,
-    size: Size = DEFAULT_SIZE,
-    min_scale: MinScale = DEFAULT_MIN_SCALE,
-    bs: BatchSize = DEFAULT_BATCH_SIZE,
-    valid_pct: ValidPct = DEFAULT_VALID_PCT,
-    seed: Seed = DEFAULT_SEED,
-    fp16: Fp16 = True,
-    device: Device = None,
-    compile: Compile = False,
-    out_dir: Annotated[
-        Path | None, typer.Option(help="Where the plot and data files go.", show_default="./outputs/lr_find")
-    ] = None,
-    cache_dir: CacheDir = None,
-    as_json: Json = False,
-) -> None:
-    """Run fastai's LR finder on a fresh model: print its suggestions (valley, steep, minimum, slide) and the plot."""
-    arguments = _flow_arguments(locals())
+@recipe_options()
+def lr_find(as_json: Json = False, *, recipe: RecipeRequest) -> None:
+    """Run fastai's LR finder on a fresh model: print its suggestions (valley, steep, minimum, slide) and the plot.
+
+    The schedule and tracking settings are accepted, so any recipe file works, but not used.
+    """
+    resolved = _resolved(recipe)
     from flows.train import lr_find as lr_find_flow
 
-    result = _result_or_exit(lr_find_flow(**arguments, return_state=True))
+    result = _result_or_exit(lr_find_flow(recipe=resolved, return_state=True))
     if as_json:
         _print_json(result)
         return
@@ -323,31 +179,24 @@ def predict(
 
 
 @app.command()
-def summary(
-    data_url: DataUrl = None,
-    data_dir: DataDir = None,
-    label_pattern: LabelPattern = DEFAULT_LABEL_PATTERN,
-    skip_unmatched: SkipUnmatched = False,
-    valid_pct: ValidPct = DEFAULT_VALID_PCT,
-    seed: Seed = DEFAULT_SEED,
-    presize: Presize = DEFAULT_PRESIZE,
-    sha256: Sha256 = None,
-    out_dir: OutDir = None,
-    cache_dir: CacheDir = None,
-) -> None:
-    """Run the data stage and print the DataBlock.summary analogue; write a show_batch grid."""
-    arguments = _flow_arguments(locals())
+@recipe_options()
+def summary(*, recipe: RecipeRequest) -> None:
+    """Run the data stage and print the DataBlock.summary analogue; write a show_batch grid.
+
+    Only the data and runtime settings are read (files go to --out-dir, default ./outputs/data); the others are
+    accepted, so any recipe file works.
+    """
+    resolved = _resolved(recipe)
     from flows.data import prepare_data
 
-    state = prepare_data(**arguments, return_state=True)
-    _print_summary(_result_or_exit(state))
+    _print_summary(_result_or_exit(prepare_data(recipe=resolved, return_state=True)))
 
 
 @app.command()
 def demo(
     breeds: Annotated[int, typer.Option(help="Breeds in the generated dataset.")] = DEMO_BREEDS,
     images_per_breed: Annotated[int, typer.Option(help="Images per breed.")] = DEMO_IMAGES_PER_BREED,
-    epochs: Epochs = DEMO_EPOCHS,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs after unfreezing.")] = DEMO_EPOCHS,
     out_dir: Annotated[
         Path | None, typer.Option(help="Archive, data and run files.", show_default="./outputs/demo")
     ] = None,
@@ -356,10 +205,15 @@ def demo(
     ] = None,
 ) -> None:
     """Run the whole recipe offline on the CPU: a generated pets-like dataset, a small resnet, MLflow, registry."""
-    arguments = _flow_arguments(locals())
+    folders = {
+        name: str(Path(path).expanduser().resolve())
+        for name, path in (("out_dir", out_dir), ("cache_dir", cache_dir))
+        if path
+    }
     from flows.demo import demo as demo_flow
 
-    result = _result_or_exit(demo_flow(**arguments, return_state=True))
+    state = demo_flow(breeds=breeds, images_per_breed=images_per_breed, epochs=epochs, **folders, return_state=True)
+    result = _result_or_exit(state)
     registered = f"models:/{result['registered_model']}/{result['model_version']}"
     _print_training(result, experiment=DEMO_EXPERIMENT, ui_hint="`make ui` (or `pets ui`)")
     image = result["data"]["example_images"][0]
@@ -401,19 +255,29 @@ def announce_dataset(
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------------
-CLI_ONLY = ("as_json",)
-PATH_PARAMETERS = ("data_dir", "out_dir", "cache_dir")
+def _resolved(request: RecipeRequest) -> Recipe:
+    """Return the recipe the command line asks for, or stop with one line naming the bad option or file."""
+    try:
+        return request.resolve()
+    except RecipeError as error:
+        _fail(str(error), code=2)
 
 
-def _flow_arguments(options: Mapping[str, Any]) -> dict[str, Any]:
-    """Turn a command's options into flow parameters: one data source at most, absolute paths as strings."""
-    arguments = {key: value for key, value in options.items() if key not in CLI_ONLY}
-    if arguments.get("data_url") and arguments.get("data_dir"):
-        raise typer.BadParameter("give --data-url or --data-dir, not both", param_hint="'--data-url' / '--data-dir'")
-    for key in PATH_PARAMETERS:
-        if arguments.get(key) is not None:
-            arguments[key] = str(Path(arguments[key]).expanduser().resolve())
-    return arguments
+def _resumed_recipe(run_id: str, request: RecipeRequest) -> Recipe:
+    """Return the recipe run_id logged, checking the command line asks for no other (a resumed run keeps its own)."""
+    from tasks.tracking import ResumeRefusedError, logged_recipe, resumable_run
+
+    try:
+        resumable_run(run_id)
+        logged = logged_recipe(run_id)
+    except ResumeRefusedError as error:
+        _fail(str(error), code=2)
+    try:
+        asked = request.resolve(base=logged)
+        resumable_run(run_id, asked)
+    except (RecipeError, ResumeRefusedError) as error:
+        _fail(str(error), code=2)
+    return asked
 
 
 def ui_command(*, host: str, port: int) -> tuple[list[str], dict[str, str]]:
@@ -433,9 +297,9 @@ def ui_command(*, host: str, port: int) -> tuple[list[str], dict[str, str]]:
     return command, env
 
 
-def _fail(message: str) -> NoReturn:
+def _fail(message: str, *, code: int = 1) -> NoReturn:
     typer.secho(f"Error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(1)
+    raise typer.Exit(code)
 
 
 def _result_or_exit(state) -> Any:

@@ -20,14 +20,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
 from prefect.futures import wait
 
-from flows.defaults import DEFAULT_EXPERIMENT, DEFAULT_REGISTERED_MODEL
-from flows.train import Architecture, train
+from flows.train import train
 from lib.common.paths import default_output_dir
-from lib.recipe import DEFAULT_ARCHS
+from lib.recipe import DEFAULT_ARCHS, Architecture, Recipe
 from tasks import tracking
 
-# Training parameters the comparison sets itself, per child; `settings` may not override them.
-SET_BY_COMPARE = ("arch", "experiment", "registered_model", "comparison")
 CHAMPION_ALIAS = "champion"
 CHAMPION_TAG = "champion"  # run tag: true on the run whose model version the alias points at
 TABLE_ARTIFACT = "comparison.json"  # MLflow table artifact on every child run
@@ -48,29 +45,25 @@ COUNT_COLUMNS = ("parameters", "epochs_trained")  # MLflow stores every metric a
 @flow(name="compare-pets", log_prints=True)
 def compare(
     archs: list[Architecture] = DEFAULT_ARCHS,  # a tuple: an immutable default, a list once Prefect validates it
-    settings: dict[str, Any] | None = None,
-    experiment: str = DEFAULT_EXPERIMENT,
-    registered_model: str = DEFAULT_REGISTERED_MODEL,
+    recipe: Recipe = Recipe(),
     train_deployment: str | None = None,
-    out_dir: str | None = None,
 ) -> dict:
-    """Train every architecture with the same settings, tabulate them best first, and crown the best.
+    """Train every architecture with the same recipe, tabulate them best first, and crown the best.
 
-    1. check the architectures and the settings (any train-pets parameter but those in SET_BY_COMPARE) before
-       anything trains;
+    1. check the architectures before anything trains (Prefect has validated the recipe already);
     2. name the comparison (every child's MLflow run is tagged comparison=<id>) and create the MLflow experiment;
-    3. train each architecture: as subflows one after another, or, with `train_deployment` (e.g.
-       "train-pets/train-{arch}"), as runs of that deployment in parallel, one per GPU worker;
+    3. train each architecture (the recipe with its `model.arch` replaced): as subflows one after another, or, with
+       `train_deployment` (e.g. "train-pets/train-{arch}"), as runs of that deployment in parallel, one per GPU worker;
     4. read the children's MLflow runs back: they hold every number, whichever way the children ran;
     5. tabulate best first by (error_rate, valid_loss): a Prefect table artifact, `comparison.json` on every child
-       run, and comparison.md / comparison.csv under `<out_dir>/<id>/` (out_dir defaults to ./outputs/compare);
+       run, and comparison.md / comparison.csv under `<runtime.out_dir>/<id>/` (default ./outputs/compare);
     6. if every child succeeded, move the registry alias `champion` to the best model version and tag the runs
        champion=true/false; otherwise fail, naming the failed architectures, and leave the alias where it was.
     """
-    settings = check_settings(settings or {})
     check_archs(archs)
+    experiment, registered_model = recipe.tracking.experiment, recipe.tracking.registered_model
     comparison = new_comparison_id()
-    parameters = {arch: child_parameters(arch, settings, experiment, registered_model, comparison) for arch in archs}
+    parameters = {arch: child_parameters(arch, recipe, comparison) for arch in archs}
     # Created here, once: parallel children would race to create the experiment (and a fresh sqlite store's tables).
     tracking.ensure_experiment(experiment)
     print(f"Comparison {comparison}: training {', '.join(archs)} in MLflow experiment {experiment!r}.")
@@ -82,7 +75,7 @@ def compare(
     runs = finished_runs(experiment, comparison, children)
     rows = rank([table_row(run) for run in runs.values()])
 
-    folder = Path(out_dir or default_output_dir() / "compare").resolve() / comparison
+    folder = Path(recipe.runtime.out_dir or default_output_dir() / "compare").resolve() / comparison
     table = write_tables(rows, folder)
     failed = [child for child in children if child["arch"] not in runs]
     champion = None if failed or not rows else rows[0]
@@ -102,19 +95,7 @@ def compare(
     }
 
 
-# -- 1-2. inputs and the comparison id --------------------------------------------------------------------------------
-def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """Refuse keys the training flow does not take, naming the ones it does (a typo must not train for hours)."""
-    valid = [name for name in train.parameters.properties if name not in SET_BY_COMPARE]
-    unknown = sorted(set(settings) - set(valid))
-    if unknown:
-        raise ValueError(
-            f"Unknown training settings {unknown}: settings take the train-pets flow's parameters except "
-            f"{', '.join(SET_BY_COMPARE)} (compare-pets sets those itself). Valid settings: {', '.join(valid)}."
-        )
-    return dict(settings)
-
-
+# -- 1-2. the architectures and the comparison id ----------------------------------------------------------------------
 def check_archs(archs: Sequence[str]) -> None:
     """Refuse an empty list and repeated architectures (two children would share a name and a table row)."""
     if not archs:
@@ -129,14 +110,9 @@ def new_comparison_id() -> str:
     return f"cmp-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
-def child_parameters(
-    arch: str, settings: Mapping[str, Any], experiment: str, registered_model: str, comparison: str
-) -> dict[str, Any]:
-    """Return one child's training parameters, checked against the train flow's types before anything starts."""
-    parameters = {**settings, "arch": arch, "experiment": experiment, "registered_model": registered_model}
-    parameters["comparison"] = comparison
-    train.validate_parameters(parameters)  # raises ParameterTypeError naming the bad value
-    return parameters
+def child_parameters(arch: str, recipe: Recipe, comparison: str) -> dict[str, Any]:
+    """Return one child's training parameters: the recipe with its architecture, and the comparison id."""
+    return {"recipe": recipe.updated({"arch": arch}).model_dump(mode="json"), "comparison": comparison}
 
 
 # -- 3. the children --------------------------------------------------------------------------------------------------
@@ -155,7 +131,7 @@ def run_training_deployment(deployment: str, parameters: dict[str, Any], flow_ru
     """Run one training deployment and wait for its final state; return its flow run id and that state."""
     flow_run = run_deployment(deployment, parameters=parameters, timeout=None, flow_run_name=flow_run_name)
     # run_deployment never raises when the child fails (prefect.md §9.6): the caller reads the state.
-    return child_outcome(parameters["arch"], str(flow_run.id), flow_run.state)
+    return child_outcome(parameters["recipe"]["model"]["arch"], str(flow_run.id), flow_run.state)
 
 
 def train_deployments(deployment: str, parameters: Mapping[str, dict], comparison: str) -> list[dict]:

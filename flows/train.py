@@ -1,44 +1,25 @@
 """fastbook chapter 5 as one Prefect flow: data, baseline, LR finder, staged fine-tuning, retraining, evaluation.
 
-Every step is a task; every number, plot and the model land in one MLflow run per flow run.
+Every step is a task; every number, plot and the model land in one MLflow run per flow run (tasks/tracking.py).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from prefect import flow, runtime
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.logging.loggers import flow_run_logger
-from pydantic import Field
 
 from flows.data import data_stage
-from flows.defaults import DEFAULT_EXPERIMENT, DEFAULT_REGISTERED_MODEL
 from lib.common.paths import default_output_dir
-from lib.data.download import PETS_URL, redact_url
-from lib.recipe import (
-    ARCHITECTURES,
-    BASELINE_EPOCHS,
-    BASELINE_LR,
-    DEFAULT_ARCH,
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_EPOCHS,
-    DEFAULT_FREEZE_EPOCHS,
-    DEFAULT_LABEL_PATTERN,
-    DEFAULT_LR_MULT,
-    DEFAULT_MIN_SCALE,
-    DEFAULT_PRESIZE,
-    DEFAULT_SEED,
-    DEFAULT_SIZE,
-    DEFAULT_VALID_PCT,
-)
-from lib.train.stages import read_history, recipe_settings
+from lib.data.download import redact_url
+from lib.recipe import BASELINE_LR, DEFAULT_LR_MULT, Recipe
+from lib.train.stages import read_history
 from tasks import tracking
 from tasks.training import evaluate_classifier, find_learning_rate, fine_tune_classifier
-
-Positive = Annotated[int, Field(ge=1)]
-Architecture = Literal[tuple(ARCHITECTURES)]  # an enum in the Prefect UI; a bad name is refused, listing the good ones
 
 
 def _fail_orphaned_run(flow, flow_run, state) -> None:
@@ -46,155 +27,93 @@ def _fail_orphaned_run(flow, flow_run, state) -> None:
 
     The worker that started the process runs this hook. `prefect flow-run retry <id>` later resumes the same run.
     """
-    experiment = flow_run.parameters.get("experiment", DEFAULT_EXPERIMENT)
+    experiment = Recipe.model_validate(flow_run.parameters.get("recipe", {})).tracking.experiment
     for run_id in tracking.fail_orphaned_runs(experiment, str(flow_run.id)):
         flow_run_logger(flow_run, flow).warning(
             f"MLflow run {run_id} marked FAILED: the flow run's process died. `prefect flow-run retry {flow_run.id}` "
-            "runs it again, resuming the same MLflow run from its last complete epoch."
+            f"runs it again, and `pets train --resume {run_id}` continues it; either resumes from the last complete "
+            "epoch."
         )
 
 
 @flow(name="train-pets", log_prints=True, on_crashed=[_fail_orphaned_run])
-def train(
-    data_url: str | None = None,
-    data_dir: str | None = None,
-    label_pattern: str = DEFAULT_LABEL_PATTERN,
-    arch: Architecture = DEFAULT_ARCH,
-    pretrained: bool = True,
-    presize: Annotated[int, Field(ge=8)] = DEFAULT_PRESIZE,
-    size: Annotated[int, Field(ge=8)] = DEFAULT_SIZE,
-    min_scale: Annotated[float, Field(gt=0, le=1)] = DEFAULT_MIN_SCALE,
-    bs: Positive = DEFAULT_BATCH_SIZE,
-    valid_pct: Annotated[float, Field(gt=0, lt=1)] = DEFAULT_VALID_PCT,
-    seed: int | None = DEFAULT_SEED,
-    freeze_epochs: Annotated[int, Field(ge=0)] = DEFAULT_FREEZE_EPOCHS,
-    epochs: Positive = DEFAULT_EPOCHS,
-    base_lr: Annotated[float, Field(gt=0)] | None = None,
-    lr_mult: Annotated[float, Field(gt=0)] = DEFAULT_LR_MULT,
-    fp16: bool = True,
-    device: str | None = None,
-    workers: Annotated[int, Field(ge=0)] | None = None,
-    compile: bool = False,
-    experiment: str = DEFAULT_EXPERIMENT,
-    baseline: bool = True,
-    baseline_epochs: Positive = BASELINE_EPOCHS,
-    retrain: bool = True,
-    registered_model: str = DEFAULT_REGISTERED_MODEL,
-    comparison: str | None = None,
-    out_dir: str | None = None,
-    cache_dir: str | None = None,
-) -> dict:
+def train(recipe: Recipe = Recipe(), comparison: str | None = None, resume: str | None = None) -> dict:
     """Train a pet-breed classifier the fastai way and track it in MLflow.
 
-    1-6. the data stage: download (cached, retried), label from file names, clean, split, presize, summarise;
-    7. baseline: fastai's default `fine_tune(2)`, as the book does before tuning anything;
-    8. LR finder, whose valley suggestion is the base LR unless `base_lr` is given;
-    9. probe: `fine_tune(epochs, base_lr, freeze_epochs, lr_mult)`, fp16 where the device allows it;
-    10. retrain from scratch for the probe's best epoch count (skipped when the best is the last epoch);
-    11. evaluate: final metrics, confusion matrix, most-confused table, top losses;
-    12. log the model (uint8 pictures in, logits out) and register it.
+    1. data: download (cached, retried), label, clean, split, presize, summarise (flows/data.py);
+    2. baseline: fastai's default `fine_tune(2)`, as the book does before tuning anything;
+    3. LR finder, whose valley suggestion is the base LR unless `schedule.base_lr` is given;
+    4. probe: `fine_tune(epochs, base_lr, freeze_epochs, lr_mult)`, fp16 where the device allows it;
+    5. retrain from scratch for the probe's best epoch count (skipped when the best is the last epoch);
+    6. evaluate: final metrics, confusion matrix, most-confused table, top losses;
+    7. log the model (uint8 pictures in, logits out) and register it.
 
-    Without data_url or data_dir the Oxford-IIIT Pet archive is downloaded. Each run writes its files to
-    `<out_dir>/<MLflow run id>/` (out_dir defaults to ./outputs/train). Returns the run's headline numbers.
+    Each run writes its files to `<runtime.out_dir>/<MLflow run id>/` (default ./outputs/train). `comparison` tags
+    the run as one of a compare-pets comparison; `resume` names an interrupted MLflow run to continue from its last
+    complete epoch, with the recipe it logged. Returns the run's headline numbers.
     """
-    parameters = dict(locals())
-    if size > presize:
-        raise ValueError(f"size={size} is larger than presize={presize}: presize to at least the training size")
-    run_name = arch if comparison is None else f"{arch} ({comparison})"
-    run = tracking.start_run(experiment, run_name, _run_tags(arch, comparison))
-    run_id = run["run_id"]
-    try:
-        out_dir = str((Path(out_dir or default_output_dir() / "train") / run_id).resolve())  # one folder per run
-        settings = {key: parameters[key] for key in TRACKED_PARAMETERS}
-        # The URL as a param, but never a token it carries (signed URLs, user:password@host).
-        logged_url = redact_url(data_url or (None if data_dir else PETS_URL))
-        tracking.log_params(run_id, {**settings, "data_url": logged_url})
-        data, recipe = _data_and_recipe(parameters, out_dir)
-        _log_data(run_id, data)
-        common = {"manifest_path": data["manifest"], "vocab_path": data["vocab"], "out_dir": out_dir, "recipe": recipe}
-        tuning = {"freeze_epochs": freeze_epochs, "lr_mult": lr_mult, "run_id": run_id}
+    schedule = recipe.schedule
+    tags = _run_tags(recipe, comparison)
+    with tracking.training_run(recipe, _run_name(recipe, comparison), tags, resume=resume) as run:
+        out_dir = Path(recipe.runtime.out_dir or default_output_dir() / "train").resolve() / run.run_id
+        run.log_recipe(recipe, out_dir)
+        data = data_stage(recipe.data, cache_dir=recipe.runtime.cache_dir, out_dir=str(out_dir / "data"))
+        _log_data(run, data)
+        inputs = {"manifest_path": data["manifest"], "vocab_path": data["vocab"], "out_dir": str(out_dir)}
+        stage = partial(fine_tune_classifier, **inputs, recipe=recipe, run_id=run.run_id)
 
-        first = None
-        if baseline:
-            first = fine_tune_classifier(
-                **common, stage="baseline", epochs=baseline_epochs, base_lr=BASELINE_LR, freeze_epochs=1,
-                lr_mult=DEFAULT_LR_MULT, run_id=run_id,
+        baseline = None
+        if schedule.baseline:  # the book's first model: fastai's fine_tune defaults
+            baseline = stage(
+                stage="baseline", epochs=schedule.baseline_epochs, base_lr=BASELINE_LR, freeze_epochs=1,
+                lr_mult=DEFAULT_LR_MULT,
             )  # fmt: skip
-            tracking.log_files(run_id, [first["loss_curves"]], "baseline")
+            run.log_stage(baseline)
 
-        lr_source = "given"
-        if base_lr is None and "base_lr" in run["params"]:  # a retried flow run: its LR finder has already chosen
-            base_lr, lr_source = float(run["params"]["base_lr"]), run["params"]["base_lr_source"]
-        if base_lr is None:
-            found = find_learning_rate(**common)
-            base_lr, lr_source = found["suggestion"], "lr_find valley"
-            tracking.log_files(run_id, [found["plot"]], "lr_find")
-            tracking.log_metrics(run_id, {f"lr_find_{k}": v for k, v in found["suggestions"].items()})
-        tracking.log_params(run_id, {"base_lr": base_lr, "base_lr_source": lr_source})
+        base_lr = _base_lr(run, recipe, inputs)
+        tuning = {"base_lr": base_lr, "freeze_epochs": schedule.freeze_epochs, "lr_mult": schedule.lr_mult}
+        probe = stage(stage="probe", epochs=schedule.epochs, **tuning)
+        run.log_stage(probe)
 
-        probe = fine_tune_classifier(**common, stage="probe", epochs=epochs, base_lr=base_lr, **tuning)
-        tracking.log_files(run_id, [probe["loss_curves"]], "probe")
-        best = probe["best_epoch"]
-
-        final = probe
-        if retrain and best < epochs:
-            print(f"Best validation error after {best} of {epochs} epochs: retraining from scratch for {best}.")
-            final = fine_tune_classifier(**common, stage="final", epochs=best, base_lr=base_lr, **tuning)
+        best, final = probe["best_epoch"], probe
+        if schedule.retrain and best < schedule.epochs:
+            print(
+                f"Best validation error after {best} of {schedule.epochs} epochs: retraining from scratch for {best}."
+            )
+            final = stage(stage="final", epochs=best, **tuning)
         else:
-            tracking.log_history(run_id, "final", read_history(probe["history"]))  # the probe is the final model
-        tracking.log_files(run_id, [final["loss_curves"]], "final")
+            tracking.log_history(run.run_id, "final", read_history(probe["history"]))  # the probe is the final model
+        run.log_stage(final, name="final")
 
-        evaluation = evaluate_classifier(final["model"], data["manifest"], data["vocab"], out_dir, recipe)
-        tracking.log_files(run_id, list(evaluation["files"].values()), "evaluation")
-        summary = _summary(run, final, evaluation, best=best, base_lr=base_lr, baseline=first)
+        evaluation = evaluate_classifier(final["model"], data["manifest"], data["vocab"], str(out_dir), recipe)
+        tracking.log_files(run.run_id, list(evaluation["files"].values()), "evaluation")
+        summary = _summary(run, final, evaluation, best=best, base_lr=base_lr, baseline=baseline)
         last_step = final["freeze_epochs"] + final["epochs"] - 1
-        tracking.log_metrics(run_id, _summary_metrics(summary), step=last_step)
-        tracking.log_params(run_id, {"precision_effective": final["precision"], "device_effective": final["device"]})
+        tracking.log_metrics(run.run_id, _summary_metrics(summary), step=last_step)
+        tracking.log_params(
+            run.run_id, {"precision_effective": final["precision"], "device_effective": final["device"]}
+        )
 
         examples = _example_images(data)
+        registered_model = recipe.tracking.registered_model
         model = tracking.log_classifier(
-            run_id, final["model"], examples, registered_model=registered_model, step=last_step
+            run.run_id, final["model"], examples, registered_model=registered_model, step=last_step
         )
-        tracking.end_run(run_id, "FINISHED")
-    except BaseException as error:
-        # Never leave the run RUNNING: a failure keeps what was logged and says FAILED (KILLED on Ctrl-C).
-        tracking.end_run(run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
-        raise
-    result = {**summary, **model, "registered_model": registered_model, "arch": arch, "out_dir": out_dir}
+    result = {**summary, **model, "registered_model": registered_model, "arch": recipe.model.arch}
+    result["out_dir"] = str(out_dir)
     result["data"] = {key: data[key] for key in ("manifest", "cache_hits", "written", "decoded", "sizes", "classes")}
     result["data"]["example_images"] = examples  # validation pictures to try the model on
     _report(result, run)
     return result
 
 
-# Flow parameters recorded as MLflow params (with their names): the settings, not where files go.
-TRACKED_PARAMETERS = (
-    "data_dir", "label_pattern", "arch", "pretrained", "presize", "size", "min_scale", "bs", "valid_pct", "seed",
-    "freeze_epochs", "epochs", "lr_mult", "fp16", "device", "workers", "compile", "baseline", "baseline_epochs",
-    "retrain", "registered_model", "comparison",
-)  # fmt: skip
+def _run_name(recipe: Recipe, comparison: str | None) -> str:
+    arch = recipe.model.arch
+    return arch if comparison is None else f"{arch} ({comparison})"
 
 
-# Flow parameters that feed the data stage and the recipe every training stage shares.
-DATA_PARAMETERS = ("data_url", "data_dir", "label_pattern", "valid_pct", "seed", "presize", "cache_dir")
-RECIPE_PARAMETERS = (
-    "arch", "pretrained", "presize", "size", "min_scale", "bs", "seed", "fp16", "device", "workers", "compile",
-)  # fmt: skip
-
-
-def _data_and_recipe(parameters: dict[str, Any], out_dir: str) -> tuple[dict, dict]:
-    """Run the data tasks into <out_dir>/data; collect the recipe settings from the flow's parameters."""
-    data = data_stage(
-        **{key: parameters[key] for key in DATA_PARAMETERS},
-        skip_unmatched=False,
-        sha256=None,
-        out_dir=str(Path(out_dir) / "data"),
-    )
-    return data, recipe_settings(**{key: parameters[key] for key in RECIPE_PARAMETERS})
-
-
-def _run_tags(arch: str, comparison: str | None) -> dict[str, str]:
-    tags = {"arch": arch, tracking.FLOW_RUN_TAG: str(runtime.flow_run.id), "pipeline": "fastbook-ch5"}
+def _run_tags(recipe: Recipe, comparison: str | None) -> dict[str, str]:
+    tags = {"arch": recipe.model.arch, tracking.FLOW_RUN_TAG: str(runtime.flow_run.id), "pipeline": "fastbook-ch5"}
     deployment = runtime.deployment.name
     if deployment:
         tags["prefect.deployment"] = deployment
@@ -203,27 +122,38 @@ def _run_tags(arch: str, comparison: str | None) -> dict[str, str]:
     return tags
 
 
-def _log_data(run_id: str, data: dict) -> None:
+def _log_data(run: tracking.TrainingRun, data: dict) -> None:
     """Log what the model was trained on: the labelled manifest as a dataset input, the reports, the counts."""
-    digest = tracking.log_dataset(run_id, data["manifest"], source=redact_url(data["data_url"]) or data["images_dir"])
-    tracking.log_params(
-        run_id,
-        {
-            "dataset_digest": digest,
-            "classes": data["classes"],
-            "train_size": data["sizes"]["train"],
-            "valid_size": data["sizes"]["valid"],
-        },
-    )
+    source = redact_url(data["data_url"]) or data["images_dir"]
+    digest = tracking.log_dataset(run.run_id, data["manifest"], source=source)
+    facts = {"classes": data["classes"], "train_size": data["sizes"]["train"], "valid_size": data["sizes"]["valid"]}
+    tracking.log_params(run.run_id, {"dataset_digest": digest, **facts})
     data_files = [data["manifest"], data["vocab"], data["cleaning_report"], data["summary"], data["show_batch"]]
-    tracking.log_files(run_id, data_files, "data")
+    tracking.log_files(run.run_id, data_files, "data")
 
 
-def _summary(run: dict, final: dict, evaluation: dict, *, best: int, base_lr: float, baseline: dict | None) -> dict:
+def _base_lr(run: tracking.TrainingRun, recipe: Recipe, inputs: dict[str, str]) -> float:
+    """Return the recipe's base LR, or the one this run's LR finder chose (running it unless a resumed run has)."""
+    if recipe.schedule.base_lr is not None:
+        base_lr, source = recipe.schedule.base_lr, "given"
+    elif (chosen := run.chosen_lr()) is not None:  # a resumed run: its finder has already chosen
+        base_lr, source = chosen
+    else:
+        found = find_learning_rate(**inputs, recipe=recipe)
+        base_lr, source = found["suggestion"], "lr_find valley"
+        tracking.log_files(run.run_id, [found["plot"]], "lr_find")
+        tracking.log_metrics(run.run_id, {f"lr_find_{k}": v for k, v in found["suggestions"].items()})
+    tracking.log_params(run.run_id, {"base_lr": base_lr, "base_lr_source": source})
+    return base_lr
+
+
+def _summary(
+    run: tracking.TrainingRun, final: dict, evaluation: dict, *, best: int, base_lr: float, baseline: dict | None
+) -> dict:
     """Return the run's headline numbers (the `--json` object of `pets train`)."""
     summary: dict[str, Any] = {
-        "run_id": run["run_id"],
-        "experiment_id": run["experiment_id"],
+        "run_id": run.run_id,
+        "experiment_id": run.experiment_id,
         "error_rate": evaluation["error_rate"],
         "valid_loss": evaluation["valid_loss"],
         "accuracy": evaluation["accuracy"],
@@ -260,43 +190,26 @@ def _example_images(data: dict) -> list[str]:
     return manifest.loc[manifest["split"] == "valid", "path"].head(2).tolist()
 
 
-def _report(result: dict, run: dict) -> None:
-    url = tracking.run_url(run)
-    create_link_artifact(url, link_text=f"MLflow run {run['run_id']}", key="mlflow-run")
+def _report(result: dict, run: tracking.TrainingRun) -> None:
+    create_link_artifact(run.url, link_text=f"MLflow run {run.run_id}", key="mlflow-run")
     lines = [f"| {key} | {value} |" for key, value in result.items() if key not in ("data",)]
     create_markdown_artifact("| result | value |\n|---|---|\n" + "\n".join(lines), key="training-result")
     print(
         f"{result['arch']}: error_rate {result['error_rate']:.4f}, valid_loss {result['valid_loss']:.4f} after "
         f"{result['epochs_trained']} epochs; model {result['model_uri']} registered as "
-        f"{result['registered_model']} v{result['model_version']}. MLflow run: {url}"
+        f"{result['registered_model']} v{result['model_version']}. MLflow run: {run.url}"
     )
 
 
 @flow(name="find-lr", log_prints=True)
-def lr_find(
-    data_url: str | None = None,
-    data_dir: str | None = None,
-    label_pattern: str = DEFAULT_LABEL_PATTERN,
-    arch: Architecture = DEFAULT_ARCH,
-    pretrained: bool = True,
-    presize: Annotated[int, Field(ge=8)] = DEFAULT_PRESIZE,
-    size: Annotated[int, Field(ge=8)] = DEFAULT_SIZE,
-    min_scale: Annotated[float, Field(gt=0, le=1)] = DEFAULT_MIN_SCALE,
-    bs: Positive = DEFAULT_BATCH_SIZE,
-    valid_pct: Annotated[float, Field(gt=0, lt=1)] = DEFAULT_VALID_PCT,
-    seed: int | None = DEFAULT_SEED,
-    fp16: bool = True,
-    device: str | None = None,
-    workers: Annotated[int, Field(ge=0)] | None = None,
-    compile: bool = False,
-    out_dir: str | None = None,
-    cache_dir: str | None = None,
-) -> dict:
-    """Run the data stage and fastai's LR finder on a fresh model; return every suggestion and the plot's path."""
-    parameters = dict(locals())
-    out_dir = str(Path(out_dir or default_output_dir() / "lr_find").resolve())
-    data, recipe = _data_and_recipe(parameters, out_dir)
-    found = find_learning_rate(data["manifest"], data["vocab"], out_dir, recipe)
+def lr_find(recipe: Recipe = Recipe()) -> dict:
+    """Run the data stage and fastai's LR finder on a fresh model; return every suggestion and the plot's path.
+
+    Files go to `<runtime.out_dir>` (default ./outputs/lr_find); the schedule and tracking settings are not read.
+    """
+    out_dir = Path(recipe.runtime.out_dir or default_output_dir() / "lr_find").resolve()
+    data = data_stage(recipe.data, cache_dir=recipe.runtime.cache_dir, out_dir=str(out_dir / "data"))
+    found = find_learning_rate(data["manifest"], data["vocab"], str(out_dir), recipe)
     suggestions = ", ".join(f"{name}: {value:.2e}" for name, value in found["suggestions"].items())
     print(f"{suggestions}; plot: {found['plot']}")
     return found

@@ -1,26 +1,263 @@
-"""The chapter-5 recipe's defaults in one place (../shared/reference/fastai-recipe.md).
+"""The training recipe: every setting, its default, its bounds, its help text and where the default comes from.
 
-Nothing here imports anything, so the `pets` CLI can show them in its --help without loading torch or Prefect.
+One frozen pydantic model per concern (data, model, schedule, runtime, tracking) composed into `Recipe`. The Prefect
+flows take a `Recipe` (Prefect shows it as a form and validates it before a run starts), the `pets` CLI builds its
+options from its fields, and MLflow gets its fields as params under dotted names (`data.bs`, `schedule.base_lr`).
+Adding a setting is adding a field here.
+
+Only pydantic is imported (yaml when a recipe file is read or written), so `pets --help` stays quick.
 """
 
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
 ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-DEFAULT_ARCH = "resnet50"  # fastbook ch. 5's last model (resnet50, fp16, fine_tune(6, freeze_epochs=3))
+DEFAULT_ARCH = "resnet50"  # fastbook 05_pet_breeds.ipynb's last model: resnet50, fp16, fine_tune(6, freeze_epochs=3)
+Architecture = Literal[ARCHITECTURES]  # an enum in Prefect's form; a bad name is refused, listing the good ones
 DEFAULT_ARCHS = ("resnet50", "resnet101")  # fastbook ch. 5: resnet50, then "try a deeper model"
 
 DEFAULT_LABEL_PATTERN = r"(.+)_\d+.jpg$"  # fastbook ch. 5: RegexLabeller(pat=r'(.+)_\d+.jpg$')
-DEFAULT_VALID_PCT = 0.2  # fastai RandomSplitter(valid_pct=0.2, seed=42)
-DEFAULT_SEED = 42
+DEFAULT_VALID_PCT = 0.2  # fastai 2.8.12 fastai/data/transforms.py: RandomSplitter(valid_pct=0.2, seed=None)
+DEFAULT_SEED = 42  # fastbook ch. 5 passes seed=42 to RandomSplitter
 DEFAULT_PRESIZE = 460  # fastbook ch. 5: item_tfms=Resize(460)
-DEFAULT_SIZE = 224  # batch_tfms=aug_transforms(size=224, min_scale=0.75)
+DEFAULT_SIZE = 224  # fastbook ch. 5: batch_tfms=aug_transforms(size=224, min_scale=0.75)
 DEFAULT_MIN_SCALE = 0.75
-DEFAULT_BATCH_SIZE = 64  # fastai DataLoaders: bs=64, val_bs=bs
-MAX_DEFAULT_WORKERS = 16  # fastai: num_workers = min(16, cpus)
+DEFAULT_BATCH_SIZE = 64  # fastai 2.8.12 fastai/data/core.py: DataLoaders bs=64, val_bs=bs
+MAX_DEFAULT_WORKERS = 16  # fastai 2.8.12 fastai/data/load.py: num_workers = min(16, defaults.cpus)
 # Training on the CPU, the model's threads use every core and loader workers only take cores from it. The warm loader
 # delivers ~15x what a CPU-trained resnet18 consumes (BENCHMARKS.md), so one worker per 8 cores keeps up.
 CPU_CORES_PER_WORKER = 8
 
 DEFAULT_FREEZE_EPOCHS = 3  # fastbook ch. 5's last model: fine_tune(6, freeze_epochs=3)
 DEFAULT_EPOCHS = 6
-DEFAULT_LR_MULT = 100  # fastai fine_tune default lr_mult
-BASELINE_EPOCHS = 2  # the book's first model: fine_tune(2) with fastai's defaults
-BASELINE_LR = 2e-3  # fastai fine_tune default base_lr
+DEFAULT_LR_MULT = 100  # fastai 2.8.12 fastai/callback/schedule.py: fine_tune(..., lr_mult=100)
+BASELINE_EPOCHS = 2  # fastbook ch. 5's first model: learn.fine_tune(2) with fastai's defaults
+BASELINE_LR = 2e-3  # fastai 2.8.12 fastai/callback/schedule.py: fine_tune(..., base_lr=2e-3)
+
+DEFAULT_EXPERIMENT = "pets"
+DEFAULT_REGISTERED_MODEL = "pets-classifier"
+
+
+class Section(BaseModel):
+    """A group of settings: immutable, and unknown names are refused (a typo must not train for hours)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)  # defaults get their types too
+
+
+def _option(name: str) -> dict[str, str]:
+    """Give a field a command-line option name other than its own (`data.url` is `--data-url`)."""
+    return {"option": name}
+
+
+class DataSettings(Section):
+    """Where the images come from, how they are labelled, split, presized, cropped and batched."""
+
+    url: str | None = Field(
+        None,
+        description="http(s):// or file:// URL of a .tgz/.tar/.zip archive of images; without it and --data-dir, "
+        "the Oxford-IIIT Pet archive.",
+        json_schema_extra=_option("data_url"),
+    )
+    dir: str | None = Field(
+        None, description="Local folder of images, used instead of downloading.", json_schema_extra=_option("data_dir")
+    )
+    sha256: str | None = Field(None, description="Expected sha256 of the downloaded archive.")
+    label_pattern: str = Field(
+        DEFAULT_LABEL_PATTERN, description="Regex searched in each file name; its first group is the label."
+    )
+    skip_unmatched: bool = Field(False, description="Report and leave out files the label pattern does not match.")
+    valid_pct: float = Field(
+        DEFAULT_VALID_PCT, gt=0, lt=1, description="Fraction of the images held out for validation."
+    )
+    seed: int | None = Field(
+        DEFAULT_SEED, description="Seed of the random split, the crops and the model's random init (none: random)."
+    )
+    presize: int = Field(
+        DEFAULT_PRESIZE, ge=8, description="Short side in pixels of the images cached before training."
+    )
+    size: int = Field(
+        DEFAULT_SIZE, ge=8, description="Training crop size in pixels (random resized crop, at most presize)."
+    )
+    min_scale: float = Field(
+        DEFAULT_MIN_SCALE, gt=0, le=1, description="Smallest fraction of the picture a training crop keeps."
+    )
+    bs: int = Field(DEFAULT_BATCH_SIZE, ge=1, description="Batch size (training and validation).")
+    workers: int | None = Field(
+        None,
+        ge=0,
+        description=f"DataLoader worker processes; default min({MAX_DEFAULT_WORKERS}, CPUs) with a GPU, "
+        f"CPUs // {CPU_CORES_PER_WORKER} on the CPU.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source_and_crop_within_presize(self) -> DataSettings:
+        if self.url and self.dir:
+            raise ValueError("give --data-url or --data-dir, not both")
+        if self.size > self.presize:
+            raise ValueError(
+                f"--size {self.size} is larger than --presize {self.presize}: presize to at least the training size"
+            )
+        return self
+
+
+class ModelSettings(Section):
+    """The network: a torchvision resnet body with fastai's head."""
+
+    arch: Architecture = Field(DEFAULT_ARCH, description="Model architecture.")
+    pretrained: bool = Field(
+        True, description="Start from ImageNet weights; --no-pretrained starts from random weights (no download)."
+    )
+
+
+class ScheduleSettings(Section):
+    """fastai's fine_tune: frozen epochs, then unfrozen epochs with discriminative LRs; a baseline and a retrain."""
+
+    freeze_epochs: int = Field(DEFAULT_FREEZE_EPOCHS, ge=0, description="Epochs training only the new head first.")
+    epochs: int = Field(DEFAULT_EPOCHS, ge=1, description="Epochs of the whole model after unfreezing.")
+    base_lr: float | None = Field(
+        None, gt=0, description="Base learning rate; default: the LR finder's valley suggestion."
+    )
+    lr_mult: float = Field(DEFAULT_LR_MULT, gt=0, description="Ratio of the head's to the first layers' learning rate.")
+    baseline: bool = Field(True, description="First train the book's baseline: fastai's fine_tune defaults.")
+    baseline_epochs: int = Field(BASELINE_EPOCHS, ge=1, description="Epochs of the baseline.")
+    retrain: bool = Field(True, description="Retrain from scratch for the best epoch count when it is not the last.")
+
+    @field_validator("base_lr")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+
+class RuntimeSettings(Section):
+    """Where and how it runs: device, precision, compilation, and where files go."""
+
+    fp16: bool = Field(True, description="Mixed precision on a CUDA GPU; fp32 on other devices.")
+    device: str | None = Field(None, description="Torch device, e.g. cuda:1 or cpu; default CUDA, else MPS, else CPU.")
+    compile: bool = Field(False, description="torch.compile the model (about a minute of compiling first).")
+    out_dir: str | None = Field(
+        None, description="Where results go; default ./outputs/<command> (a training run: <out-dir>/<run id>/)."
+    )
+    cache_dir: str | None = Field(None, description="Downloads and presize cache; default $PETS_HOME or ~/.cache/pets.")
+
+
+class TrackingSettings(Section):
+    """Where MLflow records the run and registers its model."""
+
+    experiment: str = Field(DEFAULT_EXPERIMENT, min_length=1, description="MLflow experiment the runs go to.")
+    registered_model: str = Field(
+        DEFAULT_REGISTERED_MODEL,
+        min_length=1,
+        description="MLflow registered model the trained model becomes a version of.",
+    )
+
+
+class Recipe(Section):
+    """The whole recipe. `Recipe()` is fastbook chapter 5's last model on the Oxford-IIIT Pet archive."""
+
+    data: DataSettings = DataSettings()
+    model: ModelSettings = ModelSettings()
+    schedule: ScheduleSettings = ScheduleSettings()
+    runtime: RuntimeSettings = RuntimeSettings()
+    tracking: TrackingSettings = TrackingSettings()
+
+    @property
+    def precision(self) -> str:
+        """The precision the training stages ask for: fp16 where the device allows it, else fp32."""
+        return "fp16" if self.runtime.fp16 else "fp32"
+
+    def params(self) -> dict[str, Any]:
+        """Every setting under its dotted name (`data.bs`): what MLflow records for a run."""
+        return {f"{section}.{name}": getattr(getattr(self, section), name) for section, name in fields()}
+
+    def updated(self, options: Mapping[str, Any]) -> Recipe:
+        """Return a copy with settings replaced by option name (`bs`, `data_url`), validated as a whole."""
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown settings {unknown}; the recipe's settings are {', '.join(OPTIONS)}")
+        tree = self.model_dump()
+        for option, value in options.items():
+            section, name = OPTIONS[option]
+            tree[section][name] = value
+        return Recipe.model_validate(tree)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the recipe as YAML (a .json name gets JSON); `Recipe.load` reads it back equal."""
+        path = Path(path)
+        tree = self.model_dump(mode="json")
+        if path.suffix == ".json":
+            text = json.dumps(tree, indent=1) + "\n"
+        else:
+            import yaml
+
+            text = yaml.safe_dump(tree, sort_keys=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        """Read a recipe file (YAML or JSON, any sections and settings left out keep their defaults)."""
+        path = Path(path)
+        text = path.read_text()
+        if path.suffix == ".json":
+            tree = json.loads(text)
+        else:
+            import yaml
+
+            tree = yaml.safe_load(text)
+        if tree is None:
+            tree = {}
+        if not isinstance(tree, dict):
+            raise ValueError(f"{path} holds no recipe: expected a mapping of sections (data, model, ...)")
+        return cls.model_validate(tree)
+
+
+SECTIONS = {
+    "data": DataSettings,
+    "model": ModelSettings,
+    "schedule": ScheduleSettings,
+    "runtime": RuntimeSettings,
+    "tracking": TrackingSettings,
+}
+
+
+def fields() -> Iterator[tuple[str, str]]:
+    """Yield (section, setting) for every setting of the recipe, in declaration order."""
+    for section, model in SECTIONS.items():
+        yield from ((section, name) for name in model.model_fields)
+
+
+def option_name(section: str, name: str) -> str:
+    """The setting's name on the command line (`--data-url` for data.url) and in flat mappings."""
+    extra = SECTIONS[section].model_fields[name].json_schema_extra or {}
+    return extra.get("option", name)
+
+
+OPTIONS: dict[str, tuple[str, str]] = {option_name(section, name): (section, name) for section, name in fields()}
+assert len(OPTIONS) == sum(len(model.model_fields) for model in SECTIONS.values()), "option names must be unique"
+
+
+def describe_error(error: ValidationError) -> str:
+    """Turn pydantic's report into one line per bad setting, named as its command-line option."""
+    lines = []
+    for problem in error.errors():
+        location = [str(part) for part in problem["loc"]]
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            message = "is not a setting of the recipe"
+        if len(location) >= 2 and location[0] in SECTIONS and location[1] in SECTIONS[location[0]].model_fields:
+            lines.append(f"--{option_name(location[0], location[1]).replace('_', '-')}: {message}")
+        elif problem["type"] == "value_error":  # a check of several settings: its message names them
+            lines.append(message)
+        else:
+            lines.append(f"{'.'.join(location) or 'recipe'}: {message}")
+    return "; ".join(lines)

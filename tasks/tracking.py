@@ -1,8 +1,9 @@
 """Where and how runs are tracked in MLflow. The only module of the project that talks to MLflow.
 
-One MLflow run per training flow run: the flow creates it with `start_run`, passes its `run_id` to every step, and
-ends it with `end_run`. Everything here writes through an explicit `run_id` with `MlflowClient`, never through a
-process-global active run, so steps can run in any thread or process (architecture.md, anti-patterns).
+One MLflow run per training flow run: the flow opens it with `training_run` (a context manager that ends it FINISHED,
+FAILED or KILLED), passes its `run_id` to every step, and every write names that `run_id` through `MlflowClient`, so
+steps can run in any thread or process. The one exception is `log_classifier`: `mlflow.pytorch.log_model` logs to
+the fluent API's active run, so it re-enters the run by id for that call alone.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -23,6 +26,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from lib.data.download import redact_url
+from lib.recipe import Recipe
 from lib.train.trainer import EpochStats
 
 # The repository's mlflow/ folder: sqlite store and artifacts, both git-ignored (MLflow 3.17 refuses ./mlruns).
@@ -120,29 +124,118 @@ def ensure_experiment(name: str) -> str:
 
 # -- the run ----------------------------------------------------------------------------------------------------------
 FLOW_RUN_TAG = "prefect.flow_run_id"  # the Prefect flow run an MLflow run belongs to: one MLflow run per flow run
+RECIPE_ARTIFACT = "recipe.yaml"  # the run's resolved recipe: `pets train --recipe` repeats the run from it
+RESUMABLE = ("RUNNING", "FAILED", "KILLED")  # an interrupted run; a FINISHED one is never trained into again
+
+
+class ResumeRefusedError(ValueError):
+    """`--resume RUN_ID` names a run that cannot be continued, or asks for another recipe than the run's."""
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """The flow run's MLflow run: its ids, its params so far (a resumed run has some) and where to open it."""
+
+    run_id: str
+    experiment_id: str
+    artifact_uri: str
+    params: dict[str, str]
+
+    @property
+    def url(self) -> str:
+        return run_url({"run_id": self.run_id, "experiment_id": self.experiment_id})
+
+    def chosen_lr(self) -> tuple[float, str] | None:
+        """The base LR an earlier attempt of this run already chose, and how (a resumed run keeps it)."""
+        if "base_lr" not in self.params:
+            return None
+        return float(self.params["base_lr"]), self.params["base_lr_source"]
+
+    def log_recipe(self, recipe: Recipe, folder: Path) -> None:
+        """Record the recipe twice: as dotted params to compare runs by, and as the file that repeats the run.
+
+        A URL's credentials are never recorded (`redact_url`); such a run is repeated by giving the URL again.
+        """
+        recipe = recipe.updated({"data_url": redact_url(recipe.data.url)})
+        log_params(self.run_id, recipe.params())
+        log_files(self.run_id, [recipe.save(Path(folder) / RECIPE_ARTIFACT)])
+
+    def log_stage(self, stage: Mapping[str, Any], *, name: str | None = None) -> None:
+        """File a finished training stage's loss curves under its name (or `name`: the probe can be the final)."""
+        log_files(self.run_id, [stage["loss_curves"]], name or stage["stage"])
 
 
 @task(cache_policy=NO_CACHE)
-def start_run(experiment: str, run_name: str, tags: Mapping[str, str]) -> dict:
-    """Create the flow run's MLflow run (status RUNNING); return its ids, where to open it and its params so far.
+def start_run(
+    experiment: str, run_name: str, tags: Mapping[str, str], *, recipe: Recipe, resume: str | None = None
+) -> TrainingRun:
+    """Create the flow run's MLflow run (status RUNNING), or take back the one it continues.
 
-    A flow run Prefect runs again (`prefect flow-run retry` after a crash) gets back the MLflow run it had, set
-    RUNNING again, so the retry resumes into it instead of leaving a second, half-finished run beside it.
+    A flow run Prefect runs again (`prefect flow-run retry` after a crash) gets back the MLflow run it had, and
+    `resume` (`pets train --resume RUN_ID`) names an interrupted run to continue. Either is set RUNNING again and
+    trained into, instead of leaving a second, half-finished run beside it.
     """
     experiment_id = ensure_experiment(experiment)
     client = _client()
-    earlier = runs_of_flow_run(experiment_id, tags[FLOW_RUN_TAG]) if FLOW_RUN_TAG in tags else []
-    if earlier:
+    if resume is not None:
+        run = resumable_run(resume, recipe)
+        client.set_tag(run.info.run_id, FLOW_RUN_TAG, tags[FLOW_RUN_TAG])  # on_crashed of this flow run finds it
+        client.update_run(run.info.run_id, status="RUNNING")
+    elif earlier := runs_of_flow_run(experiment_id, tags[FLOW_RUN_TAG]):
         run = earlier[0]
         client.update_run(run.info.run_id, status="RUNNING")
     else:
         run = client.create_run(experiment_id, run_name=run_name, tags={key: str(v) for key, v in tags.items()})
-    return {
-        "run_id": run.info.run_id,
-        "experiment_id": experiment_id,
-        "artifact_uri": run.info.artifact_uri,
-        "params": dict(run.data.params),
-    }
+    return TrainingRun(
+        run_id=run.info.run_id,
+        experiment_id=run.info.experiment_id,
+        artifact_uri=run.info.artifact_uri,
+        params=dict(run.data.params),
+    )
+
+
+def resumable_run(run_id: str, recipe: Recipe | None = None):
+    """Return the interrupted MLflow run `run_id`, checking it can be continued with `recipe` (if given)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = _client().get_run(run_id)
+    except MlflowException:
+        raise ResumeRefusedError(
+            f"--resume {run_id}: no such run in the tracking store {redact_url(tracking_uri())}."
+        ) from None
+    if run.info.status not in RESUMABLE:
+        raise ResumeRefusedError(
+            f"--resume {run_id}: the run is {run.info.status}, not interrupted; train a new run instead."
+        )
+    if recipe is not None:
+        logged = {key: run.data.params.get(key) for key in recipe.params()}
+        asked = {
+            key: describe(value)
+            for key, value in recipe.updated({"data_url": redact_url(recipe.data.url)}).params().items()
+        }
+        changed = [f"{key} {logged[key]} -> {asked[key]}" for key in asked if logged[key] != asked[key]]
+        if changed:
+            raise ResumeRefusedError(
+                f"--resume {run_id}: the recipe differs from the run's ({'; '.join(changed)}); a resumed run "
+                "continues with its own recipe, so drop those options or train a new run."
+            )
+    return run
+
+
+def logged_recipe(run_id: str) -> Recipe:
+    """Read back the recipe a run logged (its `recipe.yaml` artifact)."""
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            return Recipe.load(_client().download_artifacts(run_id, RECIPE_ARTIFACT, folder))
+        except (MlflowException, OSError) as error:  # it died before logging its recipe
+            raise ResumeRefusedError(
+                f"--resume {run_id}: the run has no readable {RECIPE_ARTIFACT} ({error}); train a new run instead."
+            ) from None
 
 
 def runs_of_flow_run(experiment_id: str, flow_run_id: str, *, status: str | None = None) -> list:
@@ -167,6 +260,23 @@ def fail_orphaned_runs(experiment: str, flow_run_id: str) -> list[str]:
 def end_run(run_id: str, status: str = "FINISHED") -> None:
     """Mark the run FINISHED, FAILED or KILLED: a run is never left RUNNING by a flow that stopped."""
     _client().set_terminated(run_id, status=status)
+
+
+@contextmanager
+def training_run(
+    recipe: Recipe, run_name: str, tags: Mapping[str, str], *, resume: str | None = None
+) -> Iterator[TrainingRun]:
+    """Open the flow run's MLflow run for the block, and end it FINISHED, FAILED, or KILLED on Ctrl-C.
+
+    Whatever was logged before a failure stays: the run says what happened instead of staying RUNNING.
+    """
+    run = start_run(recipe.tracking.experiment, run_name, tags, recipe=recipe, resume=resume)
+    try:
+        yield run
+    except BaseException as error:
+        end_run(run.run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
+    end_run(run.run_id, "FINISHED")
 
 
 def log_params(run_id: str, params: Mapping[str, Any]) -> None:

@@ -1,7 +1,7 @@
 """Prefect tasks of the training stage: each runs one lib step over the presized manifest, writes its outputs under
 `<out_dir>/<stage>/` and returns paths and small numbers (never a model or a loader).
 
-`recipe` is the plain dict of model and data settings every stage shares (`lib.train.stages.recipe_settings`). The
+`recipe` is the run's `lib.recipe.Recipe`: every stage reads its data, model and runtime settings from it. The
 fine-tuning stages run in a process of their own, so a stage killed mid-epoch is retried and resumes (see
 `fine_tune_classifier`).
 """
@@ -16,13 +16,13 @@ import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from lib.common.files import write_text_atomically
+from lib.recipe import Recipe
 from lib.serve.inference import read_export
 from lib.train.lr_finder import plot_lr_find
 from lib.train.stages import build_trainer, last_checkpoint, release_device_memory
@@ -83,7 +83,7 @@ def fine_tune_classifier(
     manifest_path: str,
     vocab_path: str,
     out_dir: str,
-    recipe: Mapping[str, Any],
+    recipe: Recipe,
     *,
     stage: str,
     epochs: int,
@@ -100,12 +100,12 @@ def fine_tune_classifier(
     within the stage. Returns the exported model's path, the history file, the loss-curve plot and the stage's numbers.
     """
     stage_dir = Path(out_dir) / stage
-    if recipe["seed"] is None:  # a resumed attempt must draw what the first one drew: one seed per MLflow run
-        recipe = {**recipe, "seed": int(run_id[:15], 16)}
+    if recipe.data.seed is None:  # a resumed attempt must draw what the first one drew: one seed per MLflow run
+        recipe = recipe.updated({"seed": int(run_id[:15], 16)})
     request = {
         "manifest_path": str(Path(manifest_path).resolve()),
         "vocab_path": str(Path(vocab_path).resolve()),
-        "recipe": dict(recipe),
+        "recipe": recipe.model_dump(mode="json"),
         "stage_dir": str(stage_dir.resolve()),
         "epochs": epochs,
         "base_lr": base_lr,
@@ -182,7 +182,7 @@ def _rebuilt(error: Mapping[str, str]) -> Exception:
 
 
 @task(cache_policy=NO_CACHE)
-def find_learning_rate(manifest_path: str, vocab_path: str, out_dir: str, recipe: Mapping[str, Any]) -> dict:
+def find_learning_rate(manifest_path: str, vocab_path: str, out_dir: str, recipe: Recipe) -> dict:
     """Run fastai's LR finder on a fresh model (frozen when pretrained, as `vision_learner` leaves it); plot it.
 
     Returns every suggestion, the one the recipe uses (valley, fastai 2.8's default) and the plot's path.
@@ -202,9 +202,7 @@ def find_learning_rate(manifest_path: str, vocab_path: str, out_dir: str, recipe
 
 
 @task(cache_policy=NO_CACHE)
-def evaluate_classifier(
-    model_path: str, manifest_path: str, vocab_path: str, out_dir: str, recipe: Mapping[str, Any]
-) -> dict:
+def evaluate_classifier(model_path: str, manifest_path: str, vocab_path: str, out_dir: str, recipe: Recipe) -> dict:
     """Evaluate an exported model on the validation set: metrics, confusion matrix, most confused, top losses."""
     trainer = build_trainer(manifest_path, vocab_path, recipe, pretrained=False)
     trainer.model.load_state_dict(read_export(Path(model_path)).model.state_dict())

@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 
 from lib.common.files import write_text_atomically
+from lib.recipe import Recipe
 from lib.serve.inference import export_classifier
 from lib.train.checkpoint import LAST_CHECKPOINT
 from lib.train.model import count_parameters
@@ -41,40 +42,10 @@ LOSS_CURVES_FILE = "loss_curves.png"
 CHECKPOINTS = "checkpoints"
 
 
-def recipe_settings(
-    *,
-    arch: str,
-    pretrained: bool,
-    presize: int,
-    size: int,
-    min_scale: float,
-    bs: int,
-    seed: int | None,
-    fp16: bool,
-    device: str | None,
-    workers: int | None = None,
-    compile: bool = False,
-) -> dict[str, Any]:
-    """Collect the settings every training stage shares into the small dict tasks pass around."""
-    return {
-        "arch": arch,
-        "pretrained": pretrained,
-        "presize": presize,
-        "size": size,
-        "min_scale": min_scale,
-        "batch_size": bs,
-        "seed": seed,
-        "precision": "fp16" if fp16 else "fp32",
-        "device": device,
-        "workers": workers,
-        "compile": compile,
-    }
-
-
 def build_trainer(
     manifest_path: str,
     vocab_path: str,
-    recipe: Mapping[str, Any],
+    recipe: Recipe,
     *,
     pretrained: bool | None = None,
     checkpoint_dir: Path | None = None,
@@ -83,24 +54,24 @@ def build_trainer(
     """Build the vision trainer of the recipe; the model's random parts are seeded, so stages start alike."""
     manifest = pd.read_csv(manifest_path)
     vocab = json.loads(Path(vocab_path).read_text())
-    seed = recipe["seed"]
+    data, runtime = recipe.data, recipe.runtime
     with torch.random.fork_rng(devices=[]):  # seed the head's init without touching the caller's RNG
-        if seed is not None:
-            torch.manual_seed(seed)
+        if data.seed is not None:
+            torch.manual_seed(data.seed)
         return vision_trainer(
             manifest,
             vocab,
-            arch=recipe["arch"],
-            pretrained=recipe["pretrained"] if pretrained is None else pretrained,
-            presize=recipe["presize"],
-            size=recipe["size"],
-            min_scale=recipe["min_scale"],
-            batch_size=recipe["batch_size"],
-            workers=recipe["workers"],
-            compile=recipe.get("compile", False),
-            seed=seed,
-            device=recipe["device"],
-            precision=recipe["precision"],
+            arch=recipe.model.arch,
+            pretrained=recipe.model.pretrained if pretrained is None else pretrained,
+            presize=data.presize,
+            size=data.size,
+            min_scale=data.min_scale,
+            batch_size=data.bs,
+            workers=data.workers,
+            compile=runtime.compile,
+            seed=data.seed,
+            device=runtime.device,
+            precision=recipe.precision,
             checkpoint_dir=checkpoint_dir,
             on_epoch_end=on_epoch_end,
         )
@@ -127,7 +98,7 @@ def last_checkpoint(stage_dir: Path) -> Path:
 def fine_tune_stage(request: Mapping[str, Any], on_epoch_end: Callable[[EpochStats, int], None] | None = None) -> dict:
     """Fine-tune a fresh model the fastai way, resuming from the stage's `last.pt` if there is one; export it.
 
-    `request` holds the manifest and vocab paths, the recipe, the stage folder and `epochs`, `base_lr`,
+    `request` holds the manifest and vocab paths, the recipe (as JSON), the stage folder and `epochs`, `base_lr`,
     `freeze_epochs`, `lr_mult`. `on_epoch_end(row, step)` gets every epoch of the stage once, with its index within the
     stage, as soon as it is known: those restored from the checkpoint first, so a listener that missed some (its
     process died with the stage's) can fill them in. Returns the exported model's path, the history file, the
@@ -135,7 +106,7 @@ def fine_tune_stage(request: Mapping[str, Any], on_epoch_end: Callable[[EpochSta
     fresh start).
     """
     stage_dir = Path(request["stage_dir"])
-    recipe = request["recipe"]
+    recipe = Recipe.model_validate(request["recipe"])
     checkpoint = last_checkpoint(stage_dir)
     resume_from = checkpoint if checkpoint.is_file() else None
     trained = 0  # epochs this call trains (the rest of the history was restored from the checkpoint)
@@ -165,8 +136,8 @@ def fine_tune_stage(request: Mapping[str, Any], on_epoch_end: Callable[[EpochSta
     report_history()  # a checkpoint of the whole stage trains nothing more, but its epochs are still reported
     history = trainer.history  # the whole stage, including epochs an earlier attempt ran
     model_path = export_classifier(
-        stage_dir / MODEL_FILE, trainer.model, arch=recipe["arch"], vocab=trainer.vocab, size=recipe["size"],
-        presize=recipe["presize"],
+        stage_dir / MODEL_FILE, trainer.model, arch=recipe.model.arch, vocab=trainer.vocab, size=recipe.data.size,
+        presize=recipe.data.presize,
     )  # fmt: skip
     history_path = write_text_atomically(
         stage_dir / HISTORY_FILE, json.dumps([row.as_dict() for row in history], indent=1) + "\n"

@@ -1,0 +1,176 @@
+"""The `pets` commands' recipe options, made from lib/recipe.py's fields: one option per setting, never declared twice.
+
+`@recipe_options()` gives a command `--recipe FILE` and one option per recipe setting (help, default and range from
+the field), grouped by section in `--help`. The command receives `recipe: RecipeRequest`, the file and the options
+given on the command line, and resolves it into a `Recipe`: the file's settings over the defaults, the options given
+over the file.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import inspect
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import annotated_types
+import click
+import typer
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
+
+from lib.recipe import OPTIONS, SECTIONS, Recipe, describe_error, fields, option_name
+
+PATH_OPTIONS = ("data_dir", "out_dir", "cache_dir")  # made absolute: a flow may run in another working directory
+RECIPE_PANEL = "Recipe"
+
+
+class RecipeError(ValueError):
+    """A recipe file or option value the recipe refuses; the message names the option and what is wrong."""
+
+
+@dataclass(frozen=True)
+class RecipeRequest:
+    """What the command line asked for: a recipe file and the options given explicitly."""
+
+    file: Path | None = None
+    given: Mapping[str, Any] = field(default_factory=dict)
+
+    def resolve(self, base: Recipe | None = None) -> Recipe:
+        """Return the recipe: `base` (the defaults), then the file's settings, then the options given."""
+        try:
+            recipe = base or Recipe()
+            if self.file is not None:
+                recipe = recipe.updated(_flat(Recipe.load(self.file), only_set=True))
+            return recipe.updated(self.given)
+        except ValidationError as error:
+            where = f" in {self.file}" if self.file else ""
+            raise RecipeError(f"{describe_error(error)}{where}") from None
+        except (OSError, ValueError) as error:  # an unreadable file, or YAML that is not a recipe
+            raise RecipeError(f"cannot read the recipe {self.file}: {error}") from None
+
+
+def _flat(recipe: Recipe, *, only_set: bool) -> dict[str, Any]:
+    """Return the recipe's settings by option name; only_set: just those its file gave (the rest are defaults)."""
+    flat = {}
+    for section, name in fields():
+        part = getattr(recipe, section)
+        if not only_set or (section in recipe.model_fields_set and name in part.model_fields_set):
+            flat[option_name(section, name)] = getattr(part, name)
+    return flat
+
+
+def recipe_options(*, exclude: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """Give the decorated command one option per recipe setting but `exclude`, plus `--recipe FILE`.
+
+    The command declares `recipe: RecipeRequest` as its last parameter and gets the file and the options given.
+    """
+
+    def decorate(command: Callable) -> Callable:
+        hints = typing.get_type_hints(command, include_extras=True)
+        own = [
+            parameter.replace(annotation=hints[name])
+            for name, parameter in inspect.signature(command).parameters.items()
+            if name != "recipe"
+        ]
+        settings = {option: setting for option, setting in OPTIONS.items() if option not in exclude}
+        added = [_file_parameter()] + [_setting_parameter(option, *setting) for option, setting in settings.items()]
+
+        @functools.wraps(command)
+        def run(**arguments: Any) -> Any:
+            context = click.get_current_context()
+            given = {}
+            for option in settings:
+                value = arguments.pop(option)
+                if context.get_parameter_source(option) not in (None, click.core.ParameterSource.DEFAULT):
+                    given[option] = _plain(option, value)
+            file = arguments.pop("recipe_file")
+            return command(**arguments, recipe=RecipeRequest(file=file, given=given))
+
+        parameters = own + added
+        run.__signature__ = inspect.Signature(parameters)
+        run.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
+        return run
+
+    return decorate
+
+
+def _file_parameter() -> inspect.Parameter:
+    option = typer.Option(
+        "--recipe",
+        help="A recipe file (YAML or JSON, as `recipe.yaml` of any run); the options below override it.",
+        rich_help_panel=RECIPE_PANEL,
+        show_default=False,
+    )
+    return inspect.Parameter(
+        "recipe_file", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=_typed(Path | None, option)
+    )
+
+
+def _setting_parameter(option: str, section: str, name: str) -> inspect.Parameter:
+    """Declare one recipe setting as a typer option: its type, default, help with the range, its section's panel."""
+    info = SECTIONS[section].model_fields[name]
+    flag = "--" + option.replace("_", "-")
+    kind = _cli_type(option, info)
+    declarations = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
+    default = info.default.value if isinstance(info.default, enum.Enum) else info.default
+    if isinstance(kind, type) and issubclass(kind, enum.Enum) and default is not None:
+        default = kind(default)
+    help_text = info.description + _range(info)
+    typer_option = typer.Option(
+        *declarations,
+        help=help_text,
+        show_default=info.default is not None,
+        rich_help_panel=f"{section.title()} (recipe: {section})",
+    )
+    annotation = kind if info.default is not None else kind | None
+    return inspect.Parameter(
+        option, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=_typed(annotation, typer_option)
+    )
+
+
+def _typed(annotation: Any, option: Any) -> Any:
+    return typing.Annotated[annotation, option]
+
+
+def _cli_type(option: str, info: FieldInfo) -> Any:
+    """The type typer parses the option as: the field's, with a Literal as a choice and folders as paths."""
+    annotation = info.annotation
+    arguments = [argument for argument in typing.get_args(annotation) if argument is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = arguments[0]
+    if typing.get_origin(annotation) is typing.Literal:
+        values = typing.get_args(annotation)
+        return enum.Enum(option.title().replace("_", ""), {value: value for value in values}, type=str)
+    if option in PATH_OPTIONS:
+        return Path
+    return annotation
+
+
+def _range(info: FieldInfo) -> str:
+    """Say the field's bounds the way click shows ranges: ` [x>=1]`, ` [0<x<1]`."""
+    low = high = ""
+    for bound in info.metadata:
+        if isinstance(bound, annotated_types.Ge):
+            low = f"{bound.ge}<="
+        elif isinstance(bound, annotated_types.Gt):
+            low = f"{bound.gt}<"
+        elif isinstance(bound, annotated_types.Le):
+            high = f"<={bound.le}"
+        elif isinstance(bound, annotated_types.Lt):
+            high = f"<{bound.lt}"
+    return f" [{low}x{high}]" if low or high else ""
+
+
+def _plain(option: str, value: Any) -> Any:
+    """The option's value as the recipe takes it: an enum's value, an absolute folder as a string."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if option in PATH_OPTIONS and value is not None:
+        return str(Path(value).expanduser().resolve())
+    return value
