@@ -41,7 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	PYTHON=$(BIN)/python bench/run_all.sh
 
-# `pets ui` serves the store below on 127.0.0.1 with artifacts beside it (flows/cli.py, mlflow.md §1).
+# `pets ui` serves the store below on 127.0.0.1 with artifacts beside it (flows/cli.py; MLflow 3.17 `mlflow server`).
 ui: $(STAMP)
 	MLFLOW_TRACKING_URI=sqlite:///$(MLFLOW_DIR)/mlflow.db $(BIN)/pets ui --port $(UI_PORT)
 

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--presize", type=int, default=DEFAULT_PRESIZE, help="presize cache side in pixels")
     parser.add_argument("--data-dir", type=Path, default=BENCH_DIR, help="where generated images live")
     args = parser.parse_args(argv)
-    os.environ.setdefault("DO_NOT_TRACK", "1")  # no telemetry from Prefect (prefect.md §10)
+    os.environ.setdefault("DO_NOT_TRACK", "1")  # no telemetry from Prefect (Prefect 3.9 prefect/analytics)
 
     from prefect.testing.utilities import prefect_test_harness
 

@@ -130,7 +130,7 @@ def train_locally(parameters: Mapping[str, dict], comparison: str) -> list[dict]
 def run_training_deployment(deployment: str, parameters: dict[str, Any], flow_run_name: str) -> dict:
     """Run one training deployment and wait for its final state; return its flow run id and that state."""
     flow_run = run_deployment(deployment, parameters=parameters, timeout=None, flow_run_name=flow_run_name)
-    # run_deployment never raises when the child fails (prefect.md §9.6): the caller reads the state.
+    # run_deployment never raises when the child fails (PrefectHQ/prefect issue #11435): the caller reads the state.
     return child_outcome(parameters["recipe"]["model"]["arch"], str(flow_run.id), flow_run.state)
 
 

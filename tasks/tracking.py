@@ -1,9 +1,15 @@
 """Where and how runs are tracked in MLflow. The only module of the project that talks to MLflow.
 
+<<<<<<< ours
 One MLflow run per training flow run: the flow opens it with `training_run` (a context manager that ends it FINISHED,
 FAILED or KILLED), passes its `run_id` to every step, and every write names that `run_id` through `MlflowClient`, so
 steps can run in any thread or process. The one exception is `log_classifier`: `mlflow.pytorch.log_model` logs to
 the fluent API's active run, so it re-enters the run by id for that call alone.
+=======
+One MLflow run per training flow run: the flow creates it with `start_run`, passes its `run_id` to every step, and
+ends it with `end_run`. Everything here writes through an explicit `run_id` with `MlflowClient`, never through a
+process-global active run, so steps can run in any thread or process (MLflow 3.17 docs, `mlflow.client`).
+>>>>>>> theirs
 """
 
 from __future__ import annotations
@@ -32,12 +38,12 @@ from lib.train.trainer import EpochStats
 # The repository's mlflow/ folder: sqlite store and artifacts, both git-ignored (MLflow 3.17 refuses ./mlruns).
 MLFLOW_DIR = Path(__file__).resolve().parents[1] / "mlflow"
 
-# Per-epoch metric names, identical in every run and every stage (mlflow.md §4: comparable runs share keys).
+# Per-epoch metric names, identical in every run and every stage (MLflow 3.17 UI: runs are compared per metric key).
 EPOCH_METRICS = ("train_loss", "valid_loss", "error_rate", "accuracy", "lr", "epoch_seconds", "images_per_second")
 DATASET_NAME = "pets-labels"
 MODEL_NAME = "model"  # the LoggedModel's name inside the run
-EXAMPLE_IMAGES = 2  # pt2 export: an input example with batch > 1 keeps the batch dimension dynamic (mlflow.md §3)
-MAX_BATCH = 1000  # MlflowClient.log_batch takes at most 1000 metrics per call (mlflow.md §2)
+EXAMPLE_IMAGES = 2  # pt2 export: an input example with batch > 1 keeps the batch dim dynamic (MLflow 3.17 pytorch)
+MAX_BATCH = 1000  # MlflowClient.log_batch takes at most 1000 metrics per call (MLflow 3.17 REST API docs, log-batch)
 
 
 def tracking_uri() -> str:
@@ -352,7 +358,7 @@ def log_dataset(run_id: str, manifest_path: str, *, source: str) -> str:
 
     manifest = pd.read_csv(manifest_path)
     columns = [column for column in ("path", "label", "split") if column in manifest.columns]
-    with warnings.catch_warnings():  # a local path as source "can be interpreted in multiple ways" (mlflow.md §2)
+    with warnings.catch_warnings():  # a local path as source "can be interpreted in multiple ways" (mlflow.data, 3.17)
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_pandas(manifest[columns], source=source, name=DATASET_NAME, targets="label")
         entity = dataset._to_mlflow_entity()
@@ -363,7 +369,7 @@ def log_dataset(run_id: str, manifest_path: str, *, source: str) -> str:
 
 # -- the model --------------------------------------------------------------------------------------------------------
 def pip_requirements() -> list[str]:
-    """Pin what loading the model needs, so MLflow skips its slow requirement inference (mlflow.md §3, §7)."""
+    """Pin what loading the model needs, so MLflow skips its slow requirement inference (MLflow 3.17 log_model docs)."""
     import torch
     import torchvision
 
@@ -380,7 +386,7 @@ def log_classifier(run_id: str, model_path: str, example_images: Sequence[str], 
 
     The model serves raw uint8 N x presize x presize x 3 pictures (the presized centre square) and does the
     validation resize and normalisation inside. It is saved in the pickle-free pt2 format (torch.export) on the
-    CPU, from a two-image input example, so the batch size stays dynamic (mlflow.md §3).
+    CPU, from a two-image input example, so the batch size stays dynamic (MLflow 3.17 mlflow/pytorch).
     """
     import mlflow
     import mlflow.pytorch
@@ -468,7 +474,7 @@ def ui_url() -> str:
 
 
 def compare_url(experiment_id: str, run_ids: Sequence[str]) -> str:
-    """Return the UI's compare-runs page for these runs (JSON arrays in a hash-routed URL, mlflow.md §4)."""
+    """Return the UI's compare-runs page for these runs (JSON arrays in a hash-routed URL; MLflow 3.17 MlflowRouter)."""
     runs = quote(json.dumps(list(run_ids)))
     experiments = quote(json.dumps([experiment_id]))
     return f"{ui_url()}/#/compare-runs?runs={runs}&experiments={experiments}"

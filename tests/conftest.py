@@ -13,7 +13,7 @@ _SESSION_TMP = Path(tempfile.mkdtemp(prefix="pets-tests-"))
 os.environ.update(
     {
         "PREFECT_HOME": str(_SESSION_TMP / "prefect-home"),
-        # Persisted task results would otherwise survive across pytest sessions (prefect.md §4).
+        # Persisted task results would otherwise survive across pytest sessions (Prefect 3.9 results settings).
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(_SESSION_TMP / "prefect-results"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_UI_ENABLED": "false",
@@ -41,7 +41,7 @@ def prefect_harness():
 
 @pytest.fixture(scope="session")
 def _mlflow_template_db(tmp_path_factory):
-    """Migrate one empty MLflow sqlite store per session (2-7 s); tests copy it (mlflow.md §5)."""
+    """Migrate one empty MLflow sqlite store per session (2-7 s, measured here); tests copy it."""
     import mlflow
 
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"

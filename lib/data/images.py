@@ -1,8 +1,8 @@
 """Open any image file as an 8-bit RGB PIL image, the one way the pipeline reads pixels.
 
-fastai opens items with ``Image.open`` -> ``.load()`` -> ``.convert('RGB')`` (fastai-recipe.md §1.1). That
+fastai opens items with ``Image.open`` -> ``.load()`` -> ``.convert('RGB')`` (fastai 2.8.12 ``load_image``). That
 plain convert is wrong for some files the Oxford-IIIT Pet archive really contains (PNG, grayscale and CMYK
-data under ``.jpg`` names, TFDS notes in fastai-recipe.md §0): transparent pixels keep whatever colour lies
+data under ``.jpg`` names, TFDS oxford_iiit_pet 4.0.0 notes): transparent pixels keep whatever colour lies
 under them, and 16-bit values clip to white. The functions here keep fastai's result for ordinary RGB/L
 JPEGs and fix the rest.
 """

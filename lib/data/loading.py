@@ -20,7 +20,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from lib.data.presize import presized_shape
 from lib.recipe import CPU_CORES_PER_WORKER, DEFAULT_BATCH_SIZE, MAX_DEFAULT_WORKERS
 
-# fastai DataLoaders defaults (fastai-recipe.md §1.4): bs=64, val_bs=bs, shuffle+drop_last on train only.
+# fastai DataLoaders defaults (fastai 2.8.12 fastai/data/core.py): bs=64, val_bs=bs, shuffle+drop_last on train only.
 
 CropRequest = tuple[int, float, float]  # (item index, fraction along x, fraction along y)
 # At most this share of the machine's memory holds decoded training and validation images (Pets at 460 px takes

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 # The 37 Oxford-IIIT Pet breeds as spelled in the archive's file names: cats capitalised, dogs lower-case
-# (https://www.robots.ox.ac.uk/~vgg/data/pets/, fastai-recipe.md §1.1).
+# (https://www.robots.ox.ac.uk/~vgg/data/pets/, annotations/list.txt).
 CAT_BREEDS: tuple[str, ...] = (
     "Abyssinian", "Bengal", "Birman", "Bombay", "British_Shorthair", "Egyptian_Mau",
     "Maine_Coon", "Persian", "Ragdoll", "Russian_Blue", "Siamese", "Sphynx",
@@ -42,7 +42,7 @@ BROKEN_FILES: dict[str, str] = {
     f"{CAT_BREEDS[0]}_{_FIRST_BROKEN_NUMBER + 2}.jpg": "truncated",
 }
 # The convertible oddities written by odd_modes=True, in file-number order, as the Pillow mode each opens as.
-# The real archive holds PNG, grayscale and CMYK data under .jpg names (TFDS notes, fastai-recipe.md §0).
+# The real archive holds PNG, grayscale and CMYK data under .jpg names (TFDS oxford_iiit_pet 4.0.0 notes).
 ODD_MODES: tuple[str, ...] = ("L", "CMYK", "RGBA", "P", "I;16")
 
 _JPEG_QUALITY = 90

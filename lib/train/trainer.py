@@ -103,7 +103,7 @@ def make_optimizer(
     """Build AdamW over the model's parameter groups; norm parameters and biases get no weight decay.
 
     fastai's Adam (decoupled wd, eps 1e-5, beta2 0.99) gives the same updates as AdamW with these settings
-    (fastai-recipe.md §3, measured). Each fastai group becomes two torch groups, tagged with its `layer_group`.
+    (fastai 2.8.12 optimizer.py, measured). Each fastai group becomes two torch groups, tagged with its `layer_group`.
     `fused` runs the step as one kernel; on CUDA it also lets GradScaler skip inf/NaN steps on the device, without
     the host sync its unfused path needs (torch.amp.GradScaler.step).
     """
@@ -592,7 +592,7 @@ def best_epoch(history: Sequence[EpochStats], *, phase: str = "unfrozen") -> int
     """Return how many epochs of `phase` gave the lowest error rate (ties: lower valid loss, then fewer epochs).
 
     fastbook ch. 5 retrains from scratch for that many epochs instead of stopping early: a one-cycle schedule cut
-    short leaves the model mid-schedule (architecture.md, "Why the flow retrains for the best epoch count").
+    short leaves the model mid-schedule (fastbook 05_pet_breeds.ipynb, "Selecting the Number of Epochs").
     """
     rows = [row for row in history if row.phase == phase]
     if not rows:

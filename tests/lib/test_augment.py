@@ -74,7 +74,7 @@ def test_validation_is_deterministic_and_matches_fastai_area_then_bilinear_oracl
     images = random_images(batch=2, side=460)
     first = augment(images, train=False)
     assert torch.equal(first, augment(images, train=False))
-    # fastai valid == area(460->448) -> bilinear(align_corners=True) -> 224 (fastai-recipe.md §1.3(b), measured)
+    # fastai valid == area(460->448) -> bilinear(align_corners=True) -> 224 (measured on fastai 2.8.12)
     oracle = area_then_bilinear(images, shrunk=448, size=224)
     assert torch.allclose(first, oracle, atol=5e-4)  # float rounding of two sampling codes, ~5e-5 in pixel units
     shrunk = F.interpolate(unit(images), size=(448, 448), mode="area")

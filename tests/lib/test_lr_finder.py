@@ -1,4 +1,4 @@
-"""LR-finder pieces against the fastai 2.8.12 suggestion fixture (fastai-recipe.md §5), hand cases and closed forms."""
+"""LR-finder pieces against fastai 2.8.12 suggestions (fastai/callback/schedule.py), hand cases and closed forms."""
 
 import math
 
@@ -24,7 +24,7 @@ SWEEP_LRS = FASTAI_FIXTURES["lr_find_lrs"]  # fastai's 100-point sweep, 1e-7 up 
 
 
 def fixture_loss(lr: float) -> float:
-    """Return the §5 fixture curve: a sigmoid drop around 1e-3 and an exponential blow-up past 0.3."""
+    """Return the fastai 2.8.12 fixture curve: a sigmoid drop around 1e-3 and an exponential blow-up past 0.3."""
     x = math.log10(lr)
     return 2.3 - 1.5 / (1 + math.exp(-2.5 * (x + 3))) + 0.05 * math.exp(min(3 * (x + 0.5), 50))
 
@@ -63,7 +63,7 @@ def test_default_suggestion_is_valley_only():
 def test_trim_drops_the_first_tenth_and_the_last_five():
     lrs, losses = trim_for_suggestions(SWEEP_LRS, FIXTURE_LOSSES, 100)
     assert len(lrs) == len(losses) == 85
-    assert lrs[0] == pytest.approx(6.3095734e-07) and lrs[-1] == pytest.approx(3.3113112)  # §5: index 10 and 94
+    assert lrs[0] == pytest.approx(6.3095734e-07) and lrs[-1] == pytest.approx(3.3113112)  # fastai: index 10 and 94
 
 
 def test_trim_cuts_at_the_first_nan():

@@ -48,9 +48,9 @@ def test_cosine_anneal_runs_half_a_cosine_from_start_to_end():
 @pytest.mark.parametrize(
     ("lr", "expected"),
     [
-        (slice(1e-6, 1e-4), (1e-6, 1e-5, 1e-4)),  # §3 [measured]
-        (slice(1e-5, 1e-3), (1e-5, 1e-4, 1e-3)),  # §3 [measured]
-        (slice(2e-3), (2e-4, 2e-4, 2e-3)),  # §3 [measured]: slice(hi) gives hi/10 to the body groups
+        (slice(1e-6, 1e-4), (1e-6, 1e-5, 1e-4)),  # measured on fastai 2.8.12
+        (slice(1e-5, 1e-3), (1e-5, 1e-4, 1e-3)),  # measured on fastai 2.8.12
+        (slice(2e-3), (2e-4, 2e-4, 2e-3)),  # measured on fastai 2.8.12: slice(hi) gives hi/10 to the body groups
         (3e-3, (3e-3, 3e-3, 3e-3)),
         ([1e-4, 2e-4, 5e-4], (1e-4, 2e-4, 5e-4)),
     ],
@@ -242,7 +242,7 @@ def test_one_cycle_rejects_steps_outside_the_fit(step):
 
 def test_one_cycle_position_is_step_over_total():
     assert one_cycle_position(0, 92) == 0.0
-    assert one_cycle_position(91, 92) == pytest.approx(91 / 92)  # §4: last frozen batch, still below pct_start 0.99
+    assert one_cycle_position(91, 92) == pytest.approx(91 / 92)  # fastai: last frozen batch, still below pct_start 0.99
 
 
 @pytest.mark.parametrize(
@@ -251,7 +251,7 @@ def test_one_cycle_position_is_step_over_total():
      (99, 8.3176377)],
 )  # fmt: skip
 def test_lr_finder_lr_landmarks(step, expected):
-    assert lr_finder_lr(step) == pytest.approx(expected, rel=1e-7)  # §5 values are printed to 8 significant digits
+    assert lr_finder_lr(step) == pytest.approx(expected, rel=1e-7)  # fastai 2.8.12 values, to 8 significant digits
 
 
 def test_lr_finder_lr_reproduces_the_whole_fastai_sweep():

@@ -22,7 +22,7 @@ from lib.data.synthetic import (
     pack_tgz,
 )
 
-LABEL_PATTERN = re.compile(r"(.+)_\d+.jpg$")  # the book's RegexLabeller (fastai-recipe.md §1.1)
+LABEL_PATTERN = re.compile(r"(.+)_\d+.jpg$")  # the book's RegexLabeller (fastbook 05_pet_breeds.ipynb)
 NUMBER_PATTERN = re.compile(r"_(\d+).jpg$")
 
 

@@ -75,7 +75,7 @@ def test_adamw_steps_equal_fastai_adam_closed_form_with_changing_lr_and_momentum
         param.grad = grad.clone()
         optimizer.param_groups[0].update(lr=lr, betas=(mom, 0.99))
         optimizer.step()
-        # fastai Adam (fastai-recipe.md §3): decoupled wd, then moments, then the debiased step.
+        # fastai Adam (fastai 2.8.12 fastai/optimizer.py): decoupled wd, then moments, then the debiased step.
         expected *= 1 - lr * 0.01
         grad_avg = mom * grad_avg + (1 - mom) * grad.double()
         sqr_avg = 0.99 * sqr_avg + 0.01 * grad.double() ** 2

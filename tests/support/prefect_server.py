@@ -99,7 +99,7 @@ class ManagedProcess:
         """SIGTERM, wait up to grace seconds, then SIGKILL the process group; then end descendants that left it.
 
         A second SIGTERM goes out halfway through the grace period: a Prefect worker whose SIGINT is ignored
-        (inherited from a shell without job control) only stops on the second one (prefect.md §3, pitfall 1).
+        (inherited from a shell without job control) only stops on the second one (Prefect 3.9 utilities/processutils).
         """
         descendants = _descendants(self.pid)
         if self.alive():
