@@ -1,15 +1,9 @@
 """Where and how runs are tracked in MLflow. The only module of the project that talks to MLflow.
 
-<<<<<<< ours
 One MLflow run per training flow run: the flow opens it with `training_run` (a context manager that ends it FINISHED,
 FAILED or KILLED), passes its `run_id` to every step, and every write names that `run_id` through `MlflowClient`, so
-steps can run in any thread or process. The one exception is `log_classifier`: `mlflow.pytorch.log_model` logs to
-the fluent API's active run, so it re-enters the run by id for that call alone.
-=======
-One MLflow run per training flow run: the flow creates it with `start_run`, passes its `run_id` to every step, and
-ends it with `end_run`. Everything here writes through an explicit `run_id` with `MlflowClient`, never through a
-process-global active run, so steps can run in any thread or process (MLflow 3.17 docs, `mlflow.client`).
->>>>>>> theirs
+steps can run in any thread or process (MLflow 3.17 docs, `mlflow.client`). The one exception is `log_classifier`:
+`mlflow.pytorch.log_model` logs to the fluent API's active run, so it re-enters the run by id for that call alone.
 """
 
 from __future__ import annotations
