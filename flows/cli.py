@@ -65,7 +65,7 @@ def train(
     recipe: RecipeRequest,
 ) -> None:
     """Train one classifier with the fastbook ch. 5 recipe, track it in MLflow and register the model."""
-    resolved = _resumed_recipe(resume, recipe) if resume else _resolved(recipe)
+    resolved = _resumed_recipe(resume, recipe) if resume else _resolved(recipe, training=True)
     from flows.train import train as train_flow
 
     result = _result_or_exit(train_flow(recipe=resolved, resume=resume, return_state=True))
@@ -94,7 +94,7 @@ def compare(
     recipe: RecipeRequest,
 ) -> None:
     """Train several architectures with one recipe, tabulate them, and make the best the registry's `champion`."""
-    resolved = _resolved(recipe)
+    resolved = _resolved(recipe, training=True)
     from flows.compare import compare as compare_flow
     from flows.compare import markdown_table
 
@@ -119,7 +119,7 @@ def lr_find(as_json: Json = False, *, recipe: RecipeRequest) -> None:
 
     The schedule and tracking settings are accepted, so any recipe file works, but not used.
     """
-    resolved = _resolved(recipe)
+    resolved = _resolved(recipe, training=True)
     from flows.train import lr_find as lr_find_flow
 
     result = _result_or_exit(lr_find_flow(recipe=resolved, return_state=True))
@@ -255,12 +255,15 @@ def announce_dataset(
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------------
-def _resolved(request: RecipeRequest) -> Recipe:
+def _resolved(request: RecipeRequest, *, training: bool = False) -> Recipe:
     """Return the recipe the command line asks for, or stop with one line naming the bad option or file."""
     try:
-        return request.resolve()
-    except RecipeError as error:
+        recipe = request.resolve()
+        if training:
+            recipe.data.check_trainable()
+    except (RecipeError, ValueError) as error:
         _fail(str(error), code=2)
+    return recipe
 
 
 def _resumed_recipe(run_id: str, request: RecipeRequest) -> Recipe:

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from prefect import flow
 from pydantic import Field
@@ -25,11 +25,13 @@ def demo(
     epochs: Annotated[int, Field(ge=1)] = DEMO_EPOCHS,
     out_dir: str | None = None,
     cache_dir: str | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> dict:
     """Generate a small pets-like dataset and run the full training flow on it: random init, CPU, fp32, no workers.
 
     Nothing is downloaded: the archive is generated, served from a file:// URL, and the model starts from random
     weights (pretrained weights would need the network). Everything goes under out_dir (default ./outputs/demo).
+    `settings` changes the demo's recipe by option name (e.g. {"bs": 8, "base_lr": 0.001}).
     """
     out = Path(out_dir or default_output_dir() / "demo").resolve()
     archive = make_synthetic_archive(breeds, images_per_breed, str(out))
@@ -38,4 +40,4 @@ def demo(
         "out_dir": str(out / "train"),
         "cache_dir": cache_dir or str(out / "cache"),
     }
-    return train(recipe=Recipe().updated({**DEMO_SETTINGS, "epochs": epochs, **where}))
+    return train(recipe=Recipe().updated({**DEMO_SETTINGS, "epochs": epochs, **where, **(settings or {})}))

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import annotated_types
-import click
 import typer
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
@@ -28,6 +27,7 @@ from lib.recipe import OPTIONS, SECTIONS, Recipe, describe_error, fields, option
 
 PATH_OPTIONS = ("data_dir", "out_dir", "cache_dir")  # made absolute: a flow may run in another working directory
 RECIPE_PANEL = "Recipe"
+CONTEXT = "recipe_context"  # the command's click context (typer passes it): which options were given
 
 
 class RecipeError(ValueError):
@@ -48,7 +48,7 @@ class RecipeRequest:
             if self.file is not None:
                 recipe = recipe.updated(_flat(Recipe.load(self.file), only_set=True))
             return recipe.updated(self.given)
-        except ValidationError as error:
+        except ValidationError as error:  # before ValueError: pydantic's error is one
             where = f" in {self.file}" if self.file else ""
             raise RecipeError(f"{describe_error(error)}{where}") from None
         except (OSError, ValueError) as error:  # an unreadable file, or YAML that is not a recipe
@@ -79,15 +79,18 @@ def recipe_options(*, exclude: tuple[str, ...] = ()) -> Callable[[Callable], Cal
             if name != "recipe"
         ]
         settings = {option: setting for option, setting in OPTIONS.items() if option not in exclude}
-        added = [_file_parameter()] + [_setting_parameter(option, *setting) for option, setting in settings.items()]
+        context = inspect.Parameter(CONTEXT, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+        added = [context, _file_parameter()]
+        added += [_setting_parameter(option, *setting) for option, setting in settings.items()]
 
         @functools.wraps(command)
         def run(**arguments: Any) -> Any:
-            context = click.get_current_context()
+            context = arguments.pop(CONTEXT)
             given = {}
             for option in settings:
                 value = arguments.pop(option)
-                if context.get_parameter_source(option) not in (None, click.core.ParameterSource.DEFAULT):
+                source = context.get_parameter_source(option)
+                if source is not None and source.name != "DEFAULT":  # given, even if equal to the default
                     given[option] = _plain(option, value)
             file = arguments.pop("recipe_file")
             return command(**arguments, recipe=RecipeRequest(file=file, given=given))

@@ -52,6 +52,7 @@ def train(recipe: Recipe = Recipe(), comparison: str | None = None, resume: str 
     the run as one of a compare-pets comparison; `resume` names an interrupted MLflow run to continue from its last
     complete epoch, with the recipe it logged. Returns the run's headline numbers.
     """
+    recipe.data.check_trainable()
     schedule = recipe.schedule
     tags = _run_tags(recipe, comparison)
     with tracking.training_run(recipe, _run_name(recipe, comparison), tags, resume=resume) as run:
@@ -207,6 +208,7 @@ def lr_find(recipe: Recipe = Recipe()) -> dict:
 
     Files go to `<runtime.out_dir>` (default ./outputs/lr_find); the schedule and tracking settings are not read.
     """
+    recipe.data.check_trainable()
     out_dir = Path(recipe.runtime.out_dir or default_output_dir() / "lr_find").resolve()
     data = data_stage(recipe.data, cache_dir=recipe.runtime.cache_dir, out_dir=str(out_dir / "data"))
     found = find_learning_rate(data["manifest"], data["vocab"], str(out_dir), recipe)

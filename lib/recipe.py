@@ -97,14 +97,17 @@ class DataSettings(Section):
     )
 
     @model_validator(mode="after")
-    def _one_source_and_crop_within_presize(self) -> DataSettings:
+    def _one_source(self) -> DataSettings:
         if self.url and self.dir:
             raise ValueError("give --data-url or --data-dir, not both")
+        return self
+
+    def check_trainable(self) -> None:
+        """Refuse a training crop larger than the presized images (the data stage alone does not crop)."""
         if self.size > self.presize:
             raise ValueError(
                 f"--size {self.size} is larger than --presize {self.presize}: presize to at least the training size"
             )
-        return self
 
 
 class ModelSettings(Section):

@@ -14,6 +14,7 @@ from PIL import Image
 from flows.data import prepare_data
 from lib.data.labelling import NoImagesError
 from lib.data.synthetic import BROKEN_FILES, ODD_MODES, make_pets_dataset
+from lib.recipe import Recipe
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -45,10 +46,11 @@ def corpus(tmp_path_factory):
 
 
 def test_the_corpus_runs_through_with_every_bad_file_reported_and_every_oddity_converted(corpus, tmp_path):
-    result = prepare_data(
-        data_dir=str(corpus), skip_unmatched=True, presize=PRESIZE,
-        out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"),
+    recipe = Recipe().updated(
+        {"data_dir": str(corpus), "skip_unmatched": True, "presize": PRESIZE,
+         "out_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache")}
     )  # fmt: skip
+    result = prepare_data(recipe)
 
     out = tmp_path / "out"
     assert sorted((out / "unmatched.txt").read_text().split("\n")[:-1]) == sorted(str(corpus / n) for n in UNMATCHED)
@@ -80,7 +82,8 @@ def test_an_empty_folder_and_a_folder_without_images_are_named_with_the_fix(tmp_
     no_images.mkdir()
     (no_images / "README.txt").write_text("no pictures here")
     for folder in (empty, no_images):
-        state = prepare_data(data_dir=str(folder), cache_dir=str(tmp_path / "cache"), return_state=True)
+        recipe = Recipe().updated({"data_dir": str(folder), "cache_dir": str(tmp_path / "cache")})
+        state = prepare_data(recipe, return_state=True)
         error = state.result(raise_on_failure=False)
         assert isinstance(error, NoImagesError) and str(folder) in str(error) and "--data-dir" in str(error)
 
@@ -91,15 +94,15 @@ def test_training_settings_from_the_corpus_run_like_the_book_or_stop_naming_the_
     import mlflow
 
     from flows.train import train
-    from tests.flows.test_train_flow import TINY
+    from tests.flows.test_train_flow import tiny
 
     images = make_pets_dataset(tmp_path / "pets", breeds=3, images_per_breed=8, max_side=96)
-    common = {**TINY, "data_dir": str(images), "baseline": False, "retrain": False, "epochs": 1}
+    common = {"data_dir": str(images), "baseline": False, "retrain": False, "epochs": 1}
     common.update(out_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"))
 
     # The book's `fine_tune(1, base_lr=0.1)`: an LR far too high gives a poor model, but the losses stay finite and
     # the run is trained, tracked and registered like any other (the book's error rate is 0.834).
-    book = train(**common, base_lr=0.1)
+    book = train(tiny(**common, base_lr=0.1))
     history = json.loads((tmp_path / "runs" / book["run_id"] / "probe" / "history.json").read_text())
     assert [row["phase"] for row in history] == ["frozen", "unfrozen"]
     assert all(math.isfinite(row["train_loss"]) and math.isfinite(row["valid_loss"]) for row in history)
@@ -107,6 +110,6 @@ def test_training_settings_from_the_corpus_run_like_the_book_or_stop_naming_the_
     assert run.info.status == "FINISHED" and run.data.params["base_lr"] == "0.1"
 
     # A batch larger than the training set: fastai would train on no batch at all; here the error names --bs.
-    state = train(**{**common, "bs": 64}, base_lr=1e-3, return_state=True)
+    state = train(tiny(**{**common, "bs": 64}, base_lr=1e-3), return_state=True)
     error = state.result(raise_on_failure=False)
     assert isinstance(error, ValueError) and "fewer than one batch of 64" in str(error) and "--bs" in str(error)

@@ -22,23 +22,17 @@ TINY = [
     "--arch", "resnet18", "--no-pretrained", "--presize", "48", "--size", "32", "--bs", "8", "--freeze-epochs", "1",
     "--epochs", "1", "--no-baseline", "--base-lr", "2e-3", "--no-fp16", "--device", "cpu", "--workers", "0",
 ]  # fmt: skip
-RECIPE_FLAGS = [
-    "--data-url", "--data-dir", "--label-pattern", "--pretrained", "--no-pretrained", "--presize", "--size",
-    "--min-scale", "--bs", "--valid-pct", "--seed", "--freeze-epochs", "--epochs", "--base-lr", "--lr-mult", "--fp16",
-    "--no-fp16", "--device", "--workers", "--experiment", "--baseline", "--no-baseline", "--baseline-epochs",
-    "--retrain", "--no-retrain", "--registered-model", "--out-dir", "--cache-dir", "--json",
-]  # fmt: skip
+# Each command's own flags; the recipe's flags are checked against lib/recipe.py by tests/test_recipe.py.
 HELP_FLAGS = {
-    "train": ["--arch", *RECIPE_FLAGS],
-    "compare": ["--archs", "--train-deployment", *RECIPE_FLAGS],
-    "lr-find": ["--data-url", "--data-dir", "--arch", "--no-pretrained", "--presize", "--size", "--min-scale", "--bs",
-                "--seed", "--no-fp16", "--device", "--out-dir", "--cache-dir", "--json"],
+    "train": ["--resume", "--recipe", "--json"],
+    "compare": ["--archs", "--train-deployment", "--recipe", "--json"],
+    "lr-find": ["--recipe", "--json"],
     "predict": ["MODEL_URI", "IMAGES", "--top-k", "--json"],
     "ui": ["--port", "--host"],
     "demo": ["--breeds", "--images-per-breed", "--epochs", "--out-dir", "--cache-dir"],
     "announce-dataset": ["DATA_URL", "--name"],
-    "summary": ["--data-url", "--data-dir", "--skip-unmatched", "--presize"],
-}  # fmt: skip
+    "summary": ["--recipe"],
+}
 
 
 def invoke(*args: str):
@@ -100,6 +94,40 @@ def test_train_json_is_the_last_line_and_matches_the_mlflow_run(trained, store):
     assert run.data.tags["model_version"] == str(trained["model_version"])
 
 
+def test_the_recipe_a_run_logged_repeats_it_with_exactly_its_params(trained, store, tmp_path):
+    from lib.recipe import Recipe, fields
+
+    client = mlflow.MlflowClient(store)
+    first = client.get_run(trained["run_id"])
+    assert {f"{section}.{name}" for section, name in fields()} <= set(first.data.params)  # every setting is logged
+    recipe = Path(client.download_artifacts(first.info.run_id, "recipe.yaml", str(tmp_path)))
+    assert Recipe.load(recipe).model.arch == "resnet18"
+
+    again = last_json(invoke("train", "--recipe", recipe, "--json"))
+
+    second = client.get_run(again["run_id"])
+    assert second.info.run_id != first.info.run_id and second.info.status == "FINISHED"
+    assert second.data.params == first.data.params
+    assert again["error_rate"] == pytest.approx(trained["error_rate"])  # same seed, same data: the same model
+
+
+def test_a_flag_overrides_the_recipe_file_and_a_bad_file_is_one_line(tmp_path):
+    from lib.recipe import Recipe
+
+    recipe = Recipe().updated({"bs": 16, "epochs": 2}).save(tmp_path / "recipe.yaml")
+    result = invoke("train", "--recipe", recipe, "--bs", "0")
+    assert result.exit_code == 2 and result.output.count("Error:") == 1 and "Traceback" not in result.output
+    assert "--bs: Input should be greater than or equal to 1" in result.output
+
+    (tmp_path / "typo.yaml").write_text("schedule:\n  epoch: 3\n")
+    result = invoke("lr-find", "--recipe", tmp_path / "typo.yaml")
+    assert result.exit_code == 2 and "schedule.epoch: is not a setting of the recipe" in result.output
+    assert str(tmp_path / "typo.yaml") in result.output
+
+    result = invoke("summary", "--recipe", tmp_path / "missing.yaml")
+    assert result.exit_code == 2 and "cannot read the recipe" in result.output
+
+
 def test_predict_json_agrees_with_the_exported_classifier(trained, valid_images):
     out_dir = Path(trained["out_dir"])
     exported = next(out_dir / stage / "model.pth" for stage in ("final", "probe") if (out_dir / stage).is_dir())
@@ -157,7 +185,7 @@ def test_compare_passes_every_recipe_flag_as_a_valid_training_setting(tmp_path):
     result = invoke("compare", "--archs", "resnet18,resnet18", *TINY[2:], "--out-dir", tmp_path, "--json")
 
     assert result.exit_code == 1
-    assert "more than once" in result.output and "Unknown training settings" not in result.output
+    assert "more than once" in result.output and "is not a setting" not in result.output
 
 
 def test_data_url_and_data_dir_are_exclusive(tmp_path):

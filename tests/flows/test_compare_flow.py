@@ -15,6 +15,7 @@ from prefect.exceptions import ParameterTypeError
 
 from flows.compare import COLUMNS, compare
 from lib.data.synthetic import make_pets_dataset, pack_tgz
+from lib.recipe import Recipe
 from lib.train.weights import checkpoint_path, weights_for
 from tasks.tracking import champion_version
 
@@ -56,15 +57,13 @@ def settings(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
     images = make_pets_dataset(root / "pets", breeds=4, images_per_breed=10, max_side=96)
     archive = pack_tgz(images, root / "served" / "pets.tgz")
-    return {**TINY, "data_url": archive.as_uri(), "cache_dir": str(root / "cache"), "out_dir": str(root / "runs")}
+    where = {"data_url": archive.as_uri(), "cache_dir": str(root / "cache"), "out_dir": str(root / "runs")}
+    return {**TINY, **where, "experiment": EXPERIMENT, "registered_model": REGISTERED_MODEL}
 
 
 @pytest.fixture(scope="module")
 def comparison(prefect_harness, store, settings, tmp_path_factory):
-    tables = tmp_path_factory.mktemp("tables")
-    return compare(
-        archs=ARCHS, settings=settings, experiment=EXPERIMENT, registered_model=REGISTERED_MODEL, out_dir=str(tables)
-    )
+    return compare(archs=ARCHS, recipe=Recipe().updated(settings))
 
 
 def runs_of(client, experiment):
@@ -97,7 +96,7 @@ def test_each_architecture_trains_once_into_a_finished_run_tagged_with_the_compa
     for arch, run in runs.items():
         assert run.info.status == "FINISHED"
         assert run.data.tags["comparison"] == comparison["comparison"] and run.data.tags["arch"] == arch
-        assert run.data.params["epochs"] == "1" and run.data.params["size"] == "32"  # the settings reached each child
+        assert run.data.params["schedule.epochs"] == "1" and run.data.params["data.size"] == "32"  # reached each child
     assert comparison["experiment"] == EXPERIMENT
 
 
@@ -164,12 +163,10 @@ def test_a_failed_child_fails_the_comparison_after_tabulating_the_others_and_lea
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     experiment, champion_before = "pets-compare-failing", champion_version(REGISTERED_MODEL)
 
+    recipe = Recipe().updated({**settings, "pretrained": True, "experiment": experiment})
     state = compare(
         archs=["resnet34", "resnet18"],  # the failing child first: it must not stop the other
-        settings={**settings, "pretrained": True},
-        experiment=experiment,
-        registered_model=REGISTERED_MODEL,
-        out_dir=str(tmp_path / "tables"),
+        recipe=recipe.updated({"out_dir": str(tmp_path / "tables")}),
         return_state=True,
     )
 
@@ -193,19 +190,17 @@ def test_a_failed_child_fails_the_comparison_after_tabulating_the_others_and_lea
 
 
 def test_unknown_settings_are_refused_before_anything_trains(mlflow_uri, tmp_path):
-    with pytest.raises(ValueError, match=r"Unknown training settings \['epoch', 'lr'\].*Valid settings: .*epochs"):
-        compare(archs=["resnet18"], settings={"epoch": 3, "lr": 0.01}, out_dir=str(tmp_path))
-    with pytest.raises(ValueError, match=r"Unknown training settings \['arch'\]: .*compare-pets sets those itself"):
-        compare(archs=["resnet18"], settings={"arch": "resnet34"}, out_dir=str(tmp_path))
+    with pytest.raises(ParameterTypeError, match=r"recipe.schedule.epoch: Extra inputs are not permitted"):
+        compare(archs=["resnet18"], recipe={"schedule": {"epoch": 3}, "runtime": {"out_dir": str(tmp_path)}})
 
     assert [e.name for e in mlflow.MlflowClient(mlflow_uri).search_experiments()] == ["Default"]  # no run started
 
 
 def test_bad_setting_values_and_repeated_archs_are_refused_before_anything_trains(mlflow_uri, tmp_path):
     with pytest.raises(ParameterTypeError, match="epochs"):
-        compare(archs=["resnet18"], settings={"epochs": 0}, out_dir=str(tmp_path))
+        compare(archs=["resnet18"], recipe={"schedule": {"epochs": 0}, "runtime": {"out_dir": str(tmp_path)}})
     with pytest.raises(ValueError, match="resnet18 more than once"):
-        compare(archs=["resnet18", "resnet34", "resnet18"], out_dir=str(tmp_path))
+        compare(archs=["resnet18", "resnet34", "resnet18"], recipe=Recipe().updated({"out_dir": str(tmp_path)}))
 
     assert [e.name for e in mlflow.MlflowClient(mlflow_uri).search_experiments()] == ["Default"]
 
@@ -213,9 +208,8 @@ def test_bad_setting_values_and_repeated_archs_are_refused_before_anything_train
 def test_deployment_mode_fails_naming_every_child_that_could_not_start(mlflow_uri, tmp_path):
     state = compare(
         archs=["resnet18", "resnet34"],
-        settings=TINY,
+        recipe=Recipe().updated({**TINY, "out_dir": str(tmp_path)}),
         train_deployment="train-pets/no-such-deployment-{arch}",
-        out_dir=str(tmp_path),
         return_state=True,
     )
 

@@ -12,9 +12,17 @@ from typer.testing import CliRunner
 from flows.cli import app
 from flows.data import prepare_data
 from lib.data.synthetic import BROKEN_FILES, ODD_MODES, make_pets_dataset, pack_tgz
+from lib.recipe import Recipe
 from tests.support.http_server import serve_directory
 
 BREEDS, PER_BREED, PRESIZE = 4, 10, 64
+
+
+def data_recipe(**options) -> Recipe:
+    """The default recipe at PRESIZE, with more settings by option name."""
+    return Recipe().updated({"presize": PRESIZE, **options})
+
+
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
@@ -36,9 +44,9 @@ def test_prepare_data_over_http_then_a_warm_rerun_reuses_every_cache(archive, tm
             "presize": PRESIZE,
             "cache_dir": str(tmp_path / "cache"),
         }
-        first = prepare_data(**common, out_dir=str(tmp_path / "run1"))
+        first = prepare_data(data_recipe(**common, out_dir=str(tmp_path / "run1")))
         requests_after_first = server.requests
-        second = prepare_data(**common, out_dir=str(tmp_path / "run2"))
+        second = prepare_data(data_recipe(**common, out_dir=str(tmp_path / "run2")))
 
     assert requests_after_first == 1
     assert server.requests == requests_after_first  # the warm run did no network I/O
@@ -63,13 +71,8 @@ def test_unmatched_file_names_fail_the_flow_with_the_fix(tmp_path):
     images = make_pets_dataset(tmp_path / "pets", breeds=2, images_per_breed=3, max_side=120)
     (images / "IMG_0001.jpeg").write_bytes((images / "Abyssinian_1.jpg").read_bytes())
 
-    state = prepare_data(
-        data_dir=str(images),
-        out_dir=str(tmp_path / "out"),
-        cache_dir=str(tmp_path / "c"),
-        presize=PRESIZE,
-        return_state=True,
-    )
+    recipe = data_recipe(data_dir=str(images), out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "c"))
+    state = prepare_data(recipe, return_state=True)
 
     assert state.is_failed()
     with pytest.raises(ValueError, match=r"1 of 7 file names do not match .*--skip-unmatched"):
@@ -160,13 +163,10 @@ def test_skipped_unmatched_files_are_reported_in_the_summary(tmp_path):
     images = make_pets_dataset(tmp_path / "pets", breeds=2, images_per_breed=4, max_side=120)
     (images / "IMG_0001.jpeg").write_bytes((images / "Abyssinian_1.jpg").read_bytes())
 
-    result = prepare_data(
-        data_dir=str(images),
-        skip_unmatched=True,
-        out_dir=str(tmp_path / "out"),
-        cache_dir=str(tmp_path / "c"),
-        presize=PRESIZE,
+    recipe = data_recipe(
+        data_dir=str(images), skip_unmatched=True, out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "c")
     )
+    result = prepare_data(recipe)
 
     text = (tmp_path / "out" / "summary.txt").read_text()
     assert "Found 9 items" in text and "Skipped 1 items whose file names do not match" in text

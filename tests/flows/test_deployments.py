@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from lib.data.synthetic import make_pets_dataset, pack_tgz
+from lib.recipe import Recipe
 from tests.support.prefect_server import prefect_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,15 +26,10 @@ DATA_URL_TEMPLATE = "{{ event.payload.data_url }}"
 # The smallest demo that still trains and registers a model: a few breeds, a few tiny images, one epoch per stage.
 # base_lr skips the LR finder, whose 100 mini-batches would take most of the run (minutes on 2 busy CPUs).
 SMOKE_PARAMETERS = {
-    "base_lr": 1e-3,
     "breeds": 3,
     "images_per_breed": 8,
-    "presize": 40,
-    "size": 32,
-    "bs": 8,
-    "freeze_epochs": 1,
     "epochs": 1,
-    "baseline_epochs": 1,
+    "settings": {"base_lr": 1e-3, "presize": 40, "size": 32, "bs": 8, "freeze_epochs": 1, "baseline_epochs": 1},
 }
 # The same for each of compare's trainings (resnet50 and resnet101, random init): seconds of training, no LR finder.
 COMPARE_SETTINGS = {
@@ -99,7 +95,7 @@ def test_deploy_all_then_workers_run_smoke_and_compare_runs_its_trainings_in_par
         triggered = _wait_for_automation_run(server, compare, automation, timeout=30)
         try:
             expected = {**compare_defaults, **_render(_trigger_parameters(DEPLOYMENTS["compare"]), data_url)}
-            assert triggered["parameters"]["settings"]["data_url"] == data_url, triggered["parameters"]
+            assert triggered["parameters"]["recipe"]["data"]["url"] == data_url, triggered["parameters"]
             assert triggered["parameters"] == expected
             assert triggered["work_queue_name"] == DEPLOYMENTS["compare"]["work_pool"]["work_queue_name"]
         finally:  # nothing may be left for the gpu workers but the compare run below
@@ -114,15 +110,18 @@ def test_deploy_all_then_workers_run_smoke_and_compare_runs_its_trainings_in_par
         compare_parameters = {
             "archs": compare_defaults["archs"],
             "train_deployment": compare_defaults["train_deployment"],
-            "settings": {
-                **COMPARE_SETTINGS,
-                "data_url": archive.as_uri(),
-                "cache_dir": str(tmp_path / "compare-cache"),
-                "out_dir": str(tmp_path / "compare-runs"),
-            },
-            "experiment": COMPARE_EXPERIMENT,
-            "registered_model": COMPARE_MODEL,
-            "out_dir": str(tmp_path / "compare-tables"),
+            "recipe": Recipe()
+            .updated(
+                {
+                    **COMPARE_SETTINGS,
+                    "data_url": archive.as_uri(),
+                    "cache_dir": str(tmp_path / "compare-cache"),
+                    "out_dir": str(tmp_path / "compare-runs"),
+                    "experiment": COMPARE_EXPERIMENT,
+                    "registered_model": COMPARE_MODEL,
+                }
+            )
+            .model_dump(mode="json"),
         }
         compare_run = server.post(f"/deployments/{compare['id']}/create_flow_run", {"parameters": compare_parameters})
 
@@ -173,12 +172,12 @@ def test_deploy_all_then_workers_run_smoke_and_compare_runs_its_trainings_in_par
     for child in children:
         run = by_child[child["id"]]
         assert run.info.status == "FINISHED", f"{run}\n{diagnostics}"
-        arch = child["parameters"]["arch"]
+        arch = child["parameters"]["recipe"]["model"]["arch"]
         assert training_ids[child["deployment_id"]] == compare_defaults["train_deployment"].format(arch=arch)
-        assert run.data.tags["arch"] == arch and run.data.params["size"] == "32", run.data
+        assert run.data.tags["arch"] == arch and run.data.params["data.size"] == "32", run.data
     (comparison,) = {run.data.tags.get("comparison") for run in runs}
     assert comparison and comparison.startswith("cmp-"), comparison
-    assert (tmp_path / "compare-tables" / comparison / "comparison.md").is_file()
+    assert (tmp_path / "compare-runs" / comparison / "comparison.md").is_file()
     best = min(runs, key=lambda run: (run.data.metrics["error_rate"], run.data.metrics["valid_loss"]))
     champion = client.get_model_version_by_alias(COMPARE_MODEL, "champion")
     assert (champion.run_id, str(champion.version)) == (best.info.run_id, best.data.tags["model_version"]), [
@@ -257,7 +256,7 @@ def _assert_event_trigger(server, compare: dict) -> dict:
     assert action["type"] == "run-deployment" and action["deployment_id"] == compare["id"]
     # The templates are stored as written; they are rendered when the event arrives.
     assert action["parameters"] == _trigger_parameters(DEPLOYMENTS["compare"])
-    assert action["parameters"]["settings"] == {"data_url": DATA_URL_TEMPLATE}
+    assert action["parameters"]["recipe"] == {"data": {"url": DATA_URL_TEMPLATE}}
     return automation
 
 

@@ -23,7 +23,8 @@ from flows.train import train
 from lib.data.synthetic import make_pets_dataset, pack_tgz
 from lib.serve.inference import read_export
 from lib.train.stages import fine_tune_stage, last_checkpoint
-from tests.flows.test_train_flow import TINY, task_runs
+from tests.flows.test_cli import invoke
+from tests.flows.test_train_flow import TINY, task_runs, tiny
 from tests.support.processes import parent_pid
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -82,10 +83,11 @@ def test_a_stage_killed_mid_training_is_retried_by_prefect_and_resumes_to_the_un
 
     killer = threading.Thread(target=preempt_the_probe, daemon=True)
     killer.start()
-    state = train(
-        **TINY, data_url=archive.as_uri(), epochs=EPOCHS, base_lr=1e-3, baseline=False,
-        retrain=False, out_dir=str(out_dir), cache_dir=str(tmp_path / "cache"), return_state=True,
+    recipe = tiny(
+        data_url=archive.as_uri(), epochs=EPOCHS, base_lr=1e-3, baseline=False, retrain=False, out_dir=str(out_dir),
+        cache_dir=str(tmp_path / "cache"),
     )  # fmt: skip
+    state = train(recipe, return_state=True)
     killer.join(timeout=WAIT_SECONDS)
     assert state.is_completed(), state.message
     result = state.result()
@@ -158,14 +160,26 @@ def test_ctrl_c_stops_every_process_marks_the_run_killed_and_leaves_a_resumable_
     assert client.get_metric_history(run.info.run_id, "probe/valid_loss")  # what it had is kept
     assert client.search_registered_models() == []
 
-    # The checkpoint is usable: the stage's own request resumes from it and finishes.
+    # The checkpoint is usable: `pets train --resume` continues the run from it, with the recipe the run logged.
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert state["plan"]["kind"] == "fine_tune" and state["epochs_done"] >= 1
-    stage_dir = checkpoint.parents[1]
-    assert last_checkpoint(stage_dir) == checkpoint
-    finished = fine_tune_stage(json.loads((stage_dir / "request.json").read_text()))
-    assert 0 < finished["resumed_epochs"] < FREEZE_EPOCHS + EPOCHS
-    assert len(json.loads(Path(finished["history"]).read_text())) == FREEZE_EPOCHS + EPOCHS
+    assert last_checkpoint(checkpoint.parents[1]) == checkpoint
+    refused = invoke("train", "--resume", run.info.run_id, "--epochs", str(EPOCHS + 1))
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert refused.output.count("Error:") == 1 and f"schedule.epochs {EPOCHS} -> {EPOCHS + 1}" in refused.output
+
+    resumed = invoke("train", "--resume", run.info.run_id, "--json")
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["run_id"] == run.info.run_id
+    (finished,) = client.search_runs([client.get_experiment_by_name("pets-test").experiment_id])
+    assert finished.info.status == "FINISHED" and finished.data.tags["model_version"] == "1"
+    steps = [point.step for point in client.get_metric_history(run.info.run_id, "probe/valid_loss")]
+    assert sorted(steps) == list(range(FREEZE_EPOCHS + EPOCHS))  # each epoch once: the restored ones not again
+    history = json.loads((checkpoint.parents[1] / "history.json").read_text())
+    assert len(history) == FREEZE_EPOCHS + EPOCHS
+
+    again = invoke("train", "--resume", run.info.run_id)
+    assert again.exit_code == 2 and "is FINISHED, not interrupted" in again.output
 
 
 def worker_done_with_crash(log: Path) -> bool:
@@ -196,10 +210,11 @@ def test_a_deployment_run_whose_process_is_killed_crashes_fails_its_mlflow_run_a
         "PETS_HOME": str(tmp_path / "pets-home"),
         "TORCH_HOME": str(tmp_path / "torch-home"),
     }
-    parameters = {
-        **TINY, "data_url": archive.as_uri(), "epochs": EPOCHS, "base_lr": 1e-3, "baseline": False, "retrain": False,
-        "out_dir": str(out_dir), "cache_dir": str(tmp_path / "cache"),
-    }  # fmt: skip
+    recipe = tiny(
+        data_url=archive.as_uri(), epochs=EPOCHS, base_lr=1e-3, baseline=False, retrain=False, out_dir=str(out_dir),
+        cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    parameters = {"recipe": recipe.model_dump(mode="json")}
     client = mlflow.MlflowClient(mlflow_uri)
 
     def mlflow_runs():

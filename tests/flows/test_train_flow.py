@@ -7,8 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flows.train import SUMMARY_METRICS, TRACKED_PARAMETERS, train
+from flows.train import SUMMARY_METRICS, train
 from lib.data.synthetic import make_pets_dataset, pack_tgz
+from lib.recipe import Recipe
 from lib.serve.inference import Classifier
 from lib.train.trainer import NonFiniteLossError
 from tasks.tracking import DATASET_NAME, EPOCH_METRICS, load_served_model
@@ -29,6 +30,13 @@ TINY = {
     "workers": 0,
     "experiment": "pets-test",
 }
+
+
+def tiny(**options) -> Recipe:
+    """The tiny recipe with more settings by option name (`data_url`, `epochs`)."""
+    return Recipe().updated({**TINY, **options})
+
+
 DATA_ARTIFACTS = {"presized.csv", "vocab.json", "cleaning_report.json", "summary.txt", "show_batch.png"}
 EVALUATION_ARTIFACTS = {"confusion_matrix.png", "most_confused.txt", "top_losses.png"}
 
@@ -65,23 +73,24 @@ def test_the_flow_tracks_the_whole_recipe_in_one_mlflow_run_and_a_warm_rerun_reu
     with serve_directory(archive.parent) as server:
         # A signed-URL style token: it must reach the download but never an MLflow param or the dataset source.
         url = server.url(archive.name) + "?token=s3cr3t"
-        common = {**TINY, "data_url": url, "cache_dir": str(tmp_path / "cache")}
-        result = train(**common, epochs=2, baseline_epochs=1, out_dir=str(tmp_path / "runs"))
+        common = {"data_url": url, "cache_dir": str(tmp_path / "cache"), "out_dir": str(tmp_path / "runs")}
+        recipe = tiny(**common, epochs=2, baseline_epochs=1)
+        result = train(recipe)
         requests_after_first = server.requests
-        warm = train(**common, epochs=1, base_lr=1e-3, baseline=False, retrain=False, out_dir=str(tmp_path / "runs"))
+        warm = train(tiny(**common, epochs=1, base_lr=1e-3, baseline=False, retrain=False))
 
     client = mlflow.MlflowClient(mlflow_uri)
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["arch"] == "resnet18"
     assert len(client.search_runs([run.info.experiment_id])) == 2  # one MLflow run per flow run
 
-    # Params: every recipe setting, the LR the finder chose, and what ran and on what data.
+    # Params: every recipe setting under its dotted name, the LR the finder chose, and what ran and on what data.
     params = run.data.params
-    assert set(TRACKED_PARAMETERS) <= set(params)
-    assert params["bs"] == "8" and params["size"] == "32" and params["epochs"] == "2"
+    assert set(Recipe().params()) <= set(params)
+    assert params["data.bs"] == "8" and params["data.size"] == "32" and params["schedule.epochs"] == "2"
     assert float(params["base_lr"]) == pytest.approx(result["base_lr"]) and params["base_lr_source"] == "lr_find valley"
     assert params["precision_effective"] == "fp32" and params["device_effective"] == "cpu"
-    assert params["data_url"] == server.url(archive.name) + "?<redacted>"
+    assert params["data.url"] == server.url(archive.name) + "?<redacted>"
     assert not [key for key, value in params.items() if "s3cr3t" in value]
     manifest = pd.read_csv(result["data"]["manifest"])
     assert params["classes"] == str(BREEDS) and int(params["valid_size"]) == (manifest["split"] == "valid").sum()
@@ -102,6 +111,11 @@ def test_the_flow_tracks_the_whole_recipe_in_one_mlflow_run_and_a_warm_rerun_reu
         assert result["epochs_trained"] == result["best_epoch"] and (run_dir / "final").is_dir()
     else:
         assert [point.value for point in final] == [point.value for point in probe]
+
+    # The resolved recipe: the same settings, the token redacted, and loading it gives the run's params back.
+    logged = Recipe.load(client.download_artifacts(run.info.run_id, "recipe.yaml", str(tmp_path)))
+    assert logged == recipe.updated({"data_url": params["data.url"]})
+    assert {key: str(value) for key, value in logged.params().items()} == {key: params[key] for key in recipe.params()}
 
     # Artifacts: data, LR finder, loss curves of each stage, interpretation.
     assert artifact_names(client, run.info.run_id, "data") == DATA_ARTIFACTS
@@ -144,16 +158,15 @@ def test_the_flow_tracks_the_whole_recipe_in_one_mlflow_run_and_a_warm_rerun_reu
 
 
 def test_a_failure_mid_flow_marks_the_mlflow_run_failed_with_what_it_had_logged(archive, tmp_path, mlflow_uri):
-    state = train(
-        **TINY,
+    recipe = tiny(
         data_url=archive.as_uri(),
         epochs=1,
         base_lr=1e30,  # the loss overflows in the first batch: the documented non-finite-loss error
         baseline=False,
         out_dir=str(tmp_path / "runs"),
         cache_dir=str(tmp_path / "cache"),
-        return_state=True,
     )
+    state = train(recipe, return_state=True)
 
     assert state.is_failed()
     error = state.result(raise_on_failure=False)  # raised in the stage's process, rebuilt here with its message
@@ -163,17 +176,24 @@ def test_a_failure_mid_flow_marks_the_mlflow_run_failed_with_what_it_had_logged(
     client = mlflow.MlflowClient(mlflow_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("pets-test").experiment_id])
     assert run.info.status == "FAILED"
-    assert run.data.params["base_lr"] == "1e+30" and run.data.params["arch"] == "resnet18"
+    assert run.data.params["base_lr"] == "1e+30" and run.data.params["model.arch"] == "resnet18"
     assert artifact_names(client, run.info.run_id, "data") == DATA_ARTIFACTS
     assert client.search_registered_models() == []  # nothing half-trained was registered
 
 
 def test_parameters_are_validated_before_anything_runs(mlflow_uri):
-    for bad in ({"bs": 0}, {"valid_pct": 1.5}, {"arch": "resnet19"}, {"epochs": 0}):
-        state = train(**{**TINY, **bad}, data_dir="/nonexistent", return_state=True)
-        assert state.is_failed(), bad
-        (name,) = bad
-        assert f"{name}: Input should" in str(state.result(raise_on_failure=False)), bad
+    bad_settings = {
+        ("data", "bs"): 0,
+        ("data", "valid_pct"): 1.5,
+        ("model", "arch"): "resnet19",
+        ("schedule", "epochs"): 0,
+    }
+    for (section, name), value in bad_settings.items():
+        recipe = {"data": {"dir": "/nonexistent"}, "tracking": {"experiment": "pets-test"}}
+        recipe[section] = {**recipe.get(section, {}), name: value}
+        state = train(recipe=recipe, return_state=True)  # as a deployment or the Prefect UI passes it
+        assert state.is_failed(), name
+        assert f"recipe.{section}.{name}: Input should" in str(state.result(raise_on_failure=False)), name
     assert mlflow.MlflowClient(mlflow_uri).search_experiments(filter_string="name = 'pets-test'") == []
 
 
@@ -183,7 +203,8 @@ def test_an_unreachable_tracking_server_stops_the_flow_before_any_data_is_fetche
 
     with serve_directory(archive.parent) as server, refused_port() as port:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
-        state = train(**TINY, data_url=server.url(archive.name), cache_dir=str(tmp_path / "cache"), return_state=True)
+        recipe = tiny(data_url=server.url(archive.name), cache_dir=str(tmp_path / "cache"))
+        state = train(recipe, return_state=True)
         assert server.requests == 0  # nothing downloaded, nothing trained
     error = state.result(raise_on_failure=False)
     assert isinstance(error, TrackingStoreUnavailableError) and f"127.0.0.1:{port}" in str(error)

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lib.recipe import Recipe
 from lib.serve.inference import read_export
-from lib.train.stages import fine_tune_stage, last_checkpoint, recipe_settings
+from lib.train.stages import fine_tune_stage, last_checkpoint
 from tests.support.pets import presized_pets
 from tests.support.processes import has_exited
 
@@ -24,10 +25,10 @@ def request_for(tmp_path_factory):
     manifest, vocab = presized_pets(root, breeds=3, images_per_breed=8, presize=PRESIZE)
     manifest.to_csv(root / "presized.csv", index=False)
     (root / "vocab.json").write_text(json.dumps(list(vocab)))
-    recipe = recipe_settings(
-        arch="resnet18", pretrained=False, presize=PRESIZE, size=32, min_scale=0.75, bs=8, seed=7, fp16=False,
-        device="cpu", workers=0,
-    )  # fmt: skip
+    recipe = Recipe().updated(
+        {"arch": "resnet18", "pretrained": False, "presize": PRESIZE, "size": 32, "bs": 8, "seed": 7, "fp16": False,
+         "device": "cpu", "workers": 0}
+    ).model_dump(mode="json")  # fmt: skip
 
     def request(stage_dir: Path) -> dict:
         return {
