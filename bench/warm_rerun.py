@@ -22,7 +22,7 @@ import torch
 
 from bench.common import BENCH_DIR, emit, generated_pets, rounded
 from lib.data.synthetic import pack_tgz
-from lib.recipe import DEFAULT_PRESIZE
+from lib.recipe import DEFAULT_PRESIZE, Recipe
 
 TARGET_SHARE = 0.05  # issue 5: the warm data stages take < 5% of their cold time
 
@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
             "presize": args.presize,
             "cache_dir": str(Path(scratch) / "cache"),
         }
-        runs = [_timed(prepare_data, **settings, out_dir=str(Path(scratch) / f"run{n}")) for n in (1, 2)]
+        recipes = [Recipe().updated({**settings, "out_dir": str(Path(scratch) / f"run{n}")}) for n in (1, 2)]
+        runs = [_timed(prepare_data, recipe=recipe) for recipe in recipes]
         requests = server.requests
     (cold_seconds, cold_stages, cold), (warm_seconds, warm_stages, warm) = runs
     share = warm_stages / cold_stages
