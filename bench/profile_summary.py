@@ -21,7 +21,7 @@ PARTS = (
     ("optimizer (AdamW step)", "Optimizer.step"),
     ("optimizer (AdamW step)", "GradScaler.step"),
     ("backward", "backward (torch/_tensor.py"),
-    ("forward + loss", "Trainer._train_step"),
+    ("forward + loss", "Trainer.train_step"),
     ("validation", "Trainer.validate"),
     ("checkpoint", "Trainer._save_progress"),
     ("schedule, smoothing, progress (Python)", "Trainer._train_epoch"),

@@ -51,6 +51,7 @@ from bench.common import (
     synchronize,
     timed,
 )
+from lib.train import lr_finder
 from lib.train.precision import resolve_precision
 from lib.train.trainer import Trainer, vision_trainer
 
@@ -60,7 +61,7 @@ BOOK_BASELINE_EPOCHS = 2  # fastbook ch. 5's first model: learn.fine_tune(2)
 MIN_SCALE = 0.75  # fastbook ch. 5: aug_transforms(size=224, min_scale=0.75)
 SEED = 0
 TARGET_SPEEDUP = 1.5
-# Both finders raise any N below 6 to 6 (lib.train.trainer.MIN_LR_FIND_ITERATIONS), so a smaller N would not run N.
+# Both finders raise any N below 6 to 6 (lib.train.lr_finder.MIN_LR_FIND_ITERATIONS), so a smaller N would not run N.
 LEAST_LR_FIND_ITERATIONS = 6
 FASTAI_MISSING = "fastai is an optional benchmark dependency: pip install -e '.[bench]'"
 # --quick: a smoke test in well under a minute of training. Explicit flags still win over these.
@@ -327,7 +328,7 @@ class Comparison:
         """Seconds of the project's lr_find over exactly N iterations (no early stop)."""
         trainer = project_trainer(self.manifest, self.vocab, self.args, self.device)
         iterations = self.args.lr_find_iterations
-        seconds, result = timed(lambda: trainer.lr_find(num_it=iterations, stop_div=False), self.device)
+        seconds, result = timed(lambda: lr_finder.lr_find(trainer, num_it=iterations, stop_div=False), self.device)
         check_iterations("project", len(result.lrs), iterations)
         log(f"project lr_find {seconds:.1f} s")
         return seconds

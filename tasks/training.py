@@ -15,16 +15,19 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 
+import pandas as pd
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from lib.common.files import write_text_atomically
+from lib.evaluate.evaluation import validation_images, validation_predictions
+from lib.evaluate.interpret import write_interpretation
 from lib.recipe import Recipe
-from lib.serve.inference import read_export
-from lib.train.lr_finder import plot_lr_find
+from lib.train.lr_finder import lr_find, plot_lr_find
 from lib.train.stages import build_trainer, last_checkpoint, release_device_memory
 from lib.train.trainer import EpochStats
 from tasks import tracking
@@ -188,7 +191,7 @@ def find_learning_rate(manifest_path: str, vocab_path: str, out_dir: str, recipe
     Returns every suggestion, the one the recipe uses (valley, fastai 2.8's default) and the plot's path.
     """
     trainer = build_trainer(manifest_path, vocab_path, recipe)
-    result = trainer.lr_find(methods=LR_FIND_METHODS)
+    result = lr_find(trainer, methods=LR_FIND_METHODS)
     del trainer
     release_device_memory()  # the probe trains next, in its own process: leave it the GPU
     plot = plot_lr_find(result, Path(out_dir) / "lr_find" / "lr_find.png")
@@ -203,11 +206,24 @@ def find_learning_rate(manifest_path: str, vocab_path: str, out_dir: str, recipe
 
 @task(cache_policy=NO_CACHE)
 def evaluate_classifier(model_path: str, manifest_path: str, vocab_path: str, out_dir: str, recipe: Recipe) -> dict:
-    """Evaluate an exported model on the validation set: metrics, confusion matrix, most confused, top losses."""
-    trainer = build_trainer(manifest_path, vocab_path, recipe, pretrained=False)
-    trainer.model.load_state_dict(read_export(Path(model_path)).model.state_dict())
-    predictions = trainer.predictions()  # one validation pass serves the metrics and the interpretation
-    files = trainer.write_interpretation(Path(out_dir) / "evaluation", predictions=predictions)
+    """Evaluate an exported model on the validation set, with no optimizer: metrics and the interpretation files.
+
+    The files are predictions.pt (`Predictions.load` reads it), confusion_matrix.png, most_confused.txt, top_losses.png.
+    """
+    manifest = pd.read_csv(manifest_path)
+    vocab = json.loads(Path(vocab_path).read_text())
+    data, runtime = recipe.data, recipe.runtime
+    # one validation pass serves the metrics and the interpretation
+    predictions = validation_predictions(
+        Path(model_path), manifest, vocab, presize=data.presize, size=data.size, batch_size=data.bs,
+        workers=data.workers, device=runtime.device, precision=recipe.precision,
+    )  # fmt: skip
+    evaluation_dir = Path(out_dir) / "evaluation"
+    images = partial(validation_images, manifest, presize=data.presize, size=data.size)
+    files = {
+        "predictions": predictions.save(evaluation_dir / "predictions.pt"),
+        **write_interpretation(predictions, vocab, images, evaluation_dir),
+    }
     size_mb = Path(model_path).stat().st_size / 2**20
     return {
         "valid_loss": float(predictions.losses.double().mean()),

@@ -1,13 +1,14 @@
-"""Classification interpretation: confusion matrix, most confused pairs, top losses, and their plots.
+"""Classification interpretation: confusion matrix, most confused pairs, top losses, the loss curves, their plots.
 
-These are pure functions over the validation predictions that the Trainer collects in dataset order; they mirror
-fastai's ClassificationInterpretation and Recorder.plot_loss without running a model.
+Everything here works from saved numbers, without running a model: validation `Predictions` in dataset order
+(lib/evaluate/evaluation.py computes them from an exported model; `save` and `load` keep them in a file) and the
+Trainer's record of losses. It mirrors fastai's ClassificationInterpretation and Recorder.plot_loss.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lib.common.files import write_atomically, write_text_atomically
 from lib.common.plots import pyplot, save_figure
 from lib.data.summary import image_grid
 
@@ -56,6 +58,15 @@ class Predictions:
         # fastai's interpretation sets the loss to reduction='none' on the raw logits, so one loss per item.
         losses = F.cross_entropy(logits, targets, reduction="none")
         return cls(probabilities=logits.softmax(dim=1), targets=targets, losses=losses)
+
+    def save(self, path: Path) -> Path:
+        """Write the predictions to a torch file, atomically."""
+        return write_atomically(Path(path), lambda temporary: torch.save(asdict(self), temporary))
+
+    @classmethod
+    def load(cls, path: Path) -> Predictions:
+        """Read predictions written by `save` (no code from the file runs: weights_only=True)."""
+        return cls(**torch.load(Path(path), map_location="cpu", weights_only=True))
 
     @property
     def predicted(self) -> torch.Tensor:
@@ -170,6 +181,43 @@ def plot_loss_curves(
         skip_start: leading batches left out, with any validation point that falls among them.
     """
     return save_figure(_loss_figure(train_losses, valid_points, skip_start=skip_start), out_path, dpi=72)
+
+
+def plot_losses(smoothed_losses: Sequence[float], valid_points: Sequence[tuple[int, float]], out_path: Path) -> Path:
+    """Plot a Trainer's record (`smoothed_losses`, `valid_points`) of every fit so far, as fastai's plot_loss does."""
+    if not smoothed_losses:
+        raise ValueError("nothing to plot yet: train at least one epoch first")
+    # fastai's plot_loss skips 5 batches; very short runs keep at least one point
+    skip = min(LOSS_PLOT_SKIP_START, len(smoothed_losses) - 1)
+    return plot_loss_curves(smoothed_losses, valid_points, Path(out_path), skip_start=skip)
+
+
+def write_interpretation(
+    predictions: Predictions,
+    vocab: Sequence[str],
+    images: Callable[[Sequence[int]], torch.Tensor],
+    out_dir: Path,
+    *,
+    top_k: int = 9,
+    min_val: int = 1,
+) -> dict[str, Path]:
+    """Write fastai's ClassificationInterpretation views of validation predictions as files.
+
+    `images(indices)` returns those validation items as the model saw them, as k x 3 x H x W uint8
+    (`lib.evaluate.evaluation.validation_images`). Returns the paths of confusion_matrix.png, most_confused.txt and
+    top_losses.png.
+    """
+    out_dir = Path(out_dir)
+    cm = confusion_matrix(predictions, len(vocab))
+    report = write_text_atomically(out_dir / "most_confused.txt", interpretation_report(cm, vocab, min_val=min_val))
+    _, indices = top_losses(predictions, min(top_k, len(predictions.targets)))
+    return {
+        "confusion_matrix": plot_confusion_matrix(cm, vocab, out_dir / "confusion_matrix.png"),
+        "most_confused": report,
+        "top_losses": plot_top_losses(
+            images(indices.tolist()), top_loss_titles(predictions, indices, vocab), out_dir / "top_losses.png"
+        ),
+    }
 
 
 def interpretation_report(cm: np.ndarray, vocab: Sequence[str], *, min_val: int = 1) -> str:

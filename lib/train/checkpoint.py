@@ -1,8 +1,10 @@
 """Training checkpoints: everything needed to continue a run where it stopped, written atomically.
 
-A checkpoint holds the model, the optimizer and GradScaler state, the training plan it belongs to, and the position
-in that plan (phase, epochs done, batches done). It contains only tensors and plain Python values, so it loads with
-`torch.load(weights_only=True)`: opening a checkpoint never runs code from the file.
+The Trainer writes one at the end of every epoch, so a resumed run starts at the first batch of the next epoch. It
+holds the model, the optimizer, GradScaler and loss-smoother state, the training plan it belongs to, the position in
+that plan (phase, epochs done in it) and the record so far (epoch rows, loss curves). It contains only tensors and
+plain Python values, so it loads with `torch.load(weights_only=True)`: opening a checkpoint never runs code from the
+file.
 """
 
 from __future__ import annotations

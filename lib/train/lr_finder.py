@@ -1,24 +1,36 @@
-"""The pure parts of fastai's lr_find: smoothed loss, divergence check, LR suggestions and the plot.
+"""fastai's lr_find: the sweep over a Trainer, the smoothed loss, the divergence check, LR suggestions and the plot.
 
-Behaviour follows fastai 2.8.12 (fastai/callback/schedule.py: `LRFinder`, `lr_find`,
-`valley`, `steep`, `minimum`, `slide`). The sweep itself, which trains
-the model, is `Trainer.lr_find` in lib/train/trainer.py; it restores the weights and optimizer afterwards.
+Behaviour follows fastai 2.8.12 (fastai/callback/schedule.py: `LRFinder`, `lr_find`, `valley`, `steep`, `minimum`,
+`slide`). `lr_find(trainer)` drives the trainer one `train_step` at a time, as Lightning's tuner drives its trainer,
+and puts the weights and optimizer back afterwards; the rest are pure functions of the recorded losses.
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
 from lib.common.plots import pyplot, save_figure
+from lib.train.schedule import lr_finder_lr
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
+
+    from lib.train.trainer import Trainer
 
 SMOOTHING_BETA = 0.98  # fastai Recorder: beta=0.98
 DIVERGENCE_FACTOR = 4.0  # fastai LRFinder.after_batch: stop once the smoothed loss exceeds 4x the best one
 SKIP_END = 5  # fastai lr_find and plot_lr_find: the last 5 points are left out
+MIN_LR_FIND_ITERATIONS = 6  # fastai LRFinder raises num_it to at least 6
 
 
 class SmoothedLoss:
@@ -213,6 +225,74 @@ class LRFinderResult:
     num_it: int  # batches asked for; fewer ran if stopped_early
     stopped_early: bool  # the loss diverged before num_it batches
     suggestions: dict[str, Suggestion] = field(default_factory=dict)
+
+
+def lr_find(
+    trainer: Trainer,
+    *,
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    num_it: int = 100,
+    stop_div: bool = True,
+    methods: Sequence[str] = ("valley",),
+) -> LRFinderResult:
+    """Sweep the LR exponentially over `num_it` training batches, then put weights and optimizer back as they were.
+
+    Every parameter group gets the same LR; momentum and weight decay stay where they are (fastai's LRFinder). The
+    sweep stops once the smoothed loss passes 4x its best (with `stop_div`) or is not finite, and the suggestions
+    come from the finite points only.
+    """
+    num_it = max(num_it, MIN_LR_FIND_ITERATIONS)
+    saved_model = copy.deepcopy(trainer.model.state_dict())
+    saved_optimizer = copy.deepcopy(trainer.optimizer.state_dict())
+    try:
+        with trainer.seeded(-1):  # the sweep's dropout, apart from every epoch's (epochs count from 0)
+            lrs, losses, stopped_early = _sweep(trainer, start_lr, end_lr, num_it, stop_div)
+    finally:
+        # Lightning's tuner restores in `finally` too: probing must leave no trace, even when interrupted.
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.model.load_state_dict(saved_model)
+        trainer.optimizer.load_state_dict(saved_optimizer)
+    suggestions = suggest(lrs, losses, num_it=num_it, methods=methods)
+    return LRFinderResult(
+        lrs=tuple(lrs), losses=tuple(losses), num_it=num_it, stopped_early=stopped_early, suggestions=suggestions
+    )
+
+
+def _sweep(
+    trainer: Trainer, start_lr: float, end_lr: float, num_it: int, stop_div: bool
+) -> tuple[list[float], list[float], bool]:
+    scaler, smoother, generator = trainer.precision.grad_scaler(), SmoothedLoss(), torch.Generator().manual_seed(0)
+    momentum = trainer.optimizer.param_groups[0]["betas"][0]
+    lrs, losses, divergence = [], [], DivergenceCheck()
+    trainer.model.train()
+    for step, (inputs, targets) in enumerate(_cycle(trainer.train_loader, num_it, progress=trainer.progress)):
+        lr = lr_finder_lr(step, start_lr=start_lr, end_lr=end_lr, num_it=num_it)
+        step_lrs = [lr] * trainer.n_groups
+        # The sweep decides after every batch whether to stop, so it reads each loss back at once.
+        loss = trainer.train_step(inputs, targets, step_lrs, momentum, scaler=scaler, generator=generator).item()
+        smoothed = smoother.update(loss)
+        lrs.append(lr)
+        losses.append(smoothed)
+        if divergence.diverged(smoothed) and (stop_div or not math.isfinite(smoothed)):
+            return lrs, losses, True
+    return lrs, losses, False
+
+
+def _cycle(loader: DataLoader, count: int, *, progress: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield `count` batches, passing over the loader again as needed (fastai's lr_find fits several epochs too)."""
+    yielded = 0
+    bar = tqdm(total=count, desc="lr_find", leave=False, disable=not progress, file=sys.stderr)
+    try:  # a sweep that diverges stops iterating early: the bar must still close
+        while yielded < count:
+            for batch in loader:
+                yield batch
+                bar.update()
+                yielded += 1
+                if yielded == count:
+                    break
+    finally:
+        bar.close()
 
 
 def plot_lr_find(result: LRFinderResult, out_path: Path, *, skip_end: int = SKIP_END) -> Path:

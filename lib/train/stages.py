@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 
 from lib.common.files import write_text_atomically
+from lib.evaluate.interpret import plot_losses
 from lib.recipe import Recipe
 from lib.serve.inference import export_classifier
 from lib.train.checkpoint import LAST_CHECKPOINT
@@ -146,7 +147,7 @@ def fine_tune_stage(request: Mapping[str, Any], on_epoch_end: Callable[[EpochSta
         "stage": stage_dir.name,
         "model": str(model_path),
         "history": str(history_path),
-        "loss_curves": str(trainer.plot_losses(stage_dir / LOSS_CURVES_FILE)),
+        "loss_curves": str(plot_losses(trainer.smoothed_losses, trainer.valid_points, stage_dir / LOSS_CURVES_FILE)),
         **stage_numbers(history, trainer),
         "base_lr": request["base_lr"],
         "epochs": epochs,

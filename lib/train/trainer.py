@@ -1,8 +1,11 @@
-"""The chapter-5 training loop in plain PyTorch: one-cycle fits, fine_tune, the LR finder, checkpoints and resume.
+"""The chapter-5 fit loop in plain PyTorch: one-cycle fits, fine_tune, freezing, checkpoints and resume.
 
 A `Trainer` owns a model split into fastai's three parameter groups, an AdamW optimizer equal to fastai's Adam, the
-batch augmentation and the mixed-precision policy. Metrics leave it through one plain callable, `on_epoch_end(stats)`,
-so the Prefect flow and MLflow logging sit outside lib/.
+batch augmentation and the mixed-precision policy. Every epoch trains, measures the validation loss and error rate and
+writes a checkpoint; its stats leave through one plain callable, `on_epoch_end(stats)`, so the Prefect flow and MLflow
+logging sit outside lib/. What is not fitting uses the Trainer's public parts from elsewhere: the LR finder
+(lib/train/lr_finder.py) drives `train_step`, and the loss-curve plot (lib/evaluate/interpret.py) reads
+`smoothed_losses` and `valid_points`.
 
 Reproducibility: the batch order, the crops, the augmentation and dropout of epoch k depend only on (seed, k). A run
 resumed from the checkpoint of epoch k therefore continues exactly as the uninterrupted run would have.
@@ -10,12 +13,12 @@ resumed from the checkpoint of epoch k therefore continues exactly as the uninte
 
 from __future__ import annotations
 
-import copy
 import math
 import secrets
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,32 +31,19 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lib.common.files import write_text_atomically
 from lib.data.augment import BatchAugmentation, aug_transforms
 from lib.data.loading import default_workers, epoch_seed, make_loaders
-from lib.evaluate.interpret import (
-    LOSS_PLOT_SKIP_START,
-    Predictions,
-    confusion_matrix,
-    interpretation_report,
-    plot_confusion_matrix,
-    plot_loss_curves,
-    plot_top_losses,
-    top_loss_titles,
-    top_losses,
-)
 from lib.recipe import DEFAULT_BATCH_SIZE, DEFAULT_PRESIZE
 from lib.train.checkpoint import LAST_CHECKPOINT, load_checkpoint, save_checkpoint
-from lib.train.lr_finder import DivergenceCheck, LRFinderResult, SmoothedLoss, suggest
+from lib.train.lr_finder import SmoothedLoss
 from lib.train.model import create_model, freeze_to, no_weight_decay, parameter_groups
 from lib.train.precision import Precision, resolve_precision, use_channels_last
-from lib.train.schedule import DEFAULT_MOMS, OneCycle, Phase, fine_tune_phases, group_lrs, lr_finder_lr
+from lib.train.schedule import DEFAULT_MOMS, OneCycle, Phase, fine_tune_phases, group_lrs
 
 DEFAULT_LR = 1e-3  # fastai Learner default lr
 DEFAULT_WEIGHT_DECAY = 0.01  # fastai Adam wd, decoupled (AdamW)
 SQR_MOM = 0.99  # fastai Adam sqr_mom = AdamW beta2
 ADAM_EPS = 1e-5  # fastai Adam eps (torch's default is 1e-8)
-MIN_LR_FIND_ITERATIONS = 6  # fastai LRFinder raises num_it to at least 6
 # Training losses stay on the device and are read back this many batches at a time: one host-device sync per chunk
 # instead of one per batch (`.item()`), which stalls a GPU's queue. A non-finite loss is still caught within a chunk.
 LOSS_READBACK_BATCHES = 8
@@ -164,8 +154,9 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, weight_decay=weight_decay, fused=self.device.type == "cuda")
         self.n_groups = len(parameter_groups(self.model))
         self.loss_function = nn.CrossEntropyLoss()  # fastai CrossEntropyLossFlat: mean, no smoothing
+        # What fastai's Recorder keeps, across fits and checkpoints: lib.evaluate.interpret.plot_losses draws it.
         self.history: list[EpochStats] = []
-        self.smoothed_losses: list[float] = []  # per training batch, for the loss-curve plot
+        self.smoothed_losses: list[float] = []  # per training batch
         self.valid_points: list[tuple[int, float]] = []  # (iteration, valid loss) at each epoch end
         self.epochs_run = 0  # across fits: seeds each epoch's randomness
 
@@ -293,8 +284,7 @@ class Trainer:
         self, phase: Phase, epoch: int, schedule: OneCycle, scaler: torch.amp.GradScaler, smoother: SmoothedLoss
     ) -> EpochStats:
         started = time.perf_counter()
-        with torch.random.fork_rng(devices=self._rng_devices()):
-            torch.manual_seed(epoch_seed(self.seed, self.epochs_run))  # dropout of this epoch
+        with self.seeded(self.epochs_run):  # dropout of this epoch
             train_loss_mean, lr, images = self._train_epoch(phase, epoch, schedule, scaler, smoother)
         train_seconds = time.perf_counter() - started
         valid_loss, accuracy = self.validate()
@@ -325,8 +315,7 @@ class Trainer:
         for batch, (inputs, targets) in enumerate(batches):
             step = epoch * len(self.train_loader) + batch
             lrs, momentum = schedule.at(step)
-            self._set_hyperparameters(lrs, momentum)
-            losses.add(self._train_step(inputs, targets, scaler, generator), lrs)
+            losses.add(self.train_step(inputs, targets, lrs, momentum, scaler=scaler, generator=generator), lrs)
             images += len(targets)
             if losses.due() or batch == len(self.train_loader) - 1:
                 self._read_losses(losses, phase, epoch, batch)
@@ -339,10 +328,25 @@ class Trainer:
             value, back, lrs = non_finite
             raise self._non_finite(value, phase, epoch, batch - back, lrs)
 
-    def _train_step(
-        self, inputs: torch.Tensor, targets: torch.Tensor, scaler: torch.amp.GradScaler, generator: torch.Generator
+    def train_step(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        lrs: Sequence[float],
+        momentum: float,
+        *,
+        scaler: torch.amp.GradScaler,
+        generator: torch.Generator,
     ) -> torch.Tensor:
-        """Run one optimizer step; return the batch's loss as a detached tensor, still on the device."""
+        """Run one optimizer step on a batch of the train loader; return its loss detached, still on the device.
+
+        `lrs` holds one LR per parameter group and `momentum` is Adam's beta1. The caller puts the model in train
+        mode, and owns the GradScaler (one per fit, as fastai's MixedPrecision) and the CPU generator the batch
+        augmentation draws from. Reading the loss back (a host-device sync) is left to the caller too.
+        """
+        for group in self.optimizer.param_groups:
+            group["lr"] = lrs[group["layer_group"]]
+            group["betas"] = (momentum, SQR_MOM)  # the one-cycle "momentum" is Adam's beta1
         inputs, targets = self._to_device(inputs, targets, train=True, generator=generator)
         with self.precision.autocast():
             logits = self.forward(inputs)
@@ -353,10 +357,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    def _set_hyperparameters(self, lrs: Sequence[float], momentum: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lrs[group["layer_group"]]
-            group["betas"] = (momentum, SQR_MOM)  # the one-cycle "momentum" is Adam's beta1
+    @contextmanager
+    def seeded(self, epoch: int) -> Iterator[None]:
+        """Seed the global RNG (dropout) for `epoch` of this run inside the block; outside, it is left as it was."""
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(epoch_seed(self.seed, epoch))
+            yield
 
     def _to_device(
         self, inputs: torch.Tensor, targets: torch.Tensor, *, train: bool, generator: torch.Generator | None = None
@@ -388,24 +395,18 @@ class Trainer:
             f"{lrs[-1] / 10:.1g}); with fp16, try bf16 or fp32 (--no-fp16 on the pets CLI).{kept}"
         )
 
-    def _rng_devices(self) -> list[int]:
-        return [self.device.index or 0] if self.device.type == "cuda" else []
-
-    # -- validation and predictions ----------------------------------------------------------------------------
+    # -- validation ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _logits(self, loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def validate(self, loader: DataLoader | None = None) -> tuple[float, float]:
+        """Return (mean cross-entropy, accuracy) over a loader, the validation set by default."""
         self.model.eval()
-        for inputs, targets in self._epoch_batches(loader, desc="valid"):
+        # Per-batch sums stay on the device and are read back once: no GPU sync per validation batch.
+        loss_sums, correct, count = [], [], 0
+        for inputs, targets in self._epoch_batches(loader or self.valid_loader, desc="valid"):
             inputs, targets = self._to_device(inputs, targets, train=False)
             with self.precision.autocast():
                 logits = self.forward(inputs)
-            yield logits.float(), targets
-
-    def validate(self, loader: DataLoader | None = None) -> tuple[float, float]:
-        """Return (mean cross-entropy, accuracy) over a loader, the validation set by default."""
-        # Per-batch sums stay on the device and are read back once: no GPU sync per validation batch.
-        loss_sums, correct, count = [], [], 0
-        for logits, targets in self._logits(loader or self.valid_loader):
+            logits = logits.float()
             loss_sums.append(F.cross_entropy(logits, targets, reduction="sum"))
             correct.append((logits.argmax(dim=1) == targets).sum())
             count += len(targets)
@@ -413,55 +414,6 @@ class Trainer:
             raise ValueError("The validation set is empty: raise --valid-pct so some images are held out.")
         loss_sum = torch.stack(loss_sums).cpu().double().sum().item()
         return loss_sum / count, torch.stack(correct).sum().item() / count
-
-    def predictions(self, loader: DataLoader | None = None) -> Predictions:
-        """Return probabilities, targets and per-item losses over a loader (validation transforms only)."""
-        batches = list(self._logits(loader or self.valid_loader))
-        logits = torch.cat([logits.cpu() for logits, _ in batches])
-        targets = torch.cat([targets.cpu() for _, targets in batches])
-        return Predictions.from_logits(logits, targets)
-
-    def validation_images(self, indices: Sequence[int]) -> torch.Tensor:
-        """Return validation items as the model saw them (centre crop, resize), as uint8 images for plotting."""
-        dataset = self.valid_loader.dataset
-        raw = torch.stack([dataset[(int(i), 0.5, 0.5)][0] for i in indices])
-        with torch.inference_mode():
-            return self.augmentation.decode(self.augmentation(raw, train=False)).cpu()
-
-    def write_interpretation(
-        self, out_dir: Path, *, top_k: int = 9, min_val: int = 1, predictions: Predictions | None = None
-    ) -> dict[str, Path]:
-        """Write fastai's ClassificationInterpretation views of the validation set, and the loss curves, as files.
-
-        `predictions` are this trainer's validation predictions when the caller already has them (one pass, not
-        two). Returns the paths of confusion_matrix.png, most_confused.txt, top_losses.png and loss_curves.png.
-        """
-        out_dir = Path(out_dir)
-        predictions = predictions if predictions is not None else self.predictions()
-        cm = confusion_matrix(predictions, len(self.vocab))
-        report = out_dir / "most_confused.txt"
-        write_text_atomically(report, interpretation_report(cm, self.vocab, min_val=min_val))
-        _, indices = top_losses(predictions, min(top_k, len(predictions.targets)))
-        paths = {
-            "confusion_matrix": plot_confusion_matrix(cm, self.vocab, out_dir / "confusion_matrix.png"),
-            "most_confused": report,
-            "top_losses": plot_top_losses(
-                self.validation_images(indices.tolist()),
-                top_loss_titles(predictions, indices, self.vocab),
-                out_dir / "top_losses.png",
-            ),
-        }
-        if self.smoothed_losses:
-            paths["loss_curves"] = self.plot_losses(out_dir / "loss_curves.png")
-        return paths
-
-    def plot_losses(self, out_path: Path) -> Path:
-        """Plot the smoothed training loss per batch and the validation loss per epoch of every fit so far."""
-        if not self.smoothed_losses:
-            raise ValueError("nothing to plot yet: train at least one epoch first")
-        # fastai's plot_loss skips 5 batches; very short runs keep at least one point
-        skip = min(LOSS_PLOT_SKIP_START, len(self.smoothed_losses) - 1)
-        return plot_loss_curves(self.smoothed_losses, self.valid_points, Path(out_path), skip_start=skip)
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def _save_progress(
@@ -496,65 +448,6 @@ class Trainer:
             tqdm.write(format_stats_row(row, header=len(self.history) == 1), file=sys.stderr)
         if self.on_epoch_end is not None:
             self.on_epoch_end(row)
-
-    # -- LR finder --------------------------------------------------------------------------------------------
-    def lr_find(
-        self,
-        *,
-        start_lr: float = 1e-7,
-        end_lr: float = 10.0,
-        num_it: int = 100,
-        stop_div: bool = True,
-        methods: Sequence[str] = ("valley",),
-    ) -> LRFinderResult:
-        """Sweep the LR exponentially over `num_it` batches, then put weights and optimizer back as they were."""
-        num_it = max(num_it, MIN_LR_FIND_ITERATIONS)
-        saved_model = copy.deepcopy(self.model.state_dict())
-        saved_optimizer = copy.deepcopy(self.optimizer.state_dict())
-        try:
-            with torch.random.fork_rng(devices=self._rng_devices()):
-                torch.manual_seed(epoch_seed(self.seed, -1))
-                lrs, losses, stopped_early = self._sweep(start_lr, end_lr, num_it, stop_div)
-        finally:
-            # Lightning's tuner restores in `finally` too: probing must leave no trace, even when interrupted.
-            self.optimizer.zero_grad(set_to_none=True)
-            self.model.load_state_dict(saved_model)
-            self.optimizer.load_state_dict(saved_optimizer)
-        suggestions = suggest(lrs, losses, num_it=num_it, methods=methods)
-        return LRFinderResult(
-            lrs=tuple(lrs), losses=tuple(losses), num_it=num_it, stopped_early=stopped_early, suggestions=suggestions
-        )
-
-    def _sweep(self, start_lr: float, end_lr: float, num_it: int, stop_div: bool) -> tuple[list, list, bool]:
-        scaler, smoother, generator = self.precision.grad_scaler(), SmoothedLoss(), torch.Generator().manual_seed(0)
-        momentum = self.optimizer.param_groups[0]["betas"][0]  # fastai leaves mom and wd where they are
-        lrs, losses, divergence = [], [], DivergenceCheck()
-        self.model.train()
-        for step, (inputs, targets) in enumerate(self._cycle(self.train_loader, num_it)):
-            lr = lr_finder_lr(step, start_lr=start_lr, end_lr=end_lr, num_it=num_it)
-            self._set_hyperparameters([lr] * self.n_groups, momentum)
-            # The sweep decides after every batch whether to stop, so it reads each loss back at once.
-            loss = self._train_step(inputs, targets, scaler, generator).item()
-            smoothed = smoother.update(loss)
-            lrs.append(lr)
-            losses.append(smoothed)
-            if divergence.diverged(smoothed) and (stop_div or not math.isfinite(smoothed)):
-                return lrs, losses, True
-        return lrs, losses, False
-
-    def _cycle(self, loader: DataLoader, count: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        yielded = 0
-        bar = tqdm(total=count, desc="lr_find", leave=False, disable=not self.progress, file=sys.stderr)
-        try:  # a sweep that diverges stops iterating early: the bar must still close
-            while yielded < count:
-                for batch in loader:
-                    yield batch
-                    bar.update()
-                    yielded += 1
-                    if yielded == count:
-                        break
-        finally:
-            bar.close()
 
 
 class LossReadback:

@@ -38,7 +38,7 @@ def tiny(**options) -> Recipe:
 
 
 DATA_ARTIFACTS = {"presized.csv", "vocab.json", "cleaning_report.json", "summary.txt", "show_batch.png"}
-EVALUATION_ARTIFACTS = {"confusion_matrix.png", "most_confused.txt", "top_losses.png"}
+EVALUATION_ARTIFACTS = {"predictions.pt", "confusion_matrix.png", "most_confused.txt", "top_losses.png"}
 
 
 @pytest.fixture(scope="module")

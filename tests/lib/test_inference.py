@@ -2,6 +2,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lib.evaluate.evaluation import validation_predictions
 from lib.serve.inference import Classifier, export_classifier
 from tests.support.pets import presized_pets, tiny_trainer
 
@@ -16,7 +17,7 @@ def trained(tmp_path_factory):
     return trainer, manifest
 
 
-def test_exported_classifier_predicts_what_the_trainer_predicted(trained, tmp_path):
+def test_exported_classifier_predicts_what_the_validation_pass_predicted(trained, tmp_path):
     trainer, manifest = trained
     path = export_classifier(
         tmp_path / "model.pt", trainer.model, arch="resnet18", vocab=trainer.vocab, size=SIZE, presize=PRESIZE
@@ -25,7 +26,9 @@ def test_exported_classifier_predicts_what_the_trainer_predicted(trained, tmp_pa
     valid = manifest[manifest["split"] == "valid"]
     # The presized files are already at the presize, so preparing them is a no-op resize plus the centre crop.
     results = classifier.predict(valid["presized_path"].tolist())
-    expected = trainer.predictions().probabilities
+    expected = validation_predictions(
+        path, manifest, trainer.vocab, presize=PRESIZE, size=SIZE, batch_size=8, workers=0, device="cpu"
+    ).probabilities
 
     assert [r.label for r in results] == [trainer.vocab[i] for i in expected.argmax(dim=1).tolist()]
     got = torch.tensor([[r.probabilities[name] for name in trainer.vocab] for r in results])

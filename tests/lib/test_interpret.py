@@ -16,9 +16,11 @@ from lib.evaluate.interpret import (
     most_confused,
     plot_confusion_matrix,
     plot_loss_curves,
+    plot_losses,
     plot_top_losses,
     top_loss_titles,
     top_losses,
+    write_interpretation,
 )
 
 # The pairs fastbook ch. 5 reports for interp.most_confused(min_val=5), in fastai's sorted vocabulary order.
@@ -248,3 +250,34 @@ def test_interpretation_report_lists_the_most_confused_pairs():
     assert lines[2].split() == ["american_pit_bull_terrier", "->", "staffordshire_bull_terrier", "10"]
     assert len(lines) == 2 + len(BOOK_CONFUSIONS) and "Ragdoll  4" not in report
     assert "No class pair" in interpretation_report(np.eye(2, dtype=np.int64), ["a", "b"], min_val=1)
+
+
+def test_predictions_saved_and_loaded_are_the_same(random_predictions, tmp_path):
+    _, _, predictions = random_predictions
+    loaded = Predictions.load(predictions.save(tmp_path / "evaluation" / "predictions.pt"))
+    for name in ("probabilities", "targets", "losses"):
+        assert torch.equal(getattr(loaded, name), getattr(predictions, name)), name
+
+
+def test_interpretation_files_show_the_top_losses_images_asks_for(random_predictions, tmp_path):
+    _, _, predictions = random_predictions
+    vocab = [f"breed{i}" for i in range(5)]
+    asked = []
+
+    def images(indices):
+        asked.append(list(indices))
+        return torch.zeros(len(indices), 3, 8, 8, dtype=torch.uint8)
+
+    paths = write_interpretation(predictions, vocab, images, tmp_path, top_k=4, min_val=3)
+    assert asked == [top_losses(predictions, 4)[1].tolist()]
+    assert set(paths) == {"confusion_matrix", "most_confused", "top_losses"}
+    _assert_png(paths["confusion_matrix"])
+    _assert_png(paths["top_losses"])
+    cm = confusion_matrix(predictions, 5)
+    assert paths["most_confused"].read_text() == interpretation_report(cm, vocab, min_val=3)
+
+
+def test_plot_losses_keeps_one_point_of_a_run_shorter_than_the_skipped_start(tmp_path):
+    _assert_png(plot_losses([2.0, 1.5, 1.2], [(3, 1.1)], tmp_path / "short.png"))  # plot_loss_curves would refuse
+    with pytest.raises(ValueError, match="train at least one epoch"):
+        plot_losses([], [], tmp_path / "empty.png")
