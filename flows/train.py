@@ -15,8 +15,9 @@ from pydantic import Field
 
 from flows.data import data_stage
 from flows.defaults import DEFAULT_EXPERIMENT, DEFAULT_REGISTERED_MODEL
+from lib.common.download import redact_url
 from lib.common.paths import default_output_dir
-from lib.data.download import PETS_URL, redact_url
+from lib.data.source import PETS_URL
 from lib.recipe import (
     ARCHITECTURES,
     BASELINE_EPOCHS,

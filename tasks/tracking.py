@@ -22,7 +22,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from lib.data.download import redact_url
+from lib.common.download import redact_url
 from lib.train.trainer import EpochStats
 
 # The repository's mlflow/ folder: sqlite store and artifacts, both git-ignored (MLflow 3.17 refuses ./mlruns).
