@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import flow
 
 from lib.common.paths import default_cache_dir, default_output_dir
-from lib.data.download import PETS_URL
+from lib.data.source import PETS_URL
 from lib.recipe import DataSettings, Recipe
 from tasks.data import (
     clean_images,

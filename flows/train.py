@@ -14,8 +14,8 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.logging.loggers import flow_run_logger
 
 from flows.data import data_stage
+from lib.common.download import redact_url
 from lib.common.paths import default_output_dir
-from lib.data.download import redact_url
 from lib.recipe import BASELINE_LR, DEFAULT_LR_MULT, Recipe
 from lib.train.stages import read_history
 from tasks import tracking

@@ -14,9 +14,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from lib.data import cleaning, download, labelling, presize, splitting, summary, synthetic
+from lib.common.download import DownloadError
+from lib.data import cleaning, labelling, presize, splitting, summary, synthetic
 from lib.data.augment import AugmentSettings, aug_transforms
 from lib.data.digests import DIGESTS_FILE, FileDigests
+from lib.data.source import cached_archive_digest, resolve_data_source
 
 MANIFEST_FILE = "manifest.csv"
 UNMATCHED_FILE = "unmatched.txt"
@@ -26,7 +28,7 @@ VALID_ONLY_FILE = "valid_only.csv"
 def _is_transient(task, task_run, state) -> bool:
     """Retry only failures a second try can fix: network errors, not a 404 or a checksum mismatch."""
     error = state.data
-    return isinstance(error, download.DownloadError) and error.transient
+    return isinstance(error, DownloadError) and error.transient
 
 
 def _download_cache_key(context, parameters) -> str:
@@ -37,7 +39,7 @@ def _download_cache_key(context, parameters) -> str:
     missing: the task then runs, and from the next call on its result is served from the Prefect cache.
     """
     if parameters["data_url"]:
-        on_disk = download.cached_archive_digest(parameters["data_url"], Path(parameters["cache_dir"]))
+        on_disk = cached_archive_digest(parameters["data_url"], Path(parameters["cache_dir"]))
     else:
         on_disk = parameters["data_dir"] if Path(parameters["data_dir"] or "").is_dir() else None
     key = json.dumps({**parameters, "on_disk": on_disk or uuid.uuid4().hex}, sort_keys=True, default=str)
@@ -53,7 +55,7 @@ def _download_cache_key(context, parameters) -> str:
 )
 def download_dataset(data_url: str | None, data_dir: str | None, cache_dir: str, sha256: str | None = None) -> str:
     """Download and extract the dataset archive (or take a local folder) and return its images folder."""
-    images_dir = download.resolve_data_source(
+    images_dir = resolve_data_source(
         data_url=data_url,
         data_dir=Path(data_dir) if data_dir else None,
         cache_dir=Path(cache_dir),

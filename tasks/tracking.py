@@ -25,7 +25,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from lib.data.download import redact_url
+from lib.common.download import redact_url
 from lib.recipe import Recipe
 from lib.train.trainer import EpochStats
 

@@ -1,1 +1,1 @@
-"""Helpers every stage shares: atomic file writes, default folders, plot saving."""
+"""Helpers every stage shares: file downloads, atomic file writes, default folders, plot saving."""

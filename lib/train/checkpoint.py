@@ -42,7 +42,7 @@ def load_checkpoint(path: Path, *, plan: dict[str, Any]) -> dict[str, Any]:
     if differences:
         raise CheckpointMismatchError(
             f"{path} was written by a different training plan ({'; '.join(differences)}). Resume with the same "
-            "settings, or start a new run without --resume."
+            f"settings, or delete {path.parent} to train that stage from the start."
         )
     return state
 

@@ -7,23 +7,19 @@ Set PETS_WEIGHTS_MIRROR to a base URL to download the same file names from anoth
 
 from __future__ import annotations
 
-import hashlib
-import http.client
 import os
-import uuid
 from pathlib import Path
-from urllib.parse import urlparse
-from urllib.request import Request, urlopen
 
 import torch
 import torchvision
 from torchvision.models import WeightsEnum
-from tqdm.auto import tqdm
+
+from lib.common.download import ChecksumMismatchError, DownloadError, download_file, download_lock, file_name
 
 MIRROR_ENV = "PETS_WEIGHTS_MIRROR"
 CHECKPOINT_SUFFIXES = (".pth", ".pt")
-_READ_CHUNK = 1 << 20
 _NO_PRETRAINING_HINT = "pretrained=False in Python, --no-pretrained on the pets CLI"
+_LOCAL_FILE_HINT = "in Python, pretrained='/path/to/a/state_dict.pth'"
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -40,12 +36,9 @@ class WeightsUnavailableError(RuntimeError):
             f"  and put it in {path.parent} (torch.hub.get_dir()/checkpoints: $TORCH_HOME/hub/checkpoints, "
             "by default ~/.cache/torch/hub/checkpoints),\n"
             f"  or set {MIRROR_ENV} to a base URL that serves {path.name},\n"
+            f"  or load a local state dict ({_LOCAL_FILE_HINT}),\n"
             f"  or train without pretraining: {_NO_PRETRAINING_HINT}."
         )
-
-
-class ChecksumMismatchError(WeightsUnavailableError):
-    """A downloaded checkpoint's sha256 does not start with the prefix in its file name; the file was discarded."""
 
 
 class CheckpointLoadError(ValueError):
@@ -70,7 +63,7 @@ def checkpoint_path(weights: WeightsEnum, weights_dir: Path | None = None) -> Pa
     """Return where the checkpoint of weights is cached: weights_dir, else torch.hub.get_dir()/checkpoints."""
     # torch.hub.get_dir reads TORCH_HOME on every call, so a changed environment is honoured.
     folder = Path(weights_dir) if weights_dir is not None else Path(torch.hub.get_dir()) / "checkpoints"
-    return folder / _file_name(weights.url)
+    return folder / file_name(weights.url)
 
 
 def download_url(weights: WeightsEnum) -> str:
@@ -78,12 +71,12 @@ def download_url(weights: WeightsEnum) -> str:
     mirror = os.environ.get(MIRROR_ENV, "").strip()
     if not mirror:
         return weights.url
-    return f"{mirror.rstrip('/')}/{_file_name(weights.url)}"
+    return f"{mirror.rstrip('/')}/{file_name(weights.url)}"
 
 
-def expected_hash_prefix(file_name: str) -> str | None:
+def expected_hash_prefix(name: str) -> str | None:
     """Return the sha256 prefix torchvision puts after the last '-' of a file name (resnet50-11ad3fa6.pth)."""
-    _, dash, tail = Path(file_name).stem.rpartition("-")
+    _, dash, tail = Path(name).stem.rpartition("-")
     # torch.hub's check_hash reads the hex digits between a '-' and the suffix the same way.
     is_hex = bool(tail) and all(character in "0123456789abcdef" for character in tail)
     return tail if dash and is_hex else None
@@ -109,6 +102,7 @@ def load_pretrained(
 
     Raises:
         WeightsUnavailableError: The checkpoint is not cached and cannot be downloaded.
+        ChecksumMismatchError: The downloaded checkpoint's sha256 does not start with the prefix in its name.
         CheckpointLoadError: The file is not a plain state dict of tensors.
         FileNotFoundError: A local checkpoint path does not exist.
     """
@@ -141,69 +135,31 @@ def _local_path(spec: bool | str | Path | WeightsEnum) -> Path | None:
 
 
 def _download_checkpoint(weights: WeightsEnum, path: Path, *, download: bool, progress: bool) -> None:
-    """Download the checkpoint of weights to path, or explain why it cannot be had."""
+    """Download the checkpoint of weights to path through the shared downloader, or explain why it cannot be had.
+
+    Raises:
+        WeightsUnavailableError: Downloading is off, or the download failed (a cut-off keeps its `.part` file, and
+            the next call resumes from it).
+        ChecksumMismatchError: The file's sha256 does not start with the prefix in its name; it was discarded.
+    """
     if not download:
         raise WeightsUnavailableError(f"{path.name} is not cached and downloading is off.", path=path, url=weights.url)
     url = download_url(weights)
-    try:
-        fetch_checkpoint(url, path, hash_prefix=expected_hash_prefix(path.name), progress=progress)
-    except ChecksumMismatchError as exc:
-        raise ChecksumMismatchError(exc.reason, path=path, url=weights.url) from exc
-    except (OSError, http.client.HTTPException) as exc:  # URLError, HTTPError and timeouts are OSErrors
-        raise WeightsUnavailableError(f"downloading {url} failed: {exc!r}", path=path, url=weights.url) from exc
-
-
-def fetch_checkpoint(
-    url: str, destination: Path, *, hash_prefix: str | None = None, progress: bool = True, timeout: float = 60.0
-) -> Path:
-    """Download url to destination atomically, checking that the file's sha256 starts with hash_prefix.
-
-    Args:
-        url: http(s) URL of the file.
-        destination: Final path; a temporary `.partial` sibling is renamed onto it only when complete and verified.
-        hash_prefix: Expected leading hex digits of the sha256, as torch.hub's check_hash uses them.
-        progress: Show a progress bar.
-        timeout: Seconds to wait to connect and for each read (torch.hub's downloader has none and can hang).
-
-    Raises:
-        ChecksumMismatchError: The sha256 does not start with hash_prefix; nothing is kept.
-        OSError, http.client.HTTPException: The transfer failed; nothing is kept.
-    """
-    destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    partial = destination.with_name(f"{destination.name}.{uuid.uuid4().hex}.partial")
-    try:
-        digest = _stream_to_file(url, partial, progress=progress, timeout=timeout)
-        if hash_prefix is not None and not digest.startswith(hash_prefix):
-            raise ChecksumMismatchError(
-                f"the sha256 of the file downloaded from {url} is {digest}, but its name promises {hash_prefix}...; "
-                "the file was discarded (a wrong or corrupt file on the server or mirror).",
-                path=destination,
-                url=url,
-            )
-        os.replace(partial, destination)
-    finally:
-        partial.unlink(missing_ok=True)
-    return destination
-
-
-def _stream_to_file(url: str, target: Path, *, progress: bool, timeout: float) -> str:
-    """Write the body of url to target and return its sha256 hex digest."""
-    sha256 = hashlib.sha256()
-    request = Request(url, headers={"User-Agent": "torch.hub"})  # the agent torch.hub sends
-    with urlopen(request, timeout=timeout) as response, target.open("wb") as file:
-        expected = response.headers.get("Content-Length")
-        total = int(expected) if expected and expected.isdigit() else None
-        received = 0
-        with tqdm(total=total, disable=not progress, unit="B", unit_scale=True, unit_divisor=1024) as bar:
-            while chunk := response.read(_READ_CHUNK):
-                file.write(chunk)
-                sha256.update(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
-    if total is not None and received != total:
-        raise http.client.IncompleteRead(b"", total - received)
-    return sha256.hexdigest()
+    fix = (
+        f"Check {MIRROR_ENV} if it is set, put a verified {path.name} in {path.parent}, load a local state dict "
+        f"({_LOCAL_FILE_HINT}), or train without pretraining ({_NO_PRETRAINING_HINT})."
+    )
+    with download_lock(path):  # a second process downloading the same file waits, then finds it
+        if path.is_file():
+            return
+        try:
+            # As torchvision 0.29 does: torchvision/models/resnet.py loads weights.get_state_dict(check_hash=True), and
+            # torch/hub.py's load_state_dict_from_url checks the sha256 prefix in the file name (HASH_REGEX).
+            download_file(url, path, sha256=expected_hash_prefix(path.name), progress=progress, fix=fix)
+        except ChecksumMismatchError:
+            raise  # the checksum error the data stage raises too; its message ends with the fix
+        except DownloadError as exc:
+            raise WeightsUnavailableError(exc.reason, path=path, url=weights.url) from exc
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
@@ -225,8 +181,3 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
             "save one with torch.save(model.state_dict(), path)."
         )
     return dict(loaded)
-
-
-def _file_name(url: str) -> str:
-    """Return the last path component of url."""
-    return os.path.basename(urlparse(url).path)

@@ -67,6 +67,7 @@ def metric_steps(client, run_id, key):
     return [point.step for point in client.get_metric_history(run_id, key)]
 
 
+@pytest.mark.timeout(900)  # two runs, one with the LR finder: about 4 minutes on two busy cores
 def test_the_flow_tracks_the_whole_recipe_in_one_mlflow_run_and_a_warm_rerun_reuses_the_data(
     archive, tmp_path, mlflow_uri
 ):

@@ -1,4 +1,7 @@
-"""Tests for lib/data/download.py against a real HTTP server on 127.0.0.1, with archives made by the tests."""
+"""Tests for lib/data/source.py and the downloader it shares with the weights (lib/common/download.py).
+
+They run against a real HTTP server on 127.0.0.1, with archives made by the tests.
+"""
 
 import hashlib
 import io
@@ -13,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from lib.data.download import (
-    ChecksumMismatchError,
-    DownloadError,
+from lib.common.download import ChecksumMismatchError, DownloadError, download_file, file_name, redact_url
+from lib.data.source import (
     UnsafeArchiveError,
     cached_archive_digest,
     download_archive,
@@ -264,11 +266,34 @@ def test_unsupported_scheme_names_url_and_accepted_schemes(cache_dir):
 
 def test_download_errors_survive_pickling():
     # Prefect serialises a failed task's exception; the retry decision needs `transient` afterwards.
-    error = pickle.loads(pickle.dumps(DownloadError("cut off", transient=True)))
+    error = pickle.loads(pickle.dumps(DownloadError("cut off.", transient=True, fix="Run again.")))
     mismatch = pickle.loads(pickle.dumps(ChecksumMismatchError("bad", path=Path("a.tgz"), expected="e", actual="a")))
 
-    assert error.transient is True and str(error) == "cut off"
+    assert error.transient is True and str(error) == "cut off. Run again."
+    assert error.reason == "cut off." and error.fix == "Run again."
     assert mismatch.transient is False and mismatch.expected == "e" and mismatch.path == Path("a.tgz")
+
+
+def test_download_file_checks_a_sha256_prefix_and_rejects_a_malformed_one_before_any_request(server, pets_archive):
+    digest = sha256_of(pets_archive.read_bytes())
+    target = pets_archive.parent.parent / "fetched" / "pets.tgz"
+
+    with pytest.raises(ValueError, match="1 to 64 hexadecimal"):
+        download_file(server.url(pets_archive.name), target, sha256="not-hex", progress=False)
+    assert server.requests == 0
+
+    assert download_file(server.url(pets_archive.name), target, sha256=digest[:8].upper(), progress=False) == digest
+    assert target.read_bytes() == pets_archive.read_bytes()
+    assert sorted(path.name for path in target.parent.iterdir()) == ["pets.tgz"]  # no .part, no sidecar
+
+
+def test_file_name_is_the_last_path_component_without_the_query():
+    assert file_name("https://download.pytorch.org/models/resnet18-f37072fd.pth?sig=x") == "resnet18-f37072fd.pth"
+    assert file_name("file:///data/oxford-iiit-pet.tgz") == "oxford-iiit-pet.tgz"
+    assert file_name("/data/pets%20v2.tgz") == "pets%20v2.tgz"  # a plain path is taken as written
+    assert file_name("https://host.example/a%20b.tgz") == "a b.tgz"
+    with pytest.raises(DownloadError, match="must end in a file name"):
+        file_name("https://host.example/")
 
 
 # Local sources.
@@ -504,8 +529,6 @@ def test_cached_archive_digest_reads_only_the_cache(tmp_path):
 
 
 def test_urls_are_redacted_of_passwords_and_query_strings_before_they_are_logged():
-    from lib.data.download import redact_url
-
     assert redact_url("https://s3.amazonaws.com/b/pets.tgz?X-Amz-Signature=abc&X-Amz-Credential=k") == (
         "https://s3.amazonaws.com/b/pets.tgz?<redacted>"
     )

@@ -1,11 +1,15 @@
 """Pretrained weights: names, cache location, loopback downloads with hash checks, safe loading, clear errors.
 
-No test reaches the internet: TORCH_HOME is a temporary folder and PETS_WEIGHTS_MIRROR points at 127.0.0.1.
+The downloads go through lib/common/download.py, the downloader the data stage uses too. No test reaches the
+internet: TORCH_HOME is a temporary folder and PETS_WEIGHTS_MIRROR points at 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -13,16 +17,16 @@ import torch
 import torchvision
 from torchvision.models import ResNet18_Weights, ResNet34_Weights, ResNet50_Weights, Weights, WeightsEnum
 
+from lib.common.download import ChecksumMismatchError, DownloadError, download_file
+from lib.data.source import download_archive
 from lib.train.model import create_model
 from lib.train.weights import (
     MIRROR_ENV,
     CheckpointLoadError,
-    ChecksumMismatchError,
     WeightsUnavailableError,
     checkpoint_path,
     download_url,
     expected_hash_prefix,
-    fetch_checkpoint,
     load_pretrained,
     weights_for,
 )
@@ -66,6 +70,23 @@ def saved_checkpoint(state_dict: dict[str, torch.Tensor], path: Path) -> bytes:
 def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     assert actual.keys() == expected.keys()
     assert all(torch.equal(actual[key], expected[key]) for key in expected)
+
+
+def served_weights(folder: Path, seed: int) -> tuple[dict[str, torch.Tensor], WeightsEnum, bytes]:
+    """Save a resnet18 state dict under a torchvision-style name carrying its sha256 prefix, as torchvision does.
+
+    Returns the state dict, a weights entry whose URL ends in that name, and the file's bytes.
+    """
+    state_dict = random_torchvision_state_dict("resnet18", seed=seed)
+    staging = folder / "staging.pth"
+    data = saved_checkpoint(state_dict, staging)
+    file_name = f"resnet18-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+    staging.rename(staging.with_name(file_name))
+
+    class LoopbackWeights(WeightsEnum):  # a weights entry whose file name carries the right hash
+        TEST = Weights(url=f"https://download.invalid/models/{file_name}", transforms=lambda: None, meta={})
+
+    return state_dict, LoopbackWeights.TEST, data
 
 
 def test_default_names_resolve_like_torchvision():
@@ -138,40 +159,33 @@ def test_missing_checkpoint_without_download_says_where_to_put_it(isolated_cache
     assert caught.value.path == expected
 
 
-def test_fetch_checkpoint_keeps_a_file_whose_hash_matches(tmp_path):
+def test_download_file_keeps_a_checkpoint_whose_hash_prefix_matches(tmp_path):
     data = saved_checkpoint(random_torchvision_state_dict("resnet18"), tmp_path / "served" / "weights.pth")
-    prefix = hashlib.sha256(data).hexdigest()[:8]
+    digest = hashlib.sha256(data).hexdigest()
     destination = tmp_path / "cache" / "weights.pth"
     with serve_directory(tmp_path / "served") as server:
-        fetch_checkpoint(server.url("weights.pth"), destination, hash_prefix=prefix, progress=False)
+        assert download_file(server.url("weights.pth"), destination, sha256=digest[:8], progress=False) == digest
     assert destination.read_bytes() == data
-    assert [path.name for path in destination.parent.iterdir()] == ["weights.pth"]  # no .partial left behind
+    assert [path.name for path in destination.parent.iterdir()] == ["weights.pth"]  # no .part left behind
 
 
-def test_fetch_checkpoint_discards_a_file_whose_hash_differs(tmp_path):
+def test_download_file_discards_a_checkpoint_whose_hash_prefix_differs(tmp_path):
     data = saved_checkpoint(random_torchvision_state_dict("resnet18"), tmp_path / "served" / "weights.pth")
     wrong = format(int(hashlib.sha256(data).hexdigest()[:8], 16) ^ 1, "08x")
     destination = tmp_path / "cache" / "weights.pth"
     with serve_directory(tmp_path / "served") as server, pytest.raises(ChecksumMismatchError, match=wrong):
-        fetch_checkpoint(server.url("weights.pth"), destination, hash_prefix=wrong, progress=False)
+        download_file(server.url("weights.pth"), destination, sha256=wrong, progress=False)
     assert list(destination.parent.iterdir()) == []
 
 
 def test_download_through_the_mirror_verifies_and_caches(tmp_path, monkeypatch):
-    state_dict = random_torchvision_state_dict("resnet18", seed=5)
-    staging = tmp_path / "served" / "staging.pth"
-    prefix = hashlib.sha256(saved_checkpoint(state_dict, staging)).hexdigest()[:8]
-    file_name = f"resnet18-{prefix}.pth"
-    staging.rename(staging.with_name(file_name))
-
-    class LoopbackWeights(WeightsEnum):  # a weights entry whose file name carries the right hash
-        TEST = Weights(url=f"https://download.invalid/models/{file_name}", transforms=lambda: None, meta={})
+    state_dict, weights, _ = served_weights(tmp_path / "served", seed=5)
 
     with serve_directory(tmp_path / "served") as server:
         monkeypatch.setenv(MIRROR_ENV, server.url("").rstrip("/"))
-        assert_same_tensors(load_pretrained("resnet18", LoopbackWeights.TEST, progress=False), state_dict)
-        assert checkpoint_path(LoopbackWeights.TEST).is_file()
-        assert_same_tensors(load_pretrained("resnet18", LoopbackWeights.TEST, progress=False), state_dict)
+        assert_same_tensors(load_pretrained("resnet18", weights, progress=False), state_dict)
+        assert checkpoint_path(weights).is_file()
+        assert_same_tensors(load_pretrained("resnet18", weights, progress=False), state_dict)
         assert server.requests == 1  # the second load used the cache
 
 
@@ -182,14 +196,63 @@ def test_a_wrong_file_on_the_mirror_is_rejected_and_not_kept(tmp_path, monkeypat
         with pytest.raises(ChecksumMismatchError, match="f37072fd") as caught:
             load_pretrained("resnet18", progress=False)
         assert server.requests == 1
-    assert isinstance(caught.value, WeightsUnavailableError) and "--no-pretrained" in str(caught.value)
-    assert not checkpoint_path(weights_for("resnet18")).exists()
+    assert caught.value.transient is False and caught.value.expected == "f37072fd"
+    assert "--no-pretrained" in str(caught.value) and MIRROR_ENV in str(caught.value)
+    path = checkpoint_path(weights_for("resnet18"))
+    assert not path.exists() and not path.with_name(path.name + ".part").exists()
+
+
+def test_both_stages_raise_one_checksum_error_from_one_downloader(tmp_path, monkeypatch):
+    served = tmp_path / "served"
+    saved_checkpoint(random_torchvision_state_dict("resnet18"), served / "resnet18-f37072fd.pth")  # not f37072fd…
+    with tarfile.open(served / "pets.tgz", "w:gz") as tar:
+        info = tarfile.TarInfo("images/a.jpg")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"jpg"))
+    with serve_directory(served) as server:
+        monkeypatch.setenv(MIRROR_ENV, server.url(""))
+        with pytest.raises(ChecksumMismatchError) as weights_error:
+            load_pretrained("resnet18", progress=False)
+        with pytest.raises(ChecksumMismatchError) as data_error:
+            download_archive(server.url("pets.tgz"), tmp_path / "cache", sha256="0" * 64, progress=False)
+    assert type(weights_error.value) is type(data_error.value) is ChecksumMismatchError
+    assert "downloaded from" in weights_error.value.reason and "downloaded from" in data_error.value.reason
+    assert "--no-pretrained" in weights_error.value.fix and "--data-dir" in data_error.value.fix
+
+
+def test_a_cut_transfer_is_weights_unavailable_and_the_next_load_resumes(tmp_path, monkeypatch):
+    state_dict, weights, data = served_weights(tmp_path / "served", seed=9)
+    path = checkpoint_path(weights)
+    part = path.with_name(path.name + ".part")
+    with serve_directory(tmp_path / "served") as server:
+        server.cut_after = 1000  # the first response only
+        monkeypatch.setenv(MIRROR_ENV, server.url(""))
+        with pytest.raises(WeightsUnavailableError, match="cut off after 1000") as caught:
+            load_pretrained("resnet18", weights, progress=False)
+        assert isinstance(caught.value.__cause__, DownloadError) and caught.value.__cause__.transient
+        assert not path.exists() and part.read_bytes() == data[:1000]
+
+        assert_same_tensors(load_pretrained("resnet18", weights, progress=False), state_dict)
+        assert server.range_headers == [None, "bytes=1000-"]
+    assert path.read_bytes() == data and not part.exists()
+
+
+def test_two_loads_at_once_download_the_checkpoint_once(tmp_path, monkeypatch):
+    state_dict, weights, _ = served_weights(tmp_path / "served", seed=11)
+    with serve_directory(tmp_path / "served") as server:
+        server.delay_seconds = 0.5  # both loads ask while the first transfer is still pending
+        monkeypatch.setenv(MIRROR_ENV, server.url(""))
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            loaded = list(pool.map(lambda _: load_pretrained("resnet18", weights, progress=False), range(2)))
+        assert server.requests == 1  # the second waited for the first, then found the file
+    for result in loaded:
+        assert_same_tensors(result, state_dict)
 
 
 def test_connection_refused_is_weights_unavailable(isolated_cache):
     with pytest.raises(WeightsUnavailableError) as caught:
         load_pretrained("resnet34", progress=False)
-    assert isinstance(caught.value.__cause__, OSError)
+    assert isinstance(caught.value.__cause__, DownloadError) and caught.value.__cause__.transient
     assert "resnet34-b627a593.pth" in str(caught.value) and "pretrained=False" in str(caught.value)
     assert not (isolated_cache / "hub" / "checkpoints" / "resnet34-b627a593.pth").exists()
 
@@ -202,20 +265,10 @@ def test_http_error_is_weights_unavailable(tmp_path, monkeypatch):
             load_pretrained("resnet18", progress=False)
 
 
-def test_a_cut_transfer_is_weights_unavailable_and_leaves_nothing(tmp_path, monkeypatch):
-    saved_checkpoint(random_torchvision_state_dict("resnet18"), tmp_path / "served" / "resnet18-f37072fd.pth")
-    with serve_directory(tmp_path / "served") as server:
-        server.cut_after = 1000
-        monkeypatch.setenv(MIRROR_ENV, server.url(""))
-        with pytest.raises(WeightsUnavailableError, match="IncompleteRead"):
-            load_pretrained("resnet18", progress=False)
-    folder = checkpoint_path(weights_for("resnet18")).parent
-    assert list(folder.iterdir()) == []
-
-
 def test_a_silent_server_times_out(tmp_path):
-    with silent_port() as port, pytest.raises(TimeoutError):
-        fetch_checkpoint(f"http://127.0.0.1:{port}/w.pth", tmp_path / "w.pth", timeout=0.3, progress=False)
+    with silent_port() as port, pytest.raises(DownloadError, match="Timeout") as caught:
+        download_file(f"http://127.0.0.1:{port}/w.pth", tmp_path / "w.pth", timeout=0.3, progress=False)
+    assert caught.value.transient is True
     assert list(tmp_path.iterdir()) == []
 
 
