@@ -19,7 +19,7 @@ import numpy as np
 import typer
 
 from flows.defaults import DEMO_BREEDS, DEMO_EPOCHS, DEMO_EXPERIMENT, DEMO_IMAGES_PER_BREED
-from flows.options import RecipeError, RecipeRequest, recipe_options
+from flows.options import RecipeRequest, recipe_options
 from lib.recipe import ARCHITECTURES, DEFAULT_ARCHS, Recipe
 
 app = typer.Typer(
@@ -261,24 +261,20 @@ def _resolved(request: RecipeRequest, *, training: bool = False) -> Recipe:
         recipe = request.resolve()
         if training:
             recipe.data.check_trainable()
-    except (RecipeError, ValueError) as error:
+    except ValueError as error:  # a RecipeError, or a crop larger than the presize
         _fail(str(error), code=2)
     return recipe
 
 
 def _resumed_recipe(run_id: str, request: RecipeRequest) -> Recipe:
     """Return the recipe run_id logged, checking the command line asks for no other (a resumed run keeps its own)."""
-    from tasks.tracking import ResumeRefusedError, logged_recipe, resumable_run
+    from tasks.tracking import logged_recipe, refuse_changed_recipe, resumable_run
 
-    try:
-        resumable_run(run_id)
-        logged = logged_recipe(run_id)
-    except ResumeRefusedError as error:
-        _fail(str(error), code=2)
-    try:
-        asked = request.resolve(base=logged)
-        resumable_run(run_id, asked)
-    except (RecipeError, ResumeRefusedError) as error:
+    try:  # both errors are ValueErrors: ResumeRefusedError and RecipeError
+        run = resumable_run(run_id)
+        asked = request.resolve(base=logged_recipe(run_id))
+        refuse_changed_recipe(run, asked)
+    except ValueError as error:
         _fail(str(error), code=2)
     return asked
 

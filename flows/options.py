@@ -46,7 +46,7 @@ class RecipeRequest:
         try:
             recipe = base or Recipe()
             if self.file is not None:
-                recipe = recipe.updated(_flat(Recipe.load(self.file), only_set=True))
+                recipe = recipe.updated(_settings_given(Recipe.load(self.file)))
             return recipe.updated(self.given)
         except ValidationError as error:  # before ValueError: pydantic's error is one
             where = f" in {self.file}" if self.file else ""
@@ -55,14 +55,14 @@ class RecipeRequest:
             raise RecipeError(f"cannot read the recipe {self.file}: {error}") from None
 
 
-def _flat(recipe: Recipe, *, only_set: bool) -> dict[str, Any]:
-    """Return the recipe's settings by option name; only_set: just those its file gave (the rest are defaults)."""
-    flat = {}
+def _settings_given(recipe: Recipe) -> dict[str, Any]:
+    """Return, by option name, the settings a loaded recipe file gave (those it left out are only defaults)."""
+    given = {}
     for section, name in fields():
         part = getattr(recipe, section)
-        if not only_set or (section in recipe.model_fields_set and name in part.model_fields_set):
-            flat[option_name(section, name)] = getattr(part, name)
-    return flat
+        if section in recipe.model_fields_set and name in part.model_fields_set:
+            given[option_name(section, name)] = getattr(part, name)
+    return given
 
 
 def recipe_options(*, exclude: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
@@ -111,7 +111,7 @@ def _file_parameter() -> inspect.Parameter:
         show_default=False,
     )
     return inspect.Parameter(
-        "recipe_file", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=_typed(Path | None, option)
+        "recipe_file", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=typing.Annotated[Path | None, option]
     )
 
 
@@ -121,7 +121,7 @@ def _setting_parameter(option: str, section: str, name: str) -> inspect.Paramete
     flag = "--" + option.replace("_", "-")
     kind = _cli_type(option, info)
     declarations = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
-    default = info.default.value if isinstance(info.default, enum.Enum) else info.default
+    default = info.default
     if isinstance(kind, type) and issubclass(kind, enum.Enum) and default is not None:
         default = kind(default)
     help_text = info.description + _range(info)
@@ -133,12 +133,8 @@ def _setting_parameter(option: str, section: str, name: str) -> inspect.Paramete
     )
     annotation = kind if info.default is not None else kind | None
     return inspect.Parameter(
-        option, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=_typed(annotation, typer_option)
+        option, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=typing.Annotated[annotation, typer_option]
     )
-
-
-def _typed(annotation: Any, option: Any) -> Any:
-    return typing.Annotated[annotation, option]
 
 
 def _cli_type(option: str, info: FieldInfo) -> Any:
@@ -156,7 +152,7 @@ def _cli_type(option: str, info: FieldInfo) -> Any:
 
 
 def _range(info: FieldInfo) -> str:
-    """Say the field's bounds the way click shows ranges: ` [x>=1]`, ` [0<x<1]`."""
+    """Say the field's bounds as ` [1<=x]`, ` [0<x<1]`."""
     low = high = ""
     for bound in info.metadata:
         if isinstance(bound, annotated_types.Ge):

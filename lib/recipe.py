@@ -224,13 +224,7 @@ class Recipe(Section):
         return cls.model_validate(tree)
 
 
-SECTIONS = {
-    "data": DataSettings,
-    "model": ModelSettings,
-    "schedule": ScheduleSettings,
-    "runtime": RuntimeSettings,
-    "tracking": TrackingSettings,
-}
+SECTIONS: dict[str, type[Section]] = {name: field.annotation for name, field in Recipe.model_fields.items()}
 
 
 def fields() -> Iterator[tuple[str, str]]:

@@ -138,7 +138,6 @@ class TrainingRun:
 
     run_id: str
     experiment_id: str
-    artifact_uri: str
     params: dict[str, str]
 
     @property
@@ -156,7 +155,7 @@ class TrainingRun:
 
         A URL's credentials are never recorded (`redact_url`); such a run is repeated by giving the URL again.
         """
-        recipe = recipe.updated({"data_url": redact_url(recipe.data.url)})
+        recipe = recorded(recipe)
         log_params(self.run_id, recipe.params())
         log_files(self.run_id, [recipe.save(Path(folder) / RECIPE_ARTIFACT)])
 
@@ -189,9 +188,13 @@ def start_run(
     return TrainingRun(
         run_id=run.info.run_id,
         experiment_id=run.info.experiment_id,
-        artifact_uri=run.info.artifact_uri,
         params=dict(run.data.params),
     )
+
+
+def recorded(recipe: Recipe) -> Recipe:
+    """The recipe as a run records it: the data URL without its credentials."""
+    return recipe.updated({"data_url": redact_url(recipe.data.url)})
 
 
 def resumable_run(run_id: str, recipe: Recipe | None = None):
@@ -209,18 +212,20 @@ def resumable_run(run_id: str, recipe: Recipe | None = None):
             f"--resume {run_id}: the run is {run.info.status}, not interrupted; train a new run instead."
         )
     if recipe is not None:
-        logged = {key: run.data.params.get(key) for key in recipe.params()}
-        asked = {
-            key: describe(value)
-            for key, value in recipe.updated({"data_url": redact_url(recipe.data.url)}).params().items()
-        }
-        changed = [f"{key} {logged[key]} -> {asked[key]}" for key in asked if logged[key] != asked[key]]
-        if changed:
-            raise ResumeRefusedError(
-                f"--resume {run_id}: the recipe differs from the run's ({'; '.join(changed)}); a resumed run "
-                "continues with its own recipe, so drop those options or train a new run."
-            )
+        refuse_changed_recipe(run, recipe)
     return run
+
+
+def refuse_changed_recipe(run, recipe: Recipe) -> None:
+    """Refuse to continue `run` with a recipe other than the one its params record, naming each difference."""
+    asked = {key: describe(value) for key, value in recorded(recipe).params().items()}
+    logged = {key: run.data.params.get(key) for key in asked}
+    changed = [f"{key} {logged[key]} -> {asked[key]}" for key in asked if logged[key] != asked[key]]
+    if changed:
+        raise ResumeRefusedError(
+            f"--resume {run.info.run_id}: the recipe differs from the run's ({'; '.join(changed)}); a resumed run "
+            "continues with its own recipe, so drop those options or train a new run."
+        )
 
 
 def logged_recipe(run_id: str) -> Recipe:

@@ -377,6 +377,19 @@ class BatchAugmentation:
         height, width = images.shape[-2:]
         return self.apply(images, self.draw(len(images), height=height, width=width, generator=generator))
 
+    def on_device(
+        self,
+        images: torch.Tensor,
+        device: torch.device,
+        *,
+        train: bool,
+        channels_last: bool,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Move a loader's uint8 batch to the device and augment (or just resize) it there, channels_last if asked."""
+        batch = self(images.to(device, non_blocking=True), train=train, generator=generator)
+        return batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
+
     def draw(
         self, batch_size: int, *, height: int, width: int, generator: torch.Generator | None = None
     ) -> AugmentDraw:

@@ -64,9 +64,7 @@ def validation_predictions(
     logits, targets = [], []
     with torch.inference_mode():
         for inputs, batch_targets in loader:
-            inputs = augmentation(inputs.to(device, non_blocking=True), train=False)
-            if channels_last:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            inputs = augmentation.on_device(inputs, device, train=False, channels_last=channels_last)
             with policy.autocast():
                 batch_logits = model(inputs)
             logits.append(batch_logits.float())  # kept on the device: one copy to the host at the end

@@ -48,7 +48,6 @@ def build_trainer(
     vocab_path: str,
     recipe: Recipe,
     *,
-    pretrained: bool | None = None,
     checkpoint_dir: Path | None = None,
     on_epoch_end: Callable[[EpochStats], None] | None = None,
 ) -> Trainer:
@@ -63,7 +62,7 @@ def build_trainer(
             manifest,
             vocab,
             arch=recipe.model.arch,
-            pretrained=recipe.model.pretrained if pretrained is None else pretrained,
+            pretrained=recipe.model.pretrained,
             presize=data.presize,
             size=data.size,
             min_scale=data.min_scale,

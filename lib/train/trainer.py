@@ -368,10 +368,9 @@ class Trainer:
     def _to_device(
         self, inputs: torch.Tensor, targets: torch.Tensor, *, train: bool, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = inputs.to(self.device, non_blocking=True)
-        inputs = self.augmentation(inputs, train=train, generator=generator)
-        if self.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        inputs = self.augmentation.on_device(
+            inputs, self.device, train=train, channels_last=self.channels_last, generator=generator
+        )
         return inputs, targets.to(self.device, non_blocking=True)
 
     def _epoch_batches(self, loader: DataLoader, *, desc: str) -> tqdm:
