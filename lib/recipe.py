@@ -40,6 +40,8 @@ DEFAULT_EPOCHS = 6
 DEFAULT_LR_MULT = 100  # fastai 2.8.12 fastai/callback/schedule.py: fine_tune(..., lr_mult=100)
 BASELINE_EPOCHS = 2  # fastbook ch. 5's first model: learn.fine_tune(2) with fastai's defaults
 BASELINE_LR = 2e-3  # fastai 2.8.12 fastai/callback/schedule.py: fine_tune(..., base_lr=2e-3)
+LR_FIND_ITERATIONS = 100  # fastai 2.8.12 fastai/callback/schedule.py: lr_find(num_it=100)
+MIN_LR_FIND_ITERATIONS = 6  # fastai 2.8.12 LRFinder: num_it is raised to at least 6
 
 DEFAULT_EXPERIMENT = "pets"
 DEFAULT_REGISTERED_MODEL = "pets-classifier"
@@ -127,6 +129,11 @@ class ScheduleSettings(Section):
     base_lr: float | None = Field(
         None, gt=0, description="Base learning rate; default: the LR finder's valley suggestion."
     )
+    lr_find_iterations: int = Field(
+        LR_FIND_ITERATIONS,
+        ge=MIN_LR_FIND_ITERATIONS,
+        description="Batches the LR finder sweeps over (fastai's lr_find num_it), from 1e-7 to 10.",
+    )
     lr_mult: float = Field(DEFAULT_LR_MULT, gt=0, description="Ratio of the head's to the first layers' learning rate.")
     baseline: bool = Field(True, description="First train the book's baseline: fastai's fine_tune defaults.")
     baseline_epochs: int = Field(BASELINE_EPOCHS, ge=1, description="Epochs of the baseline.")
@@ -146,6 +153,12 @@ class RuntimeSettings(Section):
     fp16: bool = Field(True, description="Mixed precision on a CUDA GPU; fp32 on other devices.")
     device: str | None = Field(None, description="Torch device, e.g. cuda:1 or cpu; default CUDA, else MPS, else CPU.")
     compile: bool = Field(False, description="torch.compile the model (about a minute of compiling first).")
+    # How a CPU reduction is split depends on the thread count, so fp32 results differ in the last bits between thread
+    # counts, and training drifts apart from there (measured: tests/flows/test_demo.py). A fixed count repeats a CPU
+    # run exactly on any machine; torch's default is one thread per physical core.
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads of training and evaluation (repeatable CPU runs); default one per core."
+    )
     out_dir: str | None = Field(
         None, description="Where results go; default ./outputs/<command> (a training run: <out-dir>/<run id>/)."
     )
