@@ -40,8 +40,6 @@ DEFAULT_EPOCHS = 6
 DEFAULT_LR_MULT = 100  # fastai 2.8.12 fastai/callback/schedule.py: fine_tune(..., lr_mult=100)
 BASELINE_EPOCHS = 2  # fastbook ch. 5's first model: learn.fine_tune(2) with fastai's defaults
 BASELINE_LR = 2e-3  # fastai 2.8.12 fastai/callback/schedule.py: fine_tune(..., base_lr=2e-3)
-LR_FIND_ITERATIONS = 100  # fastai 2.8.12 fastai/callback/schedule.py: lr_find(num_it=100)
-MIN_LR_FIND_ITERATIONS = 6  # fastai 2.8.12 LRFinder: num_it is raised to at least 6
 
 DEFAULT_EXPERIMENT = "pets"
 DEFAULT_REGISTERED_MODEL = "pets-classifier"
@@ -128,11 +126,6 @@ class ScheduleSettings(Section):
     epochs: int = Field(DEFAULT_EPOCHS, ge=1, description="Epochs of the whole model after unfreezing.")
     base_lr: float | None = Field(
         None, gt=0, description="Base learning rate; default: the LR finder's valley suggestion."
-    )
-    lr_find_iterations: int = Field(
-        LR_FIND_ITERATIONS,
-        ge=MIN_LR_FIND_ITERATIONS,
-        description="Batches the LR finder sweeps over (fastai's lr_find num_it), from 1e-7 to 10.",
     )
     lr_mult: float = Field(DEFAULT_LR_MULT, gt=0, description="Ratio of the head's to the first layers' learning rate.")
     baseline: bool = Field(True, description="First train the book's baseline: fastai's fine_tune defaults.")

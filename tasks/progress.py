@@ -29,16 +29,15 @@ class ProgressArtifact:
         if total <= 0:
             return
         percent = min(100.0, 100.0 * done / total)
-        now = time.monotonic()
         if self.artifact_id is None:
             self.artifact_id = create_progress_artifact(percent, description=self.description)
         elif (percent >= 100.0 > self.shown) or (
-            percent - self.shown >= MIN_STEP_PERCENT and now - self.shown_at >= MIN_INTERVAL_SECONDS
+            percent - self.shown >= MIN_STEP_PERCENT and time.monotonic() - self.shown_at >= MIN_INTERVAL_SECONDS
         ):
             update_progress_artifact(self.artifact_id, percent)
         else:
             return
-        self.shown, self.shown_at = percent, now
+        self.shown, self.shown_at = percent, time.monotonic()  # after the call: a slow API does not count as waiting
 
     def finish(self) -> None:
         """Show 100% (a step that stopped early, such as a diverging LR sweep, is done too)."""

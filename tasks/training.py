@@ -210,9 +210,7 @@ def find_learning_rate(manifest_path: str, vocab_path: str, out_dir: str, recipe
     trainer = build_trainer(manifest_path, vocab_path, recipe)
     progress = ProgressArtifact("lr_find: batches of the LR sweep")
     with cpu_threads(recipe.runtime.threads):
-        result = lr_find(
-            trainer, num_it=recipe.schedule.lr_find_iterations, methods=LR_FIND_METHODS, on_progress=progress
-        )
+        result = lr_find(trainer, methods=LR_FIND_METHODS, on_progress=progress)
     progress.finish()  # a sweep that diverged stopped early: it is done all the same
     del trainer
     release_device_memory()  # the probe trains next, in its own process: leave it the GPU

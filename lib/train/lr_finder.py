@@ -19,7 +19,6 @@ import torch
 
 from lib.common.plots import pyplot, save_figure
 from lib.common.progress import ProgressCallback, progress_bar
-from lib.recipe import LR_FIND_ITERATIONS, MIN_LR_FIND_ITERATIONS
 from lib.train.schedule import lr_finder_lr
 
 if TYPE_CHECKING:
@@ -30,6 +29,7 @@ if TYPE_CHECKING:
 SMOOTHING_BETA = 0.98  # fastai Recorder: beta=0.98
 DIVERGENCE_FACTOR = 4.0  # fastai LRFinder.after_batch: stop once the smoothed loss exceeds 4x the best one
 SKIP_END = 5  # fastai lr_find and plot_lr_find: the last 5 points are left out
+MIN_LR_FIND_ITERATIONS = 6  # fastai LRFinder raises num_it to at least 6
 
 
 class SmoothedLoss:
@@ -231,7 +231,7 @@ def lr_find(
     *,
     start_lr: float = 1e-7,
     end_lr: float = 10.0,
-    num_it: int = LR_FIND_ITERATIONS,
+    num_it: int = 100,
     stop_div: bool = True,
     methods: Sequence[str] = ("valley",),
     on_progress: ProgressCallback | None = None,
