@@ -128,8 +128,8 @@ def lr_find(as_json: Json = False, *, recipe: RecipeRequest) -> None:
         _print_json(result)
         return
     for name, value in result["suggestions"].items():
-        typer.echo(f"{name:>8}: {value:.2e}")
-    typer.echo(f"Suggested base LR (valley): {result['suggestion']:.2e}; pass it to `pets train --base-lr`.")
+        typer.echo(f"{name:>8}: {significant(value)}")
+    typer.echo(f"Suggested base LR (valley): {significant(result['suggestion'])}; pass it to `pets train --base-lr`.")
     typer.echo(f"Plot: {result['plot']}")
 
 

@@ -18,6 +18,7 @@ from flows.data import data_stage
 from lib.common.download import file_name, redact_url
 from lib.common.numbers import significant
 from lib.common.paths import default_output_dir
+from lib.data.digests import dataset_version
 from lib.recipe import BASELINE_LR, DEFAULT_LR_MULT, Recipe
 from lib.train.stages import read_history
 from tasks import tracking
@@ -61,9 +62,9 @@ def train(recipe: Recipe = Recipe(), comparison: str | None = None, resume: str 
         out_dir = Path(recipe.runtime.out_dir or default_output_dir() / "train").resolve() / run.run_id
         run.log_recipe(recipe, out_dir)
         data = data_stage(recipe.data, cache_dir=recipe.runtime.cache_dir, out_dir=str(out_dir / "data"))
-        digest = _log_data(run, data)
+        version = _log_data(run, data)
         # Created before the data was known; named now that it is (a resumed run keeps its own start time).
-        run_name = _run_name(recipe, comparison, data=_data_version(data, digest), started_ms=run.start_time)
+        run_name = _run_name(recipe, comparison, data=_data_name(data, version), started_ms=run.start_time)
         run.rename(run_name)
         inputs = {"manifest_path": data["manifest"], "vocab_path": data["vocab"], "out_dir": str(out_dir)}
         stage = partial(fine_tune_classifier, **inputs, recipe=recipe, run_id=run.run_id)
@@ -128,18 +129,18 @@ def _run_name(recipe: Recipe, comparison: str | None, *, data: str | None = None
 
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
-DIGEST_CHARS = 6  # of the dataset digest in a run's name: enough to tell versions of one dataset apart at a glance
+VERSION_CHARS = 6  # of the data version in a run's name: enough to tell versions of one dataset apart at a glance
 
 
-def _data_version(data: dict, digest: str) -> str:
-    """The data a run trained on, short: the archive's name (or the images folder's) and the dataset digest's start."""
+def _data_name(data: dict, version: str) -> str:
+    """The data a run trained on, short: the archive's name (or the images folder's) and the data version's start."""
     if data["data_url"]:
         name = file_name(data["data_url"])  # it was downloaded under this name, so it has one
         name = next((name.removesuffix(s) for s in ARCHIVE_SUFFIXES if name.endswith(s)), name)
     else:
         folder = Path(data["images_dir"])
         name = folder.parent.name if folder.name == "images" else folder.name  # pets/images says more as pets
-    return f"{name} {digest[:DIGEST_CHARS]}".strip()
+    return f"{name} {version[:VERSION_CHARS]}".strip()
 
 
 def _run_tags(recipe: Recipe, comparison: str | None) -> dict[str, str]:
@@ -154,14 +155,17 @@ def _run_tags(recipe: Recipe, comparison: str | None) -> dict[str, str]:
 
 def _log_data(run: tracking.TrainingRun, data: dict) -> str:
     """Log what the model was trained on (the labelled manifest as a dataset input, the reports, the counts); return
-    the dataset's digest."""
+    the data version: the digest of the images' content, labels and split (`lib.data.digests.dataset_version`)."""
+    import pandas as pd
+
     source = redact_url(data["data_url"]) or data["images_dir"]
     digest = tracking.log_dataset(run.run_id, data["manifest"], source=source)
+    version = dataset_version(pd.read_csv(data["manifest"]))
     facts = {"classes": data["classes"], "train_size": data["sizes"]["train"], "valid_size": data["sizes"]["valid"]}
-    tracking.log_params(run.run_id, {"dataset_digest": digest, **facts})
+    tracking.log_params(run.run_id, {"dataset_digest": digest, "data_version": version, **facts})
     data_files = [data["manifest"], data["vocab"], data["cleaning_report"], data["summary"], data["show_batch"]]
     tracking.log_files(run.run_id, data_files, "data")
-    return digest
+    return version
 
 
 def _base_lr(run: tracking.TrainingRun, recipe: Recipe, inputs: dict[str, str]) -> float:
@@ -243,6 +247,6 @@ def lr_find(recipe: Recipe = Recipe()) -> dict:
     out_dir = Path(recipe.runtime.out_dir or default_output_dir() / "lr_find").resolve()
     data = data_stage(recipe.data, cache_dir=recipe.runtime.cache_dir, out_dir=str(out_dir / "data"))
     found = find_learning_rate(data["manifest"], data["vocab"], str(out_dir), recipe)
-    suggestions = ", ".join(f"{name}: {value:.2e}" for name, value in found["suggestions"].items())
+    suggestions = ", ".join(f"{name}: {significant(value)}" for name, value in found["suggestions"].items())
     print(f"{suggestions}; plot: {found['plot']}")
     return found

@@ -147,8 +147,8 @@ class RuntimeSettings(Section):
     device: str | None = Field(None, description="Torch device, e.g. cuda:1 or cpu; default CUDA, else MPS, else CPU.")
     compile: bool = Field(False, description="torch.compile the model (about a minute of compiling first).")
     # How a CPU reduction is split depends on the thread count, so fp32 results differ in the last bits between thread
-    # counts, and training drifts apart from there (measured: tests/flows/test_demo.py). A fixed count repeats a CPU
-    # run exactly on any machine; torch's default is one thread per physical core.
+    # counts and training drifts apart from there (tests/lib/test_stages.py shows it). A fixed count repeats a CPU run
+    # on another machine; torch's default is one thread per core.
     threads: int | None = Field(
         None, ge=1, description="CPU threads of training and evaluation (repeatable CPU runs); default one per core."
     )

@@ -97,8 +97,8 @@ def test_the_flow_tracks_the_whole_recipe_in_one_mlflow_run_and_a_warm_rerun_reu
     manifest = pd.read_csv(result["data"]["manifest"])
     assert params["classes"] == str(BREEDS) and int(params["valid_size"]) == (manifest["split"] == "valid").sum()
 
-    # Its name says what trained, on which data (the archive's name and the dataset digest) and when.
-    assert re.fullmatch(rf"resnet18 · pets {params['dataset_digest'][:6]} · \d\d-\d\d \d\d:\d\d", run.info.run_name)
+    # Its name says what trained, on which data (the archive's name and the data version) and when.
+    assert re.fullmatch(rf"resnet18 · pets {params['data_version'][:6]} · \d\d-\d\d \d\d:\d\d", run.info.run_name)
     assert result["run_name"] == run.info.run_name
 
     # Per-epoch histories: the same keys for every stage, step = epoch index within the stage.
