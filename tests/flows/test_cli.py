@@ -184,7 +184,7 @@ def test_compare_passes_every_recipe_flag_as_a_valid_training_setting(tmp_path):
     # The flow checks settings and archs before training anything: a repeated arch fails it right after that check.
     result = invoke("compare", "--archs", "resnet18,resnet18", *TINY[2:], "--out-dir", tmp_path, "--json")
 
-    assert result.exit_code == 1
+    assert result.exit_code == 2 and result.stderr.count("Error:") == 1
     assert "more than once" in result.output and "is not a setting" not in result.output
 
 
