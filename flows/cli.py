@@ -84,6 +84,7 @@ def train(
 ) -> None:
     """Train one classifier with the fastbook ch. 5 recipe, track it in MLflow and register the model."""
     resolved = _resumed_recipe(resume, recipe) if resume else _resolved(recipe, training=True)
+    _check_tracking_store()
     from flows.train import train as train_flow
 
     console.quiet_run_logs()
@@ -115,6 +116,7 @@ def compare(
     """Train several architectures with one recipe, tabulate them, and make the best the registry's `champion`."""
     # Deployments train elsewhere: their folders and device are checked where they run, by the train flow.
     resolved = _resolved(recipe, training=True, here=train_deployment is None)
+    _check_tracking_store()  # the comparison itself reads and tags the runs from here
     from flows.compare import compare as compare_flow
     from flows.compare import markdown_table
 
@@ -292,10 +294,18 @@ def _resolved(request: RecipeRequest, *, training: bool = False, here: bool = Tr
     return recipe
 
 
+def _check_tracking_store() -> None:
+    """Stop at once, before a Prefect server starts, when the MLflow store is down (TrackingStoreUnavailableError)."""
+    from tasks.tracking import check_tracking_store
+
+    check_tracking_store()
+
+
 def _resumed_recipe(run_id: str, request: RecipeRequest) -> Recipe:
     """Return the recipe run_id logged, checking the command line asks for no other (a resumed run keeps its own)."""
     from tasks.tracking import logged_recipe, refuse_changed_recipe, resumable_run
 
+    _check_tracking_store()  # MLflow's client would retry an unreachable server for minutes
     run = resumable_run(run_id)  # a ResumeRefusedError names what is wrong
     asked = request.resolve(base=logged_recipe(run_id))
     refuse_changed_recipe(run, asked)
@@ -316,11 +326,11 @@ def ui_command(*, host: str, port: int) -> tuple[list[str], dict[str, str]]:
         command += ["--default-artifact-root", root]
     command += ["--host", host, "--port", str(port), "--workers", str(UI_WORKERS)]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no huey job runner: ~8 fewer processes
-    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    return command, env
+    return command, env  # telemetry: off in os.environ already (console.quiet_telemetry), unless the user opted in
 
 
-def _fail(message: str, *, code: int = 1) -> NoReturn:
+def _fail(message: str, *, code: int = console.USER_ERROR_EXIT) -> NoReturn:
+    """End the command with one `Error:` line: a user error (exit 2) unless `code` says otherwise."""
     console.say_error(message)
     raise typer.Exit(code)
 
@@ -335,7 +345,7 @@ def _result_or_exit(state) -> Any:
     error = state.result(raise_on_failure=False)
     if isinstance(error, UserError):
         raise error
-    _fail(f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error))
+    _fail(f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error), code=1)
 
 
 def _print_json(value: Any) -> None:

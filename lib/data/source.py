@@ -36,6 +36,7 @@ _EXTRACTED_MARKER = ".extracted.json"
 _SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 # Folders that are not part of a dataset: hidden ones and the resource forks macOS adds to zip files.
 _IGNORED_DIR_NAMES = ("__MACOSX",)
+_UNSAFE_FIX = "Do not use this archive: check --data-url, or pass --data-dir with a folder of images you trust."
 # The options of `pets train`, `summary`, ... (flows/options.py) that choose the data; without either the archive
 # is the book's, so the URL is named too.
 _FIX = (
@@ -275,7 +276,7 @@ def _extract_tar(archive: Path, dest_dir: Path) -> None:
             tar.extractall(dest_dir, filter=_strict_data_filter)
     except tarfile.FilterError as error:
         raise UnsafeArchiveError(
-            f"Refusing to extract {archive}: member {error.tarinfo.name!r} is unsafe ({error})."
+            f"Refusing to extract {archive}: member {error.tarinfo.name!r} is unsafe ({error}). {_UNSAFE_FIX}"
         ) from error
     except (
         tarfile.ReadError,
@@ -319,7 +320,7 @@ def _check_zip_member(archive: Path, info: zipfile.ZipInfo) -> None:
         problem = "is a symbolic link"
     else:
         return
-    raise UnsafeArchiveError(f"Refusing to extract {archive}: member {info.filename!r} {problem}.")
+    raise UnsafeArchiveError(f"Refusing to extract {archive}: member {info.filename!r} {problem}. {_UNSAFE_FIX}")
 
 
 _EXTRACTORS: dict[str, Callable[[Path, Path], None]] = {"tar": _extract_tar, "zip": _extract_zip}

@@ -196,3 +196,16 @@ def test_a_diverging_learning_rate_stops_the_stage_with_one_line_and_keeps_the_g
         weights = torch.load(path, map_location="cpu", weights_only=True)["model"]
         assert all(torch.isfinite(tensor).all() for tensor in weights.values() if tensor.is_floating_point()), path
     assert math.isfinite(float(run.data.metrics["baseline/valid_loss"]))
+
+
+def test_an_unreachable_tracking_server_is_one_line_before_any_server_starts(tmp_path, caplog):
+    from tests.support.http_server import refused_port
+
+    images = make_pets_dataset(tmp_path / "pets", breeds=2, images_per_breed=4, max_side=96)
+    with refused_port() as port:
+        result = invoke("train", "--data-dir", images, env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"Error: The MLflow tracking server http://127.0.0.1:{port} is not reachable")
+    assert not [record for record in caplog.records if record.name.startswith("prefect")]  # no server, no flow
