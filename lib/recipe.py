@@ -203,7 +203,7 @@ class Recipe(Section):
         """Refuse, naming the option, what cannot run on this machine: folders that are not, a device it lacks.
 
         With `training`, also a crop larger than the presize (`DataSettings.check_trainable`) and the device (the data
-        stage alone uses none). Takes well under a second: torch is imported only to check a device other than cpu.
+        stage alone uses none). Only file-system checks, plus importing torch to check a device other than cpu.
         """
         if training:
             self.data.check_trainable()

@@ -127,7 +127,7 @@ def ensure_experiment(name: str) -> str:
 FLOW_RUN_TAG = "prefect.flow_run_id"  # the Prefect flow run an MLflow run belongs to: one MLflow run per flow run
 RECIPE_ARTIFACT = "recipe.yaml"  # the run's resolved recipe: `pets train --recipe` repeats the run from it
 RESUMABLE = ("RUNNING", "FAILED", "KILLED")  # an interrupted run; a FINISHED one is never trained into again
-FAILURE_TAG = "pets.failure"  # why a FAILED run failed: the error's type and message, as the CLI printed it
+FAILURE_TAG = "pets.failure"  # why a FAILED run failed: the error's type and message
 MAX_TAG_LENGTH = 8000  # MLflow 3.17 utils/validation.py MAX_TAG_VAL_LENGTH
 
 
