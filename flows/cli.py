@@ -4,6 +4,9 @@ pets train | compare | lr-find     run the recipe (flows/train.py, flows/compare
 pets predict MODEL_URI IMAGES...   label pictures with a logged or registered model
 pets summary | demo                the data stage alone; the whole recipe offline on generated data
 pets ui | announce-dataset         the MLflow UI on the project's store; tell Prefect about a new dataset
+
+An error the user can fix is one line, `Error: ...`, with exit status 2 (`pets --debug` adds the traceback); see
+flows/console.py.
 """
 
 from __future__ import annotations
@@ -18,13 +21,18 @@ from typing import Annotated, Any, NoReturn
 import numpy as np
 import typer
 
+from flows import console
 from flows.defaults import DEMO_BREEDS, DEMO_EPOCHS, DEMO_EXPERIMENT, DEMO_IMAGES_PER_BREED
 from flows.options import RecipeRequest, recipe_options
+from lib.common.errors import DEBUG_VARIABLE, UserError
 from lib.common.numbers import significant
 from lib.recipe import ARCHITECTURES, DEFAULT_ARCHS, Recipe
 from tasks.mlflow_ui import UI_HOST, UI_PORT, UI_URL_VARIABLE, local_ui_url
 
+console.quiet_telemetry()  # before anything imports Prefect or MLflow: both read it at import time
+
 app = typer.Typer(
+    cls=console.Commands,
     help="Train and compare pet-breed classifiers the fastai way (fastbook ch. 5) on Prefect, PyTorch and MLflow.",
     no_args_is_help=True,
     add_completion=False,
@@ -48,6 +56,16 @@ Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON
 
 
 # -- commands ---------------------------------------------------------------------------------------------------------
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help=f"Show the traceback of every error (or set {DEBUG_VARIABLE}=1).")
+    ] = False,
+) -> None:
+    if debug:  # in the environment, so the training stages' processes see it too
+        os.environ[DEBUG_VARIABLE] = "1"
+
+
 @app.command()
 @recipe_options()
 def train(
@@ -66,8 +84,10 @@ def train(
 ) -> None:
     """Train one classifier with the fastbook ch. 5 recipe, track it in MLflow and register the model."""
     resolved = _resumed_recipe(resume, recipe) if resume else _resolved(recipe, training=True)
+    _check_tracking_store()
     from flows.train import train as train_flow
 
+    console.quiet_run_logs()
     result = _result_or_exit(train_flow(recipe=resolved, resume=resume, return_state=True))
     if as_json:
         _print_json(result)
@@ -94,10 +114,13 @@ def compare(
     recipe: RecipeRequest,
 ) -> None:
     """Train several architectures with one recipe, tabulate them, and make the best the registry's `champion`."""
-    resolved = _resolved(recipe, training=True)
+    # Deployments train elsewhere: their folders and device are checked where they run, by the train flow.
+    resolved = _resolved(recipe, training=True, here=train_deployment is None)
+    _check_tracking_store()  # the comparison itself reads and tags the runs from here
     from flows.compare import compare as compare_flow
     from flows.compare import markdown_table
 
+    console.quiet_run_logs()
     state = compare_flow(archs=archs, recipe=resolved, train_deployment=train_deployment, return_state=True)
     result = _result_or_exit(state)
     if as_json:
@@ -123,6 +146,7 @@ def lr_find(as_json: Json = False, *, recipe: RecipeRequest) -> None:
     resolved = _resolved(recipe, training=True)
     from flows.train import lr_find as lr_find_flow
 
+    console.quiet_run_logs()
     result = _result_or_exit(lr_find_flow(recipe=resolved, return_state=True))
     if as_json:
         _print_json(result)
@@ -190,6 +214,7 @@ def summary(*, recipe: RecipeRequest) -> None:
     resolved = _resolved(recipe)
     from flows.data import prepare_data
 
+    console.quiet_run_logs()
     _print_summary(_result_or_exit(prepare_data(recipe=resolved, return_state=True)))
 
 
@@ -213,6 +238,7 @@ def demo(
     }
     from flows.demo import demo as demo_flow
 
+    console.quiet_run_logs()
     state = demo_flow(breeds=breeds, images_per_breed=images_per_breed, epochs=epochs, **folders, return_state=True)
     result = _result_or_exit(state)
     registered = f"models:/{result['registered_model']}/{result['model_version']}"
@@ -259,27 +285,35 @@ def announce_dataset(
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------------
-def _resolved(request: RecipeRequest, *, training: bool = False) -> Recipe:
-    """Return the recipe the command line asks for, or stop with one line naming the bad option or file."""
-    try:
-        recipe = request.resolve()
-        if training:
-            recipe.data.check_trainable()
-    except ValueError as error:  # a RecipeError, or a crop larger than the presize
-        _fail(str(error), code=2)
+def _resolved(request: RecipeRequest, *, training: bool = False, here: bool = True) -> Recipe:
+    """Return the recipe the command line asks for, checked before any work starts (a RecipeError stops it).
+
+    `here`: the runs use this machine's folders and device, so they are checked too (`Recipe.check_runnable`).
+    """
+    recipe = request.resolve()
+    if here:
+        recipe.check_runnable(training=training)
+    elif training:
+        recipe.data.check_trainable()
     return recipe
+
+
+def _check_tracking_store() -> None:
+    """Stop at once, before a Prefect server starts, when the MLflow store is down (TrackingStoreUnavailableError)."""
+    from tasks.tracking import check_tracking_store
+
+    check_tracking_store()
 
 
 def _resumed_recipe(run_id: str, request: RecipeRequest) -> Recipe:
     """Return the recipe run_id logged, checking the command line asks for no other (a resumed run keeps its own)."""
     from tasks.tracking import logged_recipe, refuse_changed_recipe, resumable_run
 
-    try:  # both errors are ValueErrors: ResumeRefusedError and RecipeError
-        run = resumable_run(run_id)
-        asked = request.resolve(base=logged_recipe(run_id))
-        refuse_changed_recipe(run, asked)
-    except ValueError as error:
-        _fail(str(error), code=2)
+    _check_tracking_store()  # MLflow's client would retry an unreachable server for minutes
+    run = resumable_run(run_id)  # a ResumeRefusedError names what is wrong
+    asked = request.resolve(base=logged_recipe(run_id))
+    refuse_changed_recipe(run, asked)
+    asked.check_runnable()
     return asked
 
 
@@ -296,20 +330,26 @@ def ui_command(*, host: str, port: int) -> tuple[list[str], dict[str, str]]:
         command += ["--default-artifact-root", root]
     command += ["--host", host, "--port", str(port), "--workers", str(UI_WORKERS)]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no huey job runner: ~8 fewer processes
-    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    return command, env
+    return command, env  # telemetry: off in os.environ already (console.quiet_telemetry), unless the user opted in
 
 
-def _fail(message: str, *, code: int = 1) -> NoReturn:
-    typer.secho(f"Error: {message}", err=True, fg=typer.colors.RED)
+def _fail(message: str, *, code: int = console.USER_ERROR_EXIT) -> NoReturn:
+    """End the command with one `Error:` line: a user error (exit 2) unless `code` says otherwise."""
+    console.say_error(message)
     raise typer.Exit(code)
 
 
 def _result_or_exit(state) -> Any:
-    """Return a finished flow's result; for a failed one print its error (the fix is in the message) and exit 1."""
+    """Return a finished flow's result; a failed one's user error is raised (one line, exit 2), another exits 1.
+
+    The traceback of another error (a bug) was logged once by Prefect, so only its type and message are repeated.
+    """
     if state.is_completed():
         return state.result()
-    _fail(str(state.result(raise_on_failure=False)))
+    error = state.result(raise_on_failure=False)
+    if isinstance(error, UserError):
+        raise error
+    _fail(f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error), code=1)
 
 
 def _print_json(value: Any) -> None:

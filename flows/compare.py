@@ -21,6 +21,7 @@ from prefect.deployments import run_deployment
 from prefect.futures import wait
 
 from flows.train import train
+from lib.common.errors import InputError, UserError
 from lib.common.numbers import rounded, significant
 from lib.common.paths import default_output_dir
 from lib.evaluate.comparison import COMPARISON_METRICS, plot_comparison
@@ -43,6 +44,10 @@ METRIC_COLUMNS = (
 # What Prefect puts before an exception in a failed state's message: noise in a list of failures.
 STATE_MESSAGE_PREFIXES = ("Flow run encountered an exception: ", "Task run encountered an exception ")
 COUNT_COLUMNS = ("parameters", "epochs_trained")  # MLflow stores every metric as a float; these are counts
+
+
+class TrainingsFailedError(UserError, RuntimeError):
+    """Trainings of a comparison failed, each with an error the user can fix; the message names each one."""
 
 
 @flow(name="compare-pets", log_prints=True)
@@ -89,7 +94,8 @@ def compare(
     if compare_url:
         print(f"MLflow compare page: {compare_url}\nChart: {chart}")
     if failed:
-        raise RuntimeError(failure_message(failed, len(children), table))
+        fixable = all(child.get("user_error") for child in failed)  # else a bug, or a child that never started
+        raise (TrainingsFailedError if fixable else RuntimeError)(failure_message(failed, len(children), table))
     tracking.set_champion(registered_model, champion["model_version"], CHAMPION_ALIAS)
     print(f"{registered_model}@{CHAMPION_ALIAS} -> v{champion['model_version']} ({champion['arch']}).")
     return {
@@ -108,10 +114,10 @@ def compare(
 def check_archs(archs: Sequence[str]) -> None:
     """Refuse an empty list and repeated architectures (two children would share a name and a table row)."""
     if not archs:
-        raise ValueError("archs is empty: name at least one architecture to train.")
+        raise InputError("archs is empty: name at least one architecture to train.")
     repeated = sorted({arch for arch in archs if list(archs).count(arch) > 1})
     if repeated:
-        raise ValueError(f"archs lists {', '.join(repeated)} more than once; each architecture is trained once.")
+        raise InputError(f"archs lists {', '.join(repeated)} more than once; each architecture is trained once.")
 
 
 def new_comparison_id() -> str:
@@ -131,7 +137,9 @@ def train_locally(parameters: Mapping[str, dict], comparison: str) -> list[dict]
     for arch, child in parameters.items():
         named = train.with_options(flow_run_name=f"{arch}-{comparison}")
         state = named(**child, return_state=True)
-        children.append(child_outcome(arch, str(state.state_details.flow_run_id), state))
+        outcome = child_outcome(arch, str(state.state_details.flow_run_id), state)
+        outcome["user_error"] = state.is_failed() and isinstance(state.result(raise_on_failure=False), UserError)
+        children.append(outcome)
     return children
 
 

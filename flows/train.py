@@ -20,7 +20,9 @@ from lib.common.numbers import significant
 from lib.common.paths import default_output_dir
 from lib.data.digests import dataset_version
 from lib.recipe import BASELINE_LR, DEFAULT_LR_MULT, Recipe
+from lib.train.precision import resolve_precision
 from lib.train.stages import read_history
+from lib.train.trainer import resolve_device
 from tasks import tracking
 from tasks.training import evaluate_classifier, find_learning_rate, fine_tune_classifier
 
@@ -55,7 +57,8 @@ def train(recipe: Recipe = Recipe(), comparison: str | None = None, resume: str 
     the run as one of a compare-pets comparison; `resume` names an interrupted MLflow run to continue from its last
     complete epoch, with the recipe it logged. Returns the run's headline numbers.
     """
-    recipe.data.check_trainable()
+    recipe.check_runnable()  # the CLI checked it on its machine; a deployment's run checks it on the worker's
+    _say_precision(recipe)
     schedule = recipe.schedule
     tags = _run_tags(recipe, comparison)
     with tracking.training_run(recipe, _run_name(recipe, comparison), tags, resume=resume) as run:
@@ -113,6 +116,16 @@ def train(recipe: Recipe = Recipe(), comparison: str | None = None, resume: str 
     result["data"]["example_images"] = examples  # validation pictures to try the model on
     _report(result, run)
     return result
+
+
+def _say_precision(recipe: Recipe) -> None:
+    """Say once, in the run's log, what runs when the recipe's precision cannot (fp16, the default, on a CPU).
+
+    The stages then run in fp32 without a word each, and the `precision_effective` param records it.
+    """
+    note = resolve_precision(recipe.precision, resolve_device(recipe.runtime.device)).note
+    if note:
+        print(note)
 
 
 RUN_TIME_FORMAT = "%m-%d %H:%M"  # local time: short enough for the runs table, the year is in the run's start time
@@ -243,7 +256,8 @@ def lr_find(recipe: Recipe = Recipe()) -> dict:
 
     Files go to `<runtime.out_dir>` (default ./outputs/lr_find); the schedule and tracking settings are not read.
     """
-    recipe.data.check_trainable()
+    recipe.check_runnable()
+    _say_precision(recipe)
     out_dir = Path(recipe.runtime.out_dir or default_output_dir() / "lr_find").resolve()
     data = data_stage(recipe.data, cache_dir=recipe.runtime.cache_dir, out_dir=str(out_dir / "data"))
     found = find_learning_rate(data["manifest"], data["vocab"], str(out_dir), recipe)

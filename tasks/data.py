@@ -66,9 +66,9 @@ def download_dataset(data_url: str | None, data_dir: str | None, cache_dir: str,
 
 
 @task(cache_policy=NO_CACHE)
-def label_images(images_dir: str, pattern: str, skip_unmatched: bool, out_dir: str) -> dict:
-    """Label the images from their file names and write the manifest."""
-    labelled = labelling.label_images(Path(images_dir), pattern=pattern, skip_unmatched=skip_unmatched)
+def label_images(images_dir: str, pattern: str, skip_unmatched: bool, out_dir: str, source: str = "--data-dir") -> dict:
+    """Label the images from their file names and write the manifest; `source` is the option that chose them."""
+    labelled = labelling.label_images(Path(images_dir), pattern=pattern, skip_unmatched=skip_unmatched, source=source)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST_FILE

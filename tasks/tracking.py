@@ -27,6 +27,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from lib.common.download import redact_url
+from lib.common.errors import UserError
 from lib.recipe import Recipe
 from lib.train.trainer import EpochStats
 from tasks.mlflow_ui import ui_url as _ui_url
@@ -61,7 +62,7 @@ def artifact_location(uri: str) -> str | None:
 STORE_CHECK_SECONDS = 5  # a tracking server that does not answer /health this fast is treated as down
 
 
-class TrackingStoreUnavailableError(RuntimeError):
+class TrackingStoreUnavailableError(UserError, RuntimeError):
     """The MLflow tracking store cannot be reached or opened: raised before anything trains."""
 
 
@@ -129,9 +130,11 @@ def ensure_experiment(name: str) -> str:
 FLOW_RUN_TAG = "prefect.flow_run_id"  # the Prefect flow run an MLflow run belongs to: one MLflow run per flow run
 RECIPE_ARTIFACT = "recipe.yaml"  # the run's resolved recipe: `pets train --recipe` repeats the run from it
 RESUMABLE = ("RUNNING", "FAILED", "KILLED")  # an interrupted run; a FINISHED one is never trained into again
+FAILURE_TAG = "pets.failure"  # why a FAILED run failed: the error's type and message
+MAX_TAG_LENGTH = 8000  # MLflow 3.17 utils/validation.py MAX_TAG_VAL_LENGTH
 
 
-class ResumeRefusedError(ValueError):
+class ResumeRefusedError(UserError, ValueError):
     """`--resume RUN_ID` names a run that cannot be continued, or asks for another recipe than the run's."""
 
 
@@ -233,6 +236,8 @@ def start_run(
     else:  # a new run records the code it trains with; one taken back keeps what it recorded
         tags = {**source_tags(), **tags}
         run = client.create_run(experiment_id, run_name=run_name, tags={key: str(v) for key, v in tags.items()})
+    if FAILURE_TAG in run.data.tags:  # a failed run taken back: it is running again
+        client.delete_tag(run.info.run_id, FAILURE_TAG)
     return TrainingRun(
         run_id=run.info.run_id,
         experiment_id=run.info.experiment_id,
@@ -311,9 +316,15 @@ def fail_orphaned_runs(experiment: str, flow_run_id: str) -> list[str]:
 
 
 @task(cache_policy=NO_CACHE)
-def end_run(run_id: str, status: str = "FINISHED") -> None:
-    """Mark the run FINISHED, FAILED or KILLED: a run is never left RUNNING by a flow that stopped."""
-    _client().set_terminated(run_id, status=status)
+def end_run(run_id: str, status: str = "FINISHED", failure: str | None = None) -> None:
+    """Mark the run FINISHED, FAILED or KILLED: a run is never left RUNNING by a flow that stopped.
+
+    `failure` (the error that ended a FAILED run) is recorded as the tag `pets.failure`.
+    """
+    client = _client()
+    if failure is not None:
+        client.set_tag(run_id, FAILURE_TAG, failure[:MAX_TAG_LENGTH])
+    client.set_terminated(run_id, status=status)
 
 
 @contextmanager
@@ -328,7 +339,10 @@ def training_run(
     try:
         yield run
     except BaseException as error:
-        end_run(run.run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        if isinstance(error, KeyboardInterrupt):
+            end_run(run.run_id, "KILLED")
+        else:
+            end_run(run.run_id, "FAILED", failure=f"{type(error).__name__}: {error}")
         raise
     end_run(run.run_id, "FINISHED")
 

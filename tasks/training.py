@@ -23,6 +23,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
+from lib.common.errors import UserError
 from lib.common.files import write_text_atomically
 from lib.common.numbers import significant
 from lib.evaluate.evaluation import validation_images, validation_predictions
@@ -46,7 +47,7 @@ STOP_GRACE_SECONDS = 10  # how long a stage process gets to stop on SIGINT befor
 PROJECT_ROOT = str(Path(__file__).resolve().parents[1])  # where `python -m lib.train.stages` finds the lib package
 
 
-class StageKilledError(RuntimeError):
+class StageKilledError(UserError, RuntimeError):
     """The training stage's process was killed by a signal; the retry resumes from the stage's `last.pt`."""
 
 
@@ -167,7 +168,8 @@ def run_stage_process(request_path: Path, on_epoch: Callable[[EpochStats, int], 
             raise KeyboardInterrupt(f"the training stage was interrupted ({name})")
         raise StageKilledError(
             f"The training process {process.pid} ({stage_dir.name} stage) was killed by {name}. Its last complete "
-            f"epoch is in {last_checkpoint(stage_dir)}; a retry resumes from there."
+            f"epoch is in {last_checkpoint(stage_dir)}; a retry resumes from there. Killed every time, it most often "
+            "ran out of memory (the kernel's OOM killer; `dmesg` says so): lower --bs or --workers."
         )
     if error is not None:
         raise _rebuilt(error)
@@ -196,8 +198,10 @@ def _rebuilt(error: Mapping[str, str]) -> Exception:
         if isinstance(found, type) and issubclass(found, Exception):
             try:
                 return found(error["message"])
-            except TypeError:  # an exception class that takes other arguments
-                pass
+            except TypeError:  # its constructor takes other arguments: the same type, with the message alone
+                rebuilt = found.__new__(found)
+                Exception.__init__(rebuilt, error["message"])
+                return rebuilt
     return StageFailedError(f"{error['type']}: {error['message']}")
 
 

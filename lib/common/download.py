@@ -9,12 +9,13 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
+from urllib.parse import unquote, urlparse, urlsplit
 from urllib.request import url2pathname
 
 import httpx
 from filelock import FileLock
 
+from lib.common.errors import InputError, UserError
 from lib.common.progress import progress_bar
 
 REDACTED = "<redacted>"
@@ -26,7 +27,7 @@ _SHA256_PREFIX_PATTERN = re.compile(r"[0-9a-f]{1,64}")
 _SHA256_LENGTH = 64
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """A download failed: `reason` says what happened, `fix` what to do about it, `transient` whether retrying can help.
 
     The message is the reason followed by the fix, so a caller that gives its own advice can reuse just the reason.
@@ -65,8 +66,11 @@ def redact_url(url: str | None) -> str | None:
         user_info, host = netloc.rsplit("@", 1)
         user = user_info.split(":", 1)[0]
         netloc = f"{user}:{REDACTED}@{host}" if ":" in user_info else f"{user}@{host}"
-    query = REDACTED if parts.query else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    query = f"?{REDACTED}" if parts.query else ""
+    # Rebuilt by hand: urlunsplit drops the empty authority of sqlite:////abs/path.db and prints sqlite://abs/...
+    scheme = f"{parts.scheme}:" if parts.scheme else ""
+    authority = f"//{netloc}" if url[len(scheme) :].startswith("//") else ""
+    return f"{scheme}{authority}{parts.path}{query}"
 
 
 def file_name(url: str) -> str:
@@ -198,7 +202,7 @@ def _normalize_sha256(sha256: str | None) -> str | None:
         return None
     normalized = sha256.strip().lower()
     if not _SHA256_PREFIX_PATTERN.fullmatch(normalized):
-        raise ValueError(f"An expected sha256 must be 1 to 64 hexadecimal digits, got {sha256!r}.")
+        raise InputError(f"An expected sha256 must be 1 to 64 hexadecimal digits, got {sha256!r}.")
     return normalized
 
 

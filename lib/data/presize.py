@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from lib.common.errors import UserError
 from lib.common.files import write_atomically, write_text_atomically
 from lib.common.progress import ProgressCallback, progress_bar
 from lib.data.images import ImageFacts, open_rgb_with_facts
@@ -40,7 +41,7 @@ def presize_image(image: Image.Image, presize: int) -> Image.Image:
     return image.resize(presized_shape(*image.size, presize), Image.Resampling.BILINEAR)
 
 
-class CacheWriteError(RuntimeError):
+class CacheWriteError(UserError, RuntimeError):
     """The presize cache could not be written: a disk or permission problem, not a problem of the image."""
 
 

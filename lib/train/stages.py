@@ -30,13 +30,14 @@ from typing import Any
 import pandas as pd
 import torch
 
+from lib.common.errors import UserError, debug_requested
 from lib.common.files import write_text_atomically
 from lib.evaluate.interpret import plot_losses
 from lib.recipe import Recipe
 from lib.serve.inference import export_classifier
 from lib.train.checkpoint import LAST_CHECKPOINT
 from lib.train.model import count_parameters
-from lib.train.trainer import EpochStats, Trainer, best_epoch, vision_trainer
+from lib.train.trainer import EpochStats, NonFiniteLossError, Trainer, best_epoch, vision_trainer
 
 MODEL_FILE = "model.pth"
 HISTORY_FILE = "history.json"
@@ -147,10 +148,15 @@ def fine_tune_stage(request: Mapping[str, Any], on_epoch_end: Callable[[EpochSta
     if resume_from:
         print(f"Resuming the {stage_dir.name} stage from {resume_from}.", file=sys.stderr)
     epochs, freeze_epochs = request["epochs"], request["freeze_epochs"]
-    with cpu_threads(recipe.runtime.threads):
-        trainer.fine_tune(
-            epochs, request["base_lr"], freeze_epochs=freeze_epochs, lr_mult=request["lr_mult"], resume_from=resume_from
-        )
+    try:
+        with cpu_threads(recipe.runtime.threads):
+            trainer.fine_tune(
+                epochs, request["base_lr"], freeze_epochs=freeze_epochs, lr_mult=request["lr_mult"],
+                resume_from=resume_from,
+            )  # fmt: skip
+    except NonFiniteLossError as error:  # the trainer knows the phase and epoch; the stage is named here
+        message = str(error)
+        raise NonFiniteLossError(f"The {stage_dir.name} stage stopped: {message[:1].lower()}{message[1:]}") from None
     report_history()  # a checkpoint of the whole stage trains nothing more, but its epochs are still reported
     history = trainer.history  # the whole stage, including epochs an earlier attempt ran
     model_path = export_classifier(
@@ -212,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = fine_tune_stage(request, on_epoch_end=lambda row, step: send({"epoch": row.as_dict(), "step": step}))
     except Exception as error:
-        traceback.print_exc()
+        if debug_requested() or not isinstance(error, UserError):  # a user error is told once, by the CLI
+            traceback.print_exc()
         send({"error": {"type": f"{type(error).__module__}.{type(error).__qualname__}", "message": str(error)}})
         return 1
     send({"result": result})

@@ -13,7 +13,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.exceptions import ParameterTypeError
 
-from flows.compare import COLUMNS, compare
+from flows.compare import COLUMNS, TrainingsFailedError, compare
 from lib.data.synthetic import make_pets_dataset, pack_tgz
 from lib.recipe import Recipe
 from lib.train.weights import checkpoint_path, weights_for
@@ -190,6 +190,7 @@ def test_a_failed_child_fails_the_comparison_after_tabulating_the_others_and_lea
     ) as failure:
         state.result()
     assert str(failure.value).startswith("1 of 2") and "resnet18:" not in str(failure.value)
+    assert isinstance(failure.value, TrainingsFailedError)  # a user error in each failed child: `pets` prints one line
     runs = runs_of(store, experiment)
     assert {arch: run.info.status for arch, run in runs.items()} == {"resnet18": "FINISHED", "resnet34": "FAILED"}
     good = runs["resnet18"]
@@ -234,5 +235,6 @@ def test_deployment_mode_fails_naming_every_child_that_could_not_start(mlflow_ur
         state.result()
     for arch in ("resnet18", "resnet34"):
         assert f"could not run deployment 'train-pets/no-such-deployment-{arch}'" in str(error.value)
+    assert not isinstance(error.value, TrainingsFailedError)  # children that never started: not the user's inputs
     client = mlflow.MlflowClient(mlflow_uri)
     assert client.search_runs([client.get_experiment_by_name("pets").experiment_id]) == []  # created, unused
