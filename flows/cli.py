@@ -25,7 +25,9 @@ from flows import console
 from flows.defaults import DEMO_BREEDS, DEMO_EPOCHS, DEMO_EXPERIMENT, DEMO_IMAGES_PER_BREED
 from flows.options import RecipeRequest, recipe_options
 from lib.common.errors import DEBUG_VARIABLE, UserError
+from lib.common.numbers import significant
 from lib.recipe import ARCHITECTURES, DEFAULT_ARCHS, Recipe
+from tasks.mlflow_ui import UI_HOST, UI_PORT, UI_URL_VARIABLE, local_ui_url
 
 console.quiet_telemetry()  # before anything imports Prefect or MLflow: both read it at import time
 
@@ -36,8 +38,6 @@ app = typer.Typer(
     add_completion=False,
 )
 
-UI_PORT = 5000  # MLflow's default port, the one tasks.tracking.run_url links to
-UI_HOST = "127.0.0.1"  # loopback only: the UI has no authentication (MLflow 3.17: only with --app-name basic-auth)
 UI_WORKERS = 1  # one uvicorn worker starts in ~6-15 s instead of ~35-46 s on two CPUs (measured here)
 
 
@@ -132,7 +132,8 @@ def compare(
     typer.echo(
         f"Champion: {result['champion']}, models:/{registered_model}@champion -> version {result['champion_version']}"
     )
-    typer.echo(f"Table: {result['table']}. Open the UI with `pets ui`.")
+    typer.echo(f"Table: {result['table']}; chart: {result['chart']}")
+    typer.echo(f"MLflow compare page: {result['compare_url']} (open the UI with `pets ui`)")
 
 
 @app.command("lr-find")
@@ -151,8 +152,8 @@ def lr_find(as_json: Json = False, *, recipe: RecipeRequest) -> None:
         _print_json(result)
         return
     for name, value in result["suggestions"].items():
-        typer.echo(f"{name:>8}: {value:.2e}")
-    typer.echo(f"Suggested base LR (valley): {result['suggestion']:.2e}; pass it to `pets train --base-lr`.")
+        typer.echo(f"{name:>8}: {significant(value)}")
+    typer.echo(f"Suggested base LR (valley): {significant(result['suggestion'])}; pass it to `pets train --base-lr`.")
     typer.echo(f"Plot: {result['plot']}")
 
 
@@ -252,10 +253,13 @@ def ui(
     host: Annotated[str, typer.Option(help="Interface to bind; the default serves this machine only.")] = UI_HOST,
 ) -> None:
     """Serve the MLflow UI on the project's tracking store ($MLFLOW_TRACKING_URI or ./mlflow/mlflow.db)."""
-    from tasks.tracking import tracking_uri
+    from tasks.tracking import tracking_uri, ui_url
 
     command, env = ui_command(host=host, port=port)
-    typer.echo(f"MLflow UI on http://{host}:{port} for {tracking_uri()} (Ctrl-C stops it)")
+    served = local_ui_url(host, port)
+    typer.echo(f"MLflow UI on {served} for {tracking_uri()} (Ctrl-C stops it)")
+    if ui_url() != served:  # links printed by other commands would open another address
+        typer.echo(f"Run links point at {ui_url()}; set {UI_URL_VARIABLE}={served} to make them open this UI.")
     sys.stdout.flush()
     os.execvpe(command[0], command, env)  # the server replaces this process: Ctrl-C and SIGTERM reach it directly
 
@@ -355,15 +359,18 @@ def _print_json(value: Any) -> None:
 def _print_training(result: Mapping[str, Any], *, experiment: str | None = None, ui_hint: str = "`pets ui`") -> None:
     from tasks.tracking import run_url
 
+    trained = result["epochs_trained"]
+    final = f"retrained from scratch for {trained} epochs" if result["retrained"] else "the probe is the final model"
     typer.echo(
-        f"{result['arch']}: error_rate {result['error_rate']:.4f}, valid_loss {result['valid_loss']:.4f}; best epoch "
-        f"{result['best_epoch']}, {result['epochs_trained']} epochs trained at base LR {result['base_lr']:.2e}"
+        f"{result['arch']}: error_rate {significant(result['error_rate'])}, valid_loss "
+        f"{significant(result['valid_loss'])}; best epoch {result['best_epoch']} of {result['probe_epochs']}, so "
+        f"{final} (base LR {significant(result['base_lr'])})"
     )
     typer.echo(
         f"Model: {result['model_uri']}, registered as models:/{result['registered_model']}/{result['model_version']}"
     )
     where = f" (experiment {experiment})" if experiment else ""
-    typer.echo(f"MLflow run: {run_url(result)}{where}")
+    typer.echo(f"MLflow run {result['run_name']!r}{where}: {run_url(result)}")
     typer.echo(f"Open the UI with {ui_hint}.")
 
 

@@ -22,13 +22,16 @@ from prefect.futures import wait
 
 from flows.train import train
 from lib.common.errors import InputError, UserError
+from lib.common.numbers import rounded, significant
 from lib.common.paths import default_output_dir
+from lib.evaluate.comparison import COMPARISON_METRICS, plot_comparison
 from lib.recipe import DEFAULT_ARCHS, Architecture, Recipe
 from tasks import tracking
 
 CHAMPION_ALIAS = "champion"
 CHAMPION_TAG = "champion"  # run tag: true on the run whose model version the alias points at
 TABLE_ARTIFACT = "comparison.json"  # MLflow table artifact on every child run
+CHART_FILE = "comparison.png"  # beside comparison.md, and an artifact of every child run
 RUN_FLOW_TAG = "prefect.flow_run_id"  # the train flow tags its MLflow run with its Prefect flow run id
 COLUMNS = (
     "arch", "error_rate", "valid_loss", "accuracy", "train_seconds", "images_per_second", "parameters",
@@ -60,8 +63,9 @@ def compare(
     3. train each architecture (the recipe with its `model.arch` replaced): as subflows one after another, or, with
        `train_deployment` (e.g. "train-pets/train-{arch}"), as runs of that deployment in parallel, one per GPU worker;
     4. read the children's MLflow runs back: they hold every number, whichever way the children ran;
-    5. tabulate best first by (error_rate, valid_loss): a Prefect table artifact, `comparison.json` on every child
-       run, and comparison.md / comparison.csv under `<runtime.out_dir>/<id>/` (default ./outputs/compare);
+    5. tabulate best first by (error_rate, valid_loss) and chart each final model's epochs: a Prefect table
+       artifact and a link to MLflow's compare page, `comparison.json` and `comparison.png` on every child run, and
+       comparison.md / .csv / .png under `<runtime.out_dir>/<id>/` (default ./outputs/compare);
     6. if every child succeeded, move the registry alias `champion` to the best model version and tag the runs
        champion=true/false; otherwise fail, naming the failed architectures, and leave the alias where it was.
     """
@@ -82,10 +86,13 @@ def compare(
 
     folder = Path(recipe.runtime.out_dir or default_output_dir() / "compare").resolve() / comparison
     table = write_tables(rows, folder)
+    chart = write_chart(rows, folder) if rows else None
     failed = [child for child in children if child["arch"] not in runs]
     champion = None if failed or not rows else rows[0]
-    publish(rows, runs, comparison, experiment, champion, registered_model)
+    compare_url = publish(rows, runs, comparison, experiment, champion, registered_model, chart)
     print(f"Comparison {comparison}, best first:\n{markdown_table(rows)}")
+    if compare_url:
+        print(f"MLflow compare page: {compare_url}\nChart: {chart}")
     if failed:
         fixable = all(child.get("user_error") for child in failed)  # else a bug, or a child that never started
         raise (TrainingsFailedError if fixable else RuntimeError)(failure_message(failed, len(children), table))
@@ -97,6 +104,8 @@ def compare(
         "champion_version": champion["model_version"],
         "runs": rows,
         "table": str(table),
+        "chart": str(chart),
+        "compare_url": compare_url,
         "experiment": experiment,
     }
 
@@ -227,14 +236,15 @@ def write_tables(rows: Sequence[dict], folder: Path) -> Path:
 def markdown_table(rows: Sequence[dict]) -> str:
     """Render rows as a markdown table, numbers to 4 significant digits."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(row[column]) for column in COLUMNS) + " |" for row in rows]
+    lines += ["| " + " | ".join(significant(row[column]) for column in COLUMNS) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+def write_chart(rows: Sequence[dict], folder: Path) -> Path:
+    """Draw comparison.png: each architecture's final model, epoch by epoch, best first in the legend."""
+    history = tracking.metric_history
+    curves = {row["arch"]: {m: history(row["run_id"], f"final/{m}") for m in COMPARISON_METRICS} for row in rows}
+    return plot_comparison(curves, folder / CHART_FILE)
 
 
 def publish(
@@ -244,23 +254,32 @@ def publish(
     experiment: str,
     champion: dict | None,
     registered_model: str,
-) -> None:
-    """Put the table where people look: the Prefect UI, every child's MLflow run, and a champion tag per run."""
+    chart: Path | None,
+) -> str | None:
+    """Put the table where people look: the Prefect UI, every child's MLflow run, and a champion tag per run.
+
+    Returns the address of MLflow's compare page for the runs (None when no run finished).
+    """
     verdict = (
         f"champion: {champion['arch']} ({registered_model} v{champion['model_version']})"
         if champion
         else "no champion: not every training succeeded"
     )
     description = f"Comparison {comparison} in MLflow experiment {experiment!r}, best first; {verdict}."
-    create_table_artifact(rows, key=f"comparison-{comparison}", description=description)
+    shown = [{column: rounded(value) for column, value in row.items()} for row in rows]  # 4 significant digits
+    create_table_artifact(shown, key=f"comparison-{comparison}", description=description)
     for run in runs.values():
         tracking.log_table(run.info.run_id, rows, TABLE_ARTIFACT)
+        if chart is not None:
+            tracking.log_files(run.info.run_id, [chart])
         is_champion = champion is not None and run.info.run_id == champion["run_id"]
         tracking.set_tags(run.info.run_id, {CHAMPION_TAG: str(is_champion).lower()})
-    if runs:
-        experiment_id = next(iter(runs.values())).info.experiment_id
-        url = tracking.compare_url(experiment_id, [row["run_id"] for row in rows])
-        create_link_artifact(url, link_text=f"MLflow: compare {comparison}", key="mlflow-comparison")
+    if not runs:
+        return None
+    experiment_id = next(iter(runs.values())).info.experiment_id
+    url = tracking.compare_url(experiment_id, [row["run_id"] for row in rows])
+    create_link_artifact(url, link_text=f"MLflow: compare {comparison}", key="mlflow-comparison")
+    return url
 
 
 def failure_message(failed: Sequence[dict], total: int, table: Path) -> str:

@@ -173,6 +173,12 @@ class RuntimeSettings(Section):
     fp16: bool = Field(True, description="Mixed precision on a CUDA GPU; fp32 on other devices.")
     device: str | None = Field(None, description="Torch device, e.g. cuda:1 or cpu; default CUDA, else MPS, else CPU.")
     compile: bool = Field(False, description="torch.compile the model (about a minute of compiling first).")
+    # How a CPU reduction is split depends on the thread count, so fp32 results differ in the last bits between thread
+    # counts and training drifts apart from there (tests/lib/test_stages.py shows it). A fixed count repeats a CPU run
+    # on another machine; torch's default is one thread per core.
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads of training and evaluation (repeatable CPU runs); default one per core."
+    )
     out_dir: str | None = Field(
         None, description="Where results go; default ./outputs/<command> (a training run: <out-dir>/<run id>/)."
     )

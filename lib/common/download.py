@@ -14,9 +14,9 @@ from urllib.request import url2pathname
 
 import httpx
 from filelock import FileLock
-from tqdm.auto import tqdm
 
 from lib.common.errors import InputError, UserError
+from lib.common.progress import progress_bar
 
 REDACTED = "<redacted>"
 _PART_SUFFIX = ".part"
@@ -102,7 +102,7 @@ def download_file(
     target: Path,
     *,
     sha256: str | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     timeout: float = 60.0,
     chunk_size: int = 1 << 20,
     fix: str = "",
@@ -116,7 +116,7 @@ def download_file(
         target: Final path; the `.part` file beside it is renamed onto it only once complete and verified.
         sha256: Expected hex digest, or its first digits: torchvision names checkpoints with a sha256 prefix
             (resnet50-11ad3fa6.pth) and torch.hub's check_hash compares only that prefix (torch/hub.py).
-        progress: Show a progress bar.
+        progress: Show a progress bar: on a terminal (None), always (True) or never (False).
         timeout: Seconds to wait to connect and for each read (torch.hub's download_url_to_file has none).
         chunk_size: Bytes per disk write and per read of a local source.
         fix: What the user can do when the download fails, appended to every error's message.
@@ -171,7 +171,7 @@ class _Transfer:
 
     url: str
     part: Path
-    progress: bool
+    progress: bool | None
     timeout: float
     chunk_size: int
     fix: str
@@ -333,14 +333,14 @@ def _copy_local(source: Path, transfer: _Transfer) -> None:
             bar.update(len(chunk))
 
 
-def _progress_bar(transfer: _Transfer, *, total: int | None, initial: int) -> tqdm:
+def _progress_bar(transfer: _Transfer, *, total: int | None, initial: int):
     """Return a byte-counting progress bar named after the file being written."""
-    return tqdm(
+    return progress_bar(
         total=total,
         initial=initial,
         unit="B",
         unit_scale=True,
         unit_divisor=1024,
         desc=transfer.part.name.removesuffix(_PART_SUFFIX),
-        disable=not transfer.progress,
+        show=transfer.progress,
     )

@@ -54,7 +54,7 @@ def download_archive(
     cache_dir: Path,
     *,
     sha256: str | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     timeout: float = 60.0,
     chunk_size: int = 1 << 20,
 ) -> Path:
@@ -64,7 +64,7 @@ def download_archive(
         url: An http(s):// or file:// URL, or a plain path to a local archive.
         cache_dir: Root of the cache; the file goes to `cache_dir/downloads/<name from the URL>`.
         sha256: Expected hex digest; a mismatch raises ChecksumMismatchError.
-        progress: Show a progress bar.
+        progress: Show a progress bar: on a terminal (None), always (True) or never (False).
         timeout: Seconds to wait to connect and for each read.
         chunk_size: Bytes per disk write and per read of a local source.
 
@@ -108,7 +108,7 @@ def extract_archive(archive: Path, dest_dir: Path) -> Path:
     return dest_dir
 
 
-def fetch_dataset(url: str, cache_dir: Path, *, sha256: str | None = None, progress: bool = True) -> Path:
+def fetch_dataset(url: str, cache_dir: Path, *, sha256: str | None = None, progress: bool | None = None) -> Path:
     """Download and extract the archive at url and return the extracted folder.
 
     Runs sharing a cache take turns per archive: the second one waits for the first, then finds the archive complete
@@ -158,7 +158,7 @@ def resolve_data_source(
     data_dir: Path | None,
     cache_dir: Path,
     sha256: str | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> Path:
     """Return the images folder from either a local folder (used as is) or an archive URL to fetch.
 

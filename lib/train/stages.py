@@ -22,7 +22,8 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,21 @@ def release_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
+@contextmanager
+def cpu_threads(count: int | None) -> Iterator[None]:
+    """Run the block on `count` intra-op CPU threads (None: as many as now), then put the count back.
+
+    The recipe's `runtime.threads`: a CPU reduction is split by thread count, so a fixed count repeats a run exactly.
+    """
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def last_checkpoint(stage_dir: Path) -> Path:
     """Where a stage keeps the checkpoint of its last complete epoch."""
     return Path(stage_dir) / CHECKPOINTS / LAST_CHECKPOINT
@@ -128,13 +144,16 @@ def fine_tune_stage(request: Mapping[str, Any], on_epoch_end: Callable[[EpochSta
     trainer = build_trainer(
         request["manifest_path"], request["vocab_path"], recipe, checkpoint_dir=checkpoint.parent, on_epoch_end=report
     )
+    trainer.epoch_table = False  # whoever started the stage gets each epoch through on_epoch_end and shows it
     if resume_from:
         print(f"Resuming the {stage_dir.name} stage from {resume_from}.", file=sys.stderr)
     epochs, freeze_epochs = request["epochs"], request["freeze_epochs"]
     try:
-        trainer.fine_tune(
-            epochs, request["base_lr"], freeze_epochs=freeze_epochs, lr_mult=request["lr_mult"], resume_from=resume_from
-        )
+        with cpu_threads(recipe.runtime.threads):
+            trainer.fine_tune(
+                epochs, request["base_lr"], freeze_epochs=freeze_epochs, lr_mult=request["lr_mult"],
+                resume_from=resume_from,
+            )  # fmt: skip
     except NonFiniteLossError as error:  # the trainer knows the phase and epoch; the stage is named here
         message = str(error)
         raise NonFiniteLossError(f"The {stage_dir.name} stage stopped: {message[:1].lower()}{message[1:]}") from None

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lib.common.errors import InputError, UserError
+from lib.common.progress import progress_bar
 from lib.data.augment import BatchAugmentation, aug_transforms
 from lib.data.loading import default_workers, epoch_seed, make_loaders
 from lib.recipe import DEFAULT_BATCH_SIZE, DEFAULT_PRESIZE
@@ -131,7 +132,8 @@ class Trainer:
         seed: int | None = None,
         checkpoint_dir: Path | None = None,
         on_epoch_end: EpochCallback | None = None,
-        progress: bool = True,
+        progress: bool | None = None,
+        epoch_table: bool = True,
         compile: bool = False,
     ):
         self.device = resolve_device(device)
@@ -151,7 +153,8 @@ class Trainer:
         self.seed = secrets.randbits(62) if seed is None else seed
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.on_epoch_end = on_epoch_end
-        self.progress = progress
+        self.progress = progress  # per-batch bars: on a terminal (None), always (True) or never (False)
+        self.epoch_table = epoch_table  # each epoch as a row of fastai's table on stderr
         self.optimizer = make_optimizer(self.model, weight_decay=weight_decay, fused=self.device.type == "cuda")
         self.n_groups = len(parameter_groups(self.model))
         self.loss_function = nn.CrossEntropyLoss()  # fastai CrossEntropyLossFlat: mean, no smoothing
@@ -380,7 +383,7 @@ class Trainer:
         sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epochs_run)
-        return tqdm(loader, desc=desc, leave=False, disable=not self.progress, file=sys.stderr, unit="batch")
+        return progress_bar(loader, show=self.progress, desc=desc, leave=False, unit="batch")
 
     def _non_finite(
         self, value: float, phase: Phase, epoch: int, batch: int | None, lrs: Sequence[float], *, loss: str = "training"
@@ -447,7 +450,7 @@ class Trainer:
         self.valid_points = [tuple(point) for point in state["valid_points"]]
 
     def _report(self, row: EpochStats) -> None:
-        if self.progress:
+        if self.epoch_table:
             tqdm.write(format_stats_row(row, header=len(self.history) == 1), file=sys.stderr)
         if self.on_epoch_end is not None:
             self.on_epoch_end(row)

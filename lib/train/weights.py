@@ -85,7 +85,7 @@ def load_pretrained(
     *,
     download: bool = True,
     weights_dir: Path | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> dict[str, torch.Tensor] | None:
     """Return the pretrained state dict that spec names, downloading it to the cache if needed.
 
@@ -95,7 +95,7 @@ def load_pretrained(
             a weights enum member; or the path of a local .pth/.pt state dict.
         download: Download a checkpoint missing from the cache; when False a missing file raises.
         weights_dir: Folder holding the checkpoints instead of torch.hub.get_dir()/checkpoints.
-        progress: Show a download progress bar.
+        progress: Show a download progress bar: on a terminal (None), always (True) or never (False).
 
     Raises:
         WeightsUnavailableError: The checkpoint is not cached and cannot be downloaded.
@@ -131,7 +131,7 @@ def _local_path(spec: bool | str | Path | WeightsEnum) -> Path | None:
     return path
 
 
-def _download_checkpoint(weights: WeightsEnum, path: Path, *, download: bool, progress: bool) -> None:
+def _download_checkpoint(weights: WeightsEnum, path: Path, *, download: bool, progress: bool | None) -> None:
     """Download the checkpoint of weights to path through the shared downloader, or explain why it cannot be had.
 
     Raises:

@@ -186,8 +186,14 @@ def test_lr_finder_sweeps_exponentially_and_restores_weights_bit_for_bit(pets):
 
 
 def test_lr_finder_stops_when_the_loss_diverges(pets):
-    result = lr_find(build(pets), num_it=100, start_lr=1e-3, end_lr=1e6, methods=("minimum",))
+    reports = []
+
+    def report(done: int, total: int) -> None:
+        reports.append((done, total))
+
+    result = lr_find(build(pets), num_it=100, start_lr=1e-3, end_lr=1e6, methods=("minimum",), on_progress=report)
     assert result.stopped_early and len(result.lrs) < 100
+    assert reports == [(done, 100) for done in range(1, len(result.lrs) + 1)]  # one report per batch swept
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
