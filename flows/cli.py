@@ -8,6 +8,7 @@ pets ui | announce-dataset         the MLflow UI on the project's store; tell Pr
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ import typer
 
 from flows.defaults import DEMO_BREEDS, DEMO_EPOCHS, DEMO_EXPERIMENT, DEMO_IMAGES_PER_BREED
 from flows.options import RecipeRequest, recipe_options
+from flows.prefect_api import runs_flows
 from lib.recipe import ARCHITECTURES, DEFAULT_ARCHS, Recipe
 
 app = typer.Typer(
@@ -49,6 +51,7 @@ Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON
 
 # -- commands ---------------------------------------------------------------------------------------------------------
 @app.command()
+@runs_flows
 @recipe_options()
 def train(
     resume: Annotated[
@@ -76,6 +79,7 @@ def train(
 
 
 @app.command()
+@runs_flows
 @recipe_options(exclude=("arch",))
 def compare(
     archs: Annotated[
@@ -113,6 +117,7 @@ def compare(
 
 
 @app.command("lr-find")
+@runs_flows
 @recipe_options()
 def lr_find(as_json: Json = False, *, recipe: RecipeRequest) -> None:
     """Run fastai's LR finder on a fresh model: print its suggestions (valley, steep, minimum, slide) and the plot.
@@ -179,6 +184,7 @@ def predict(
 
 
 @app.command()
+@runs_flows
 @recipe_options()
 def summary(*, recipe: RecipeRequest) -> None:
     """Run the data stage and print the DataBlock.summary analogue; write a show_batch grid.
@@ -193,6 +199,7 @@ def summary(*, recipe: RecipeRequest) -> None:
 
 
 @app.command()
+@runs_flows
 def demo(
     breeds: Annotated[int, typer.Option(help="Breeds in the generated dataset.")] = DEMO_BREEDS,
     images_per_breed: Annotated[int, typer.Option(help="Images per breed.")] = DEMO_IMAGES_PER_BREED,
@@ -252,6 +259,16 @@ def announce_dataset(
     except RuntimeError as error:
         _fail(str(error))
     typer.echo(f"Sent {DATASET_PUBLISHED} for pets.dataset.{name} ({data_url}); event id {event_id}.")
+
+
+def main() -> None:
+    """The `pets` command line (the console script, and `python -m flows`)."""
+    try:
+        app(prog_name="pets")
+    finally:
+        # torch, Prefect and MLflow hold millions of objects: the interpreter's exit-time collection of them took
+        # 2-3 s after every command on two CPUs (BENCHMARKS.md, issue 16), and the process frees them all at once
+        gc.freeze()
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------------
