@@ -11,6 +11,7 @@ flows/console.py.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -24,6 +25,7 @@ import typer
 from flows import console
 from flows.defaults import DEMO_BREEDS, DEMO_EPOCHS, DEMO_EXPERIMENT, DEMO_IMAGES_PER_BREED
 from flows.options import RecipeRequest, recipe_options
+from flows.prefect_api import temporary_api
 from lib.common.errors import DEBUG_VARIABLE, UserError
 from lib.common.numbers import significant
 from lib.recipe import ARCHITECTURES, DEFAULT_ARCHS, Recipe
@@ -85,14 +87,15 @@ def train(
     """Train one classifier with the fastbook ch. 5 recipe, track it in MLflow and register the model."""
     resolved = _resumed_recipe(resume, recipe) if resume else _resolved(recipe, training=True)
     _check_tracking_store()
-    from flows.train import train as train_flow
+    with temporary_api():  # after the checks: a bad option starts no server
+        from flows.train import train as train_flow
 
-    console.quiet_run_logs()
-    result = _result_or_exit(train_flow(recipe=resolved, resume=resume, return_state=True))
-    if as_json:
-        _print_json(result)
-    else:
-        _print_training(result, experiment=resolved.tracking.experiment)
+        console.quiet_run_logs()
+        result = _result_or_exit(train_flow(recipe=resolved, resume=resume, return_state=True))
+        if as_json:
+            _print_json(result)
+        else:
+            _print_training(result, experiment=resolved.tracking.experiment)
 
 
 @app.command()
@@ -117,23 +120,25 @@ def compare(
     # Deployments train elsewhere: their folders and device are checked where they run, by the train flow.
     resolved = _resolved(recipe, training=True, here=train_deployment is None)
     _check_tracking_store()  # the comparison itself reads and tags the runs from here
-    from flows.compare import compare as compare_flow
-    from flows.compare import markdown_table
+    with temporary_api():  # after the checks: a bad option starts no server
+        from flows.compare import compare as compare_flow
+        from flows.compare import markdown_table
 
-    console.quiet_run_logs()
-    state = compare_flow(archs=archs, recipe=resolved, train_deployment=train_deployment, return_state=True)
-    result = _result_or_exit(state)
-    if as_json:
-        _print_json({**result, "runs": {row["arch"]: row for row in result["runs"]}})
-        return
-    typer.echo(f"Comparison {result['comparison']} (MLflow experiment {result['experiment']}), best first:")
-    typer.echo(markdown_table(result["runs"]))
-    registered_model = resolved.tracking.registered_model
-    typer.echo(
-        f"Champion: {result['champion']}, models:/{registered_model}@champion -> version {result['champion_version']}"
-    )
-    typer.echo(f"Table: {result['table']}; chart: {result['chart']}")
-    typer.echo(f"MLflow compare page: {result['compare_url']} (open the UI with `pets ui`)")
+        console.quiet_run_logs()
+        state = compare_flow(archs=archs, recipe=resolved, train_deployment=train_deployment, return_state=True)
+        result = _result_or_exit(state)
+        if as_json:
+            _print_json({**result, "runs": {row["arch"]: row for row in result["runs"]}})
+            return
+        typer.echo(f"Comparison {result['comparison']} (MLflow experiment {result['experiment']}), best first:")
+        typer.echo(markdown_table(result["runs"]))
+        registered_model = resolved.tracking.registered_model
+        typer.echo(
+            f"Champion: {result['champion']}, models:/{registered_model}@champion -> version "
+            f"{result['champion_version']}"
+        )
+        typer.echo(f"Table: {result['table']}; chart: {result['chart']}")
+        typer.echo(f"MLflow compare page: {result['compare_url']} (open the UI with `pets ui`)")
 
 
 @app.command("lr-find")
@@ -144,17 +149,20 @@ def lr_find(as_json: Json = False, *, recipe: RecipeRequest) -> None:
     The schedule and tracking settings are accepted, so any recipe file works, but not used.
     """
     resolved = _resolved(recipe, training=True)
-    from flows.train import lr_find as lr_find_flow
+    with temporary_api():  # after the checks: a bad option starts no server
+        from flows.train import lr_find as lr_find_flow
 
-    console.quiet_run_logs()
-    result = _result_or_exit(lr_find_flow(recipe=resolved, return_state=True))
-    if as_json:
-        _print_json(result)
-        return
-    for name, value in result["suggestions"].items():
-        typer.echo(f"{name:>8}: {significant(value)}")
-    typer.echo(f"Suggested base LR (valley): {significant(result['suggestion'])}; pass it to `pets train --base-lr`.")
-    typer.echo(f"Plot: {result['plot']}")
+        console.quiet_run_logs()
+        result = _result_or_exit(lr_find_flow(recipe=resolved, return_state=True))
+        if as_json:
+            _print_json(result)
+            return
+        for name, value in result["suggestions"].items():
+            typer.echo(f"{name:>8}: {significant(value)}")
+        typer.echo(
+            f"Suggested base LR (valley): {significant(result['suggestion'])}; pass it to `pets train --base-lr`."
+        )
+        typer.echo(f"Plot: {result['plot']}")
 
 
 @app.command()
@@ -212,10 +220,11 @@ def summary(*, recipe: RecipeRequest) -> None:
     accepted, so any recipe file works.
     """
     resolved = _resolved(recipe)
-    from flows.data import prepare_data
+    with temporary_api():  # after the checks: a bad option starts no server
+        from flows.data import prepare_data
 
-    console.quiet_run_logs()
-    _print_summary(_result_or_exit(prepare_data(recipe=resolved, return_state=True)))
+        console.quiet_run_logs()
+        _print_summary(_result_or_exit(prepare_data(recipe=resolved, return_state=True)))
 
 
 @app.command()
@@ -236,15 +245,16 @@ def demo(
         for name, path in (("out_dir", out_dir), ("cache_dir", cache_dir))
         if path
     }
-    from flows.demo import demo as demo_flow
+    with temporary_api():  # after the checks: a bad option starts no server
+        from flows.demo import demo as demo_flow
 
-    console.quiet_run_logs()
-    state = demo_flow(breeds=breeds, images_per_breed=images_per_breed, epochs=epochs, **folders, return_state=True)
-    result = _result_or_exit(state)
-    registered = f"models:/{result['registered_model']}/{result['model_version']}"
-    _print_training(result, experiment=DEMO_EXPERIMENT, ui_hint="`make ui` (or `pets ui`)")
-    image = result["data"]["example_images"][0]
-    typer.echo(f"Try the model: pets predict {registered} {image} --top-k 3")
+        console.quiet_run_logs()
+        state = demo_flow(breeds=breeds, images_per_breed=images_per_breed, epochs=epochs, **folders, return_state=True)
+        result = _result_or_exit(state)
+        registered = f"models:/{result['registered_model']}/{result['model_version']}"
+        _print_training(result, experiment=DEMO_EXPERIMENT, ui_hint="`make ui` (or `pets ui`)")
+        image = result["data"]["example_images"][0]
+        typer.echo(f"Try the model: pets predict {registered} {image} --top-k 3")
 
 
 @app.command()
@@ -282,6 +292,16 @@ def announce_dataset(
     except RuntimeError as error:
         _fail(str(error))
     typer.echo(f"Sent {DATASET_PUBLISHED} for pets.dataset.{name} ({data_url}); event id {event_id}.")
+
+
+def main() -> None:
+    """The `pets` command line (the console script, and `python -m flows`)."""
+    try:
+        app(prog_name="pets")
+    finally:
+        # torch, Prefect and MLflow hold millions of objects: the interpreter's exit-time collection of them took
+        # 2-3 s after every command on two CPUs (BENCHMARKS.md, issue 16), and the process frees them all at once
+        gc.freeze()
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------------

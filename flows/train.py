@@ -24,7 +24,7 @@ from lib.train.precision import resolve_precision
 from lib.train.stages import read_history
 from lib.train.trainer import resolve_device
 from tasks import tracking
-from tasks.training import evaluate_classifier, find_learning_rate, fine_tune_classifier
+from tasks.training import evaluate_classifier, find_learning_rate, fine_tune_classifier, stage_process
 
 
 def _fail_orphaned_run(flow, flow_run, state) -> None:
@@ -61,8 +61,13 @@ def train(recipe: Recipe = Recipe(), comparison: str | None = None, resume: str 
     _say_precision(recipe)
     schedule = recipe.schedule
     tags = _run_tags(recipe, comparison)
-    with tracking.training_run(recipe, _run_name(recipe, comparison), tags, resume=resume) as run:
-        out_dir = Path(recipe.runtime.out_dir or default_output_dir() / "train").resolve() / run.run_id
+    runs_dir = Path(recipe.runtime.out_dir or default_output_dir() / "train").resolve()
+    # The stage process loads torch while the MLflow run starts and the data stage runs.
+    with (
+        stage_process(runs_dir),
+        tracking.training_run(recipe, _run_name(recipe, comparison), tags, resume=resume) as run,
+    ):
+        out_dir = runs_dir / run.run_id
         run.log_recipe(recipe, out_dir)
         data = data_stage(recipe.data, cache_dir=recipe.runtime.cache_dir, out_dir=str(out_dir / "data"))
         version = _log_data(run, data)

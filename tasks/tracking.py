@@ -448,6 +448,20 @@ def pip_requirements() -> list[str]:
     ]
 
 
+def serving_signature(presize: int, classes: int):
+    """The served model's signature: uint8 N x presize x presize x 3 pictures in, float32 N x classes logits out.
+
+    N is -1, any batch size; it is what MLflow infers from a batch of pictures and the model's logits.
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, presize, presize, 3))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes))]),
+    )
+
+
 @task(cache_policy=NO_CACHE)
 def log_classifier(run_id: str, model_path: str, example_images: Sequence[str], *, registered_model: str, step: int):
     """Log the exported classifier as the run's model and register it; return its URIs and version.
@@ -455,6 +469,10 @@ def log_classifier(run_id: str, model_path: str, example_images: Sequence[str], 
     The model serves raw uint8 N x presize x presize x 3 pictures (the presized centre square) and does the
     validation resize and normalisation inside. It is saved in the pickle-free pt2 format (torch.export) on the
     CPU, from a two-image input example, so the batch size stays dynamic (MLflow 3.17 mlflow/pytorch).
+
+    The model is traced and written once. MLflow 3.17 would also run it on the example to infer the signature,
+    which is known (`serving_signature`), and load the written model back to run the serving example through it
+    (`Model.log`, mlflow/models/model.py: `validate_serving_input`), which the tests do instead.
     """
     import mlflow
     import mlflow.pytorch
@@ -476,10 +494,12 @@ def log_classifier(run_id: str, model_path: str, example_images: Sequence[str], 
             serving_model(exported),
             name=MODEL_NAME,
             input_example=example,
+            signature=serving_signature(exported.presize, len(exported.vocab)),
             serialization_format="pt2",  # pinned, so an MLflow upgrade cannot change the artifact format
             pip_requirements=pip_requirements(),
             metadata=metadata,
             step=step,
+            validate_serving_input=False,
         )
         version = mlflow.register_model(info.model_uri, registered_model, tags={"arch": exported.arch})
     set_tags(run_id, {"registered_model": registered_model, "model_version": version.version})

@@ -2,8 +2,9 @@
 `<out_dir>/<stage>/` and returns paths and small numbers (never a model or a loader).
 
 `recipe` is the run's `lib.recipe.Recipe`: every stage reads its data, model and runtime settings from it. The
-fine-tuning stages run in a process of their own, so a stage killed mid-epoch is retried and resumes (see
-`fine_tune_classifier`).
+fine-tuning stages run in a process apart from the flow's, so a stage killed mid-epoch is retried and resumes (see
+`fine_tune_classifier`); `stage_process` starts that process ahead of the first stage and serves every stage of a
+flow run from it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from contextvars import ContextVar
 from functools import partial
 from pathlib import Path
 
@@ -30,7 +33,7 @@ from lib.evaluate.evaluation import validation_images, validation_predictions
 from lib.evaluate.interpret import write_interpretation
 from lib.recipe import Recipe
 from lib.train.lr_finder import lr_find, plot_lr_find
-from lib.train.stages import build_trainer, cpu_threads, last_checkpoint, release_device_memory
+from lib.train.stages import SERVE, build_trainer, cpu_threads, last_checkpoint, release_device_memory
 from lib.train.trainer import EpochStats
 from tasks import tracking
 from tasks.progress import ProgressArtifact
@@ -142,52 +145,144 @@ def fine_tune_classifier(
     return result
 
 
-def run_stage_process(request_path: Path, on_epoch: Callable[[EpochStats, int], None]) -> dict:
-    """Run `python -m lib.train.stages <request>`, pass each epoch to on_epoch(row, step), return the stage's result.
+class StageProcess:
+    """A `python -m lib.train.stages --serve <folder>` process: it trains the stages it is sent, one at a time.
 
-    Raises StageKilledError when a signal kills the process, the stage's own exception when it fails (rebuilt from
-    its type and message), and stops the process before re-raising anything that interrupts the wait (Ctrl-C).
+    It loads torch from the moment it is created; `train` sends it a request and waits for the stage's epochs and
+    result. One that failed, was killed or was interrupted is stopped and never sent another stage.
     """
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([PROJECT_ROOT, os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "lib.train.stages", str(request_path)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=environment)
-    result = error = None
-    try:
-        for line in process.stdout:
-            message = json.loads(line)
-            if "epoch" in message:
-                on_epoch(EpochStats(**message["epoch"]), message["step"])
-            result = message.get("result", result)
-            error = message.get("error", error)
-        returncode = process.wait()
-    finally:
-        _stop(process)
-    if returncode < 0:
-        name, stage_dir = signal.Signals(-returncode).name, Path(request_path).parent
-        if -returncode == signal.SIGINT:
-            raise KeyboardInterrupt(f"the training stage was interrupted ({name})")
-        raise StageKilledError(
-            f"The training process {process.pid} ({stage_dir.name} stage) was killed by {name}. Its last complete "
-            f"epoch is in {last_checkpoint(stage_dir)}; a retry resumes from there. Killed every time, it most often "
-            "ran out of memory (the kernel's OOM killer; `dmesg` says so): lower --bs or --workers."
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder).resolve()
+        self.training = False
+        environment = {**os.environ, "PYTHONPATH": os.pathsep.join([PROJECT_ROOT, os.environ.get("PYTHONPATH", "")])}
+        command = [sys.executable, "-m", "lib.train.stages", SERVE, str(self.folder)]
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=environment
         )
-    if error is not None:
-        raise _rebuilt(error)
-    if returncode != 0 or result is None:
-        raise StageFailedError(f"The training process {process.pid} exited with status {returncode} and no result.")
-    return result
 
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
-def _stop(process: subprocess.Popen) -> None:
-    """Make sure the stage process is gone: SIGINT first (it stops between batches), then SIGKILL."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def train(self, request_path: Path, on_epoch: Callable[[EpochStats, int], None]) -> dict:
+        """Train the stage of a request file, pass each epoch to on_epoch(row, step), return the stage's result.
+
+        Raises StageKilledError when a signal kills the process, the stage's own exception when it fails (rebuilt
+        from its type and message), and stops the process before re-raising anything that interrupts the wait
+        (Ctrl-C).
+        """
+        error = None
         try:
-            process.wait(STOP_GRACE_SECONDS)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    process.stdout.close()
+            self.training = True
+            with suppress(BrokenPipeError):  # it died while it waited: its exit status below says how
+                self.process.stdin.write(f"{Path(request_path).resolve()}\n")
+            for line in self.process.stdout:
+                message = json.loads(line)
+                if "epoch" in message:
+                    on_epoch(EpochStats(**message["epoch"]), message["step"])
+                elif "result" in message:
+                    self.training = False
+                    return message["result"]
+                elif "error" in message:
+                    error = message["error"]
+                    break
+        except BaseException:
+            self.stop()
+            raise
+        returncode = self.stop()  # it reported an error and exits, or it is gone already
+        if returncode < 0:
+            name, stage_dir = signal.Signals(-returncode).name, Path(request_path).parent
+            if -returncode == signal.SIGINT:
+                raise KeyboardInterrupt(f"the training stage was interrupted ({name})")
+            raise StageKilledError(
+                f"The training process {self.pid} ({stage_dir.name} stage) was killed by {name}. Its last complete "
+                f"epoch is in {last_checkpoint(stage_dir)}; a retry resumes from there. Killed every time, it most "
+                "often ran out of memory (the kernel's OOM killer; `dmesg` says so): lower --bs or --workers."
+            )
+        if error is not None:
+            raise _rebuilt(error)
+        raise StageFailedError(f"The training process {self.pid} exited with status {returncode} and no result.")
+
+    def stop(self) -> int:
+        """Make sure the process is gone and return its exit status.
+
+        One that is training gets SIGINT first, so it stops between batches; an idle one has nothing to finish and
+        is terminated. Either is killed if it has not exited after STOP_GRACE_SECONDS.
+        """
+        if self.alive():
+            self.process.send_signal(signal.SIGINT if self.training else signal.SIGTERM)
+            try:
+                self.process.wait(STOP_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        returncode = self.process.wait()
+        for pipe in (self.process.stdin, self.process.stdout):
+            with suppress(BrokenPipeError):  # unsent input to a process that is gone
+                pipe.close()
+        return returncode
+
+
+class _StageProcesses:
+    """A flow run's stage process between stages: stages run one after another, so one process serves them all."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.idle: StageProcess | None = StageProcess(folder)
+
+    def take(self) -> StageProcess:
+        """The idle process if it is still alive, else a fresh one (it was killed, or it failed a stage)."""
+        process, self.idle = self.idle, None
+        if process is not None and process.alive():
+            return process
+        if process is not None:
+            process.stop()
+        return StageProcess(self.folder)
+
+    def close(self) -> None:
+        if self.idle is not None:
+            self.idle.stop()
+            self.idle = None
+
+
+_STAGE_PROCESSES: ContextVar[_StageProcesses | None] = ContextVar("stage_processes", default=None)
+
+
+@contextmanager
+def stage_process(folder: str | Path) -> Iterator[None]:
+    """Start a stage process for the runs under `folder` now; train every stage of the block in it; stop it after.
+
+    A flow opens this first, so the process loads its modules while the flow starts its MLflow run and prepares the
+    data. A process that dies (killed, or after a failed stage) is replaced by a fresh one at the next stage.
+    """
+    processes = _StageProcesses(Path(folder).resolve())
+    token = _STAGE_PROCESSES.set(processes)
+    try:
+        yield
+    finally:
+        _STAGE_PROCESSES.reset(token)
+        processes.close()
+
+
+def run_stage_process(request_path: Path, on_epoch: Callable[[EpochStats, int], None]) -> dict:
+    """Train a request's stage in the flow's stage process, or, outside `stage_process`, in a process of its own.
+
+    Returns the stage's result and raises as `StageProcess.train` does.
+    """
+    processes = _STAGE_PROCESSES.get()
+    if processes is None:
+        process = StageProcess(Path(request_path).resolve().parents[1])  # <out_dir>/<run id>/<stage>/request.json
+        try:
+            return process.train(request_path, on_epoch)
+        finally:
+            process.stop()
+    process = processes.take()
+    result = process.train(request_path, on_epoch)  # a process that raised is stopped already
+    processes.idle = process
+    return result
 
 
 def _rebuilt(error: Mapping[str, str]) -> Exception:

@@ -1,13 +1,19 @@
-"""One training stage (baseline, probe, final) run in its own process, so a kill costs one epoch, not the run.
+"""The training stages (baseline, probe, final), in a process apart from the flow's: a kill costs an epoch, not the run.
 
-The Prefect task of a stage starts `python -m lib.train.stages <request.json>` and waits. The process builds the trainer
-from the presized manifest, resumes from the stage's `checkpoints/last.pt` when an earlier attempt left one, runs
-`fine_tune`, and writes the model, `history.json` and `loss_curves.png` into the stage folder. It talks to its parent
-through its standard output, one JSON object per line:
+    python -m lib.train.stages <request.json>      train one stage, then exit (by hand: finish an interrupted stage)
+    python -m lib.train.stages --serve <folder>    a stage process: train each stage whose request path arrives on
+                                                   standard input (one per line, under <folder>), until it closes
+
+The training flow starts one `--serve` process ahead of its first stage, so the interpreter, torch and the plotting
+library are loaded while the data stage runs, and sends it every stage in turn (tasks/training.py). For each request
+the process builds the trainer from the presized manifest, resumes from the stage's `checkpoints/last.pt` when an
+earlier attempt left one, runs `fine_tune`, and writes the model, `history.json` and `loss_curves.png` into the stage
+folder. It talks to its parent through its standard output, one JSON object per line:
 
     {"epoch": {...EpochStats...}, "step": 3}     after every epoch (step: the epoch's index within the stage)
-    {"result": {...}}                             once, when the stage is done
-    {"error": {"type": "lib.train.trainer.NonFiniteLossError", "message": "..."}}   when it fails with an exception
+    {"result": {...}}                             once, when the stage is done (a `--serve` process then waits)
+    {"error": {"type": "lib.train.trainer.NonFiniteLossError", "message": "..."}}   when it fails with an exception;
+                                                  the process then exits, so the next stage starts in a fresh one
 
 A process killed outright (SIGKILL from the OOM killer or a preempted host) writes nothing more: its parent sees the
 signal in the exit status, and the last complete epoch is in `last.pt`. Nothing here knows about Prefect or MLflow.
@@ -22,7 +28,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,6 +38,7 @@ import torch
 
 from lib.common.errors import UserError, debug_requested
 from lib.common.files import write_text_atomically
+from lib.common.plots import pyplot
 from lib.evaluate.interpret import plot_losses
 from lib.recipe import Recipe
 from lib.serve.inference import export_classifier
@@ -80,10 +87,10 @@ def build_trainer(
 
 
 def release_device_memory() -> None:
-    """Hand the GPU memory this process cached back to the driver, for the stage process that trains next.
+    """Hand the GPU memory this process cached back to the driver, for the process that trains next.
 
-    PyTorch's caching allocator keeps freed blocks (the LR finder's model and activations) reserved, and a stage
-    process is another CUDA context that cannot use them.
+    PyTorch's caching allocator keeps freed blocks (a finished stage's or the LR finder's model and activations)
+    reserved, and the flow's process and the stage process are two CUDA contexts that cannot use each other's.
     """
     import gc
 
@@ -202,9 +209,12 @@ def read_history(history_path: str | Path) -> list[EpochStats]:
 
 
 # -- the stage process ------------------------------------------------------------------------------------------------
+SERVE = "--serve"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the stage a request file describes, reporting on the original standard output (see the module doc)."""
-    (request_path,) = argv if argv is not None else sys.argv[1:]
+    """Run one stage, or serve stages with `--serve FOLDER`, reporting on the original standard output (module doc)."""
+    arguments = argv if argv is not None else sys.argv[1:]
     _exit_with_parent(os.getppid())
     # Only protocol lines go to the parent: anything else printed, by Python or by C code, lands on stderr.
     channel = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
@@ -214,6 +224,35 @@ def main(argv: list[str] | None = None) -> int:
     def send(message: dict) -> None:
         channel.write(json.dumps(message) + "\n")
 
+    if arguments[:1] == [SERVE]:
+        (folder,) = arguments[1:]
+        return serve(Path(folder), send, sys.stdin)
+    (request_path,) = arguments
+    return 0 if run_request(Path(request_path), send) else 1
+
+
+def serve(folder: Path, send: Callable[[dict], None], requests: Iterable[str]) -> int:
+    """Train the stage of each request path in `requests` (one per line) until they end; stop at the first failure.
+
+    Only requests under `folder`, the runs this process was started for, are trained. The stages share nothing but
+    the loaded modules: each builds its own trainer, seeded from its own request, and hands its memory back after.
+    """
+    folder = Path(folder).resolve()
+    pyplot()  # loaded before the first request: the stages' loss-curve plots need it
+    for line in requests:
+        request_path = Path(line.strip()).resolve()
+        if not request_path.is_relative_to(folder):
+            message = f"{request_path} is not under {folder}, the folder this stage process trains for"
+            send({"error": {"type": "builtins.ValueError", "message": message}})
+            return 1
+        if not run_request(request_path, send):
+            return 1
+        release_device_memory()
+    return 0
+
+
+def run_request(request_path: Path, send: Callable[[dict], None]) -> bool:
+    """Train the stage a request file describes, sending its epochs and its result (or error); True if it trained."""
     request = json.loads(Path(request_path).read_text())
     try:
         result = fine_tune_stage(request, on_epoch_end=lambda row, step: send({"epoch": row.as_dict(), "step": step}))
@@ -221,9 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         if debug_requested() or not isinstance(error, UserError):  # a user error is told once, by the CLI
             traceback.print_exc()
         send({"error": {"type": f"{type(error).__module__}.{type(error).__qualname__}", "message": str(error)}})
-        return 1
+        return False
     send({"result": result})
-    return 0
+    return True
 
 
 PARENT_CHECK_SECONDS = 1.0

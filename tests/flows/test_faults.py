@@ -25,7 +25,7 @@ from lib.serve.inference import read_export
 from lib.train.stages import fine_tune_stage, last_checkpoint
 from tests.flows.test_cli import invoke
 from tests.flows.test_train_flow import TINY, task_runs, tiny
-from tests.support.processes import parent_pid
+from tests.support.processes import parent_pid, stage_process_ids
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -38,21 +38,6 @@ def archive(tmp_path_factory):
     root = tmp_path_factory.mktemp("source")
     images = make_pets_dataset(root / "pets", breeds=4, images_per_breed=10, max_side=96)
     return pack_tgz(images, root / "served" / "pets.tgz")
-
-
-def stage_process_ids(out_dir: Path) -> list[int]:
-    """PIDs of the `python -m lib.train.stages` processes training under out_dir, read from /proc as `ps` does."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            arguments = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:  # the process ended while we looked
-            continue
-        if "lib.train.stages" in arguments and any(argument.startswith(str(out_dir)) for argument in arguments):
-            found.append(int(entry.name))
-    return found
 
 
 def wait_for_first_checkpoint(out_dir: Path, stage: str) -> Path:

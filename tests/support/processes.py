@@ -1,4 +1,4 @@
-"""What /proc says about a process (Linux): its state, start time and parent, for tests that signal real processes."""
+"""What /proc says about processes (Linux), for tests that signal real ones: state, start, parent, stage processes."""
 
 from __future__ import annotations
 
@@ -29,3 +29,31 @@ def parent_pid(pid: int) -> int | None:
 def has_exited(pid: int) -> bool:
     """True when the process has exited (a zombie nobody reaps counts as exited)."""
     return start_time(pid) is None
+
+
+def is_reapable(pid: int) -> bool:
+    """True when the process is a zombie with none of its threads left: its parent's next wait() reports it.
+
+    A killed process's main thread shows as a zombie while its other threads are still exiting; until they have,
+    its parent cannot tell it is gone.
+    """
+    try:
+        threads = len(list(Path(f"/proc/{pid}/task").iterdir()))
+    except OSError:
+        return True
+    return has_exited(pid) and threads <= 1
+
+
+def stage_process_ids(out_dir: Path) -> list[int]:
+    """PIDs of the `python -m lib.train.stages` processes training under out_dir, read from /proc as `ps` does."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            arguments = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # the process ended while we looked
+            continue
+        if "lib.train.stages" in arguments and any(argument.startswith(str(out_dir)) for argument in arguments):
+            found.append(int(entry.name))
+    return found

@@ -1,6 +1,8 @@
 """The MLflow run's lifecycle (tasks/tracking.py) against a real sqlite store: start, take back, resume, orphans,
 per-stage histories, the stage process's epochs, and the logged and registered classifier."""
 
+import json
+
 import mlflow
 import pytest
 
@@ -173,3 +175,15 @@ def test_the_classifier_is_logged_as_the_runs_model_and_registered(mlflow_uri, t
 
     logits = np.asarray(served.predict(serving_batch(pictures * 2, 40)))  # a batch of 4: the example had 2
     assert logits.shape == (4, len(vocab)) and np.isfinite(logits).all()
+
+    # The declared signature is the one MLflow would infer, and the logged serving example is served: log_classifier
+    # leaves both checks out of every run.
+    from mlflow.models import infer_signature
+    from mlflow.models.utils import load_serving_example
+
+    example = serving_batch(pictures, 40)
+    assert served.metadata.signature == infer_signature(example, np.asarray(served.predict(example)))
+    serving_input = json.loads(load_serving_example(f"models:/life/{model_info['model_version']}"))
+    served_example = np.asarray(serving_input["inputs"], dtype=np.uint8)
+    assert served_example.shape == (2, 40, 40, 3)
+    assert np.allclose(np.asarray(served.predict(served_example)), logits[:2], atol=1e-5)

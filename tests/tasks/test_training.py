@@ -1,7 +1,22 @@
-"""How a training stage's failure comes back from its process into the Prefect task."""
+"""The training stages' process, from the Prefect tasks' side: one per flow run, replaced when killed, and how a
+stage's failure comes back from it."""
 
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lib.recipe import Recipe
+from lib.serve.inference import read_export
+from lib.train.stages import serve
 from lib.train.trainer import NonFiniteLossError
-from tasks.training import StageFailedError, _rebuilt
+from tasks.training import StageFailedError, _rebuilt, run_stage_process, stage_process
+from tests.support.pets import presized_pets
+from tests.support.processes import has_exited, is_reapable, stage_process_ids
 
 
 def test_the_projects_and_pythons_errors_come_back_with_their_own_type_and_message():
@@ -28,3 +43,73 @@ def test_a_user_error_whose_constructor_takes_more_comes_back_as_itself():
     error = _rebuilt({"type": "lib.train.weights.WeightsUnavailableError", "message": message})
 
     assert type(error) is WeightsUnavailableError and isinstance(error, UserError) and str(error) == message
+
+
+# -- the flow's stage process -----------------------------------------------------------------------------------------
+PRESIZE = 40
+
+
+@pytest.fixture(scope="module")
+def request_for(tmp_path_factory):
+    """Write a stage's request file under a runs folder, as the fine-tuning task does; return its path."""
+    root = tmp_path_factory.mktemp("pets")
+    manifest, vocab = presized_pets(root, breeds=3, images_per_breed=8, presize=PRESIZE)
+    manifest.to_csv(root / "presized.csv", index=False)
+    (root / "vocab.json").write_text(json.dumps(list(vocab)))
+    recipe = Recipe().updated(
+        {"arch": "resnet18", "pretrained": False, "presize": PRESIZE, "size": 32, "bs": 8, "seed": 7, "fp16": False,
+         "device": "cpu", "workers": 0}
+    ).model_dump(mode="json")  # fmt: skip
+
+    def request(runs_dir: Path, stage: str, *, base_lr: float = 1e-3) -> Path:
+        stage_dir = runs_dir / "run" / stage
+        stage_dir.mkdir(parents=True)
+        values = {
+            "manifest_path": str(root / "presized.csv"), "vocab_path": str(root / "vocab.json"), "recipe": recipe,
+            "stage_dir": str(stage_dir), "epochs": 1, "base_lr": base_lr, "freeze_epochs": 1, "lr_mult": 100,
+        }  # fmt: skip
+        path = stage_dir / "request.json"
+        path.write_text(json.dumps(values))
+        return path
+
+    return request
+
+
+def test_one_stage_process_trains_every_stage_and_a_killed_one_is_replaced_by_an_equal_one(request_for, tmp_path):
+    runs = tmp_path / "runs"
+    epochs = []
+    with stage_process(runs):
+        (started,) = stage_process_ids(runs)  # started before the first stage is asked for
+        baseline = run_stage_process(request_for(runs, "baseline", base_lr=2e-3), lambda row, step: None)
+        probe = run_stage_process(request_for(runs, "probe"), lambda row, step: epochs.append(step))
+        assert stage_process_ids(runs) == [started]  # the same process trained both, and waits for the next
+        os.kill(started, signal.SIGKILL)  # killed while it waits (the OOM killer, a preempted host)
+        while not is_reapable(started):  # a kill during the request's hand-over is a StageKilledError, retried
+            time.sleep(0.05)
+        final = run_stage_process(request_for(runs, "final"), lambda row, step: None)  # the probe's request again
+        (replacement,) = stage_process_ids(runs)
+        assert replacement != started
+    assert stage_process_ids(runs) == [] and has_exited(replacement)  # stopped with the block
+
+    assert epochs == [0, 1] and baseline["resumed_epochs"] == probe["resumed_epochs"] == 0
+    # A stage trained in a process that trained another before gives what a fresh process gives.
+    assert probe["valid_loss"] == final["valid_loss"] and probe["error_rate"] == final["error_rate"]
+    reused = read_export(Path(probe["model"])).model.state_dict()
+    for name, tensor in read_export(Path(final["model"])).model.state_dict().items():
+        assert torch.equal(tensor, reused[name]), name
+
+
+def test_leaving_the_block_with_an_error_stops_the_stage_process(tmp_path):
+    with pytest.raises(RuntimeError, match="the data stage failed"), stage_process(tmp_path):
+        (started,) = stage_process_ids(tmp_path)
+        raise RuntimeError("the data stage failed")
+    assert has_exited(started)
+
+
+def test_a_stage_process_trains_only_requests_under_its_folder(request_for, tmp_path):
+    sent = []
+    elsewhere = request_for(tmp_path / "elsewhere", "probe")
+    assert serve(tmp_path / "runs", sent.append, [f"{elsewhere}\n"]) == 1
+    (message,) = sent
+    assert message["error"]["type"] == "builtins.ValueError" and "is not under" in message["error"]["message"]
+    assert not (elsewhere.parent / "checkpoints").exists()  # nothing was trained
