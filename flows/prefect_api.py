@@ -5,8 +5,9 @@ Without PREFECT_API_URL, Prefect 3.9 starts a temporary server the first time a 
 second interpreter that imports Prefect's server, only once the command has imported every flow module, and stopped
 at exit with up to 5 s of waiting. `temporary_api()` starts the same server (Prefect's own app, `create_app`, on
 its database in PREFECT_HOME) as soon as the command has checked its options, so it boots on the other core while
-the command imports torch and the flows. Its socket is bound and listening before the server process starts: a flow that asks
-sooner waits in the socket's queue until the server answers, and no other process can take the port meanwhile.
+the command imports torch and the flows. Its socket is bound and listening before the server process starts: a flow
+that asks sooner waits in the socket's queue until the server answers, and no other process can take the port
+meanwhile.
 
 It listens on 127.0.0.1 only. It runs in a session of its own, so Ctrl-C reaches the command but not the server:
 the flow still reports its final state, then the command stops the server. A server whose command died (killed
