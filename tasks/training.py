@@ -193,7 +193,13 @@ class StageProcess:
         except BaseException:
             self.stop()
             raise
-        returncode = self.stop()  # it reported an error and exits, or it is gone already
+        if error is not None:  # it reported its error and exits by itself: a signal now would hide the error
+            self.training = False
+            with suppress(subprocess.TimeoutExpired):
+                self.process.wait(STOP_GRACE_SECONDS)
+            self.stop()
+            raise _rebuilt(error)
+        returncode = self.stop()  # it is gone already
         if returncode < 0:
             name, stage_dir = signal.Signals(-returncode).name, Path(request_path).parent
             if -returncode == signal.SIGINT:
@@ -203,8 +209,6 @@ class StageProcess:
                 f"epoch is in {last_checkpoint(stage_dir)}; a retry resumes from there. Killed every time, it most "
                 "often ran out of memory (the kernel's OOM killer; `dmesg` says so): lower --bs or --workers."
             )
-        if error is not None:
-            raise _rebuilt(error)
         raise StageFailedError(f"The training process {self.pid} exited with status {returncode} and no result.")
 
     def stop(self) -> int:
