@@ -48,6 +48,7 @@ COMPARE_EXPERIMENT = "pets-deployments-test"
 COMPARE_MODEL = "pets-deployments-test-classifier"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_deploy_all_then_workers_run_smoke_and_compare_runs_its_trainings_in_parallel_on_the_gpu_pool(
     tmp_path, mlflow_uri
