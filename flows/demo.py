@@ -42,13 +42,7 @@ def demo(
     weights (pretrained weights would need the network). Everything goes under out_dir (default ./outputs/demo).
     `settings` changes the demo's recipe by option name (e.g. {"bs": 8, "base_lr": 0.001}).
     """
-    out = Path(out_dir or default_output_dir() / "demo").resolve()
-    archive = make_synthetic_archive(breeds, images_per_breed, str(out))
-    where = {
-        "data_url": Path(archive).as_uri(),
-        "out_dir": str(out / "train"),
-        "cache_dir": cache_dir or str(out / "cache"),
-    }
+    where = _generated_data(breeds, images_per_breed, out_dir, cache_dir, outputs="train")
     recipe = Recipe().updated({**DEMO_SETTINGS, "epochs": epochs, **where, **(settings or {})})
     with _environment(DEMO_ENVIRONMENT):  # before this process or a stage's first convolution
         return train(recipe=recipe)
@@ -66,14 +60,21 @@ def demo_data(
     The archive is generated under out_dir (default ./outputs/demo) and read through a file:// URL; the manifests,
     reports and summary go to `<out_dir>/data`.
     """
+    where = _generated_data(breeds, images_per_breed, out_dir, cache_dir, outputs="data")
+    return prepare_data(recipe=Recipe().updated({**DEMO_SETTINGS, **where}))
+
+
+def _generated_data(
+    breeds: int, images_per_breed: int, out_dir: str | None, cache_dir: str | None, *, outputs: str
+) -> dict[str, str]:
+    """Generate the demo's archive under out_dir; return the recipe settings that read it and write `<outputs>/`."""
     out = Path(out_dir or default_output_dir() / "demo").resolve()
     archive = make_synthetic_archive(breeds, images_per_breed, str(out))
-    where = {
+    return {
         "data_url": Path(archive).as_uri(),
-        "out_dir": str(out / "data"),
+        "out_dir": str(out / outputs),
         "cache_dir": cache_dir or str(out / "cache"),
     }
-    return prepare_data(recipe=Recipe().updated({**DEMO_SETTINGS, **where}))
 
 
 @contextmanager
