@@ -12,7 +12,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install demo test lint format ui clean bench
+.PHONY: install demo test test-slow lint format ui clean bench
 
 install: $(STAMP)
 
@@ -33,8 +33,12 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# `make test`: everything but the `slow` end-to-end cases, under 10 minutes on two cores; CI (.ci/run) adds those.
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
 
 # Every CPU benchmark, one JSON line each, into outputs/bench/results.jsonl (BENCHMARKS.md). GPU: bench/gpu.sh.
 bench: $(STAMP)

@@ -9,25 +9,23 @@ cd "$(dirname "$0")/.."
 PORT=${PORT:-5055}  # not 5060: Chrome refuses it (ERR_UNSAFE_PORT)
 WORK=$(mktemp -d)
 export MLFLOW_TRACKING_URI="sqlite:///$WORK/mlflow.db" PETS_HOME="$WORK/cache" DO_NOT_TRACK=1 \
-  MLFLOW_DISABLE_TELEMETRY=true PREFECT_SERVER_ANALYTICS_ENABLED=false
+  MLFLOW_DISABLE_TELEMETRY=true PREFECT_SERVER_ANALYTICS_ENABLED=false \
+  PETS_MLFLOW_UI_URL="http://127.0.0.1:$PORT"  # the links the runs print point at the UI started below
 
 make -s install
 .venv/bin/python -c "from tasks.data import make_synthetic_archive as m; print(m.fn(6, 24, '$WORK'))" > "$WORK/archive"
 .venv/bin/pets compare --archs resnet18,resnet34 --data-url "file://$(cat "$WORK/archive")" --no-pretrained \
   --presize 96 --size 64 --bs 16 --freeze-epochs 1 --epochs 4 --base-lr 2e-3 --no-fp16 --workers 0 \
   --experiment pets-demo --registered-model pets-demo-classifier --out-dir "$WORK/out" --json | tail -1 > "$WORK/result.json"
-read -r COMPARE_URL CHARTS_URL < <(.venv/bin/python - "$WORK/result.json" "$PORT" <<'PY'
+read -r COMPARE_URL CHARTS_URL < <(.venv/bin/python - "$WORK/result.json" <<'PY'
 import json, sys
 from urllib.parse import quote
 from tasks import tracking
 result = json.load(open(sys.argv[1]))
-run_ids = [row["run_id"] for row in result["runs"].values()]
 experiment = tracking.ensure_experiment(result["experiment"])
-base = f"http://127.0.0.1:{sys.argv[2]}"
-compare = tracking.compare_url(experiment, run_ids).replace(tracking.LOCAL_UI, base)
 search = quote(f"tags.comparison = '{result['comparison']}'")
-charts = f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning&compareRunsMode=CHART&searchFilter={search}"
-print(compare, charts)
+query = f"workflowType=machine_learning&compareRunsMode=CHART&searchFilter={search}"
+print(result["compare_url"], f"{tracking.ui_url()}/#/experiments/{experiment}/runs?{query}")
 PY
 )
 

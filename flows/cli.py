@@ -4,6 +4,9 @@ pets train | compare | lr-find     run the recipe (flows/train.py, flows/compare
 pets predict MODEL_URI IMAGES...   label pictures with a logged or registered model
 pets summary | demo                the data stage alone; the whole recipe offline on generated data
 pets ui | announce-dataset         the MLflow UI on the project's store; tell Prefect about a new dataset
+
+An error the user can fix is one line, `Error: ...`, with exit status 2 (`pets --debug` adds the traceback); see
+flows/console.py.
 """
 
 from __future__ import annotations
@@ -19,19 +22,24 @@ from typing import Annotated, Any, NoReturn
 import numpy as np
 import typer
 
+from flows import console
 from flows.defaults import DEMO_BREEDS, DEMO_EPOCHS, DEMO_EXPERIMENT, DEMO_IMAGES_PER_BREED
 from flows.options import RecipeRequest, recipe_options
-from flows.prefect_api import runs_flows
+from flows.prefect_api import temporary_api
+from lib.common.errors import DEBUG_VARIABLE, UserError
+from lib.common.numbers import significant
 from lib.recipe import ARCHITECTURES, DEFAULT_ARCHS, Recipe
+from tasks.mlflow_ui import UI_HOST, UI_PORT, UI_URL_VARIABLE, local_ui_url
+
+console.quiet_telemetry()  # before anything imports Prefect or MLflow: both read it at import time
 
 app = typer.Typer(
+    cls=console.Commands,
     help="Train and compare pet-breed classifiers the fastai way (fastbook ch. 5) on Prefect, PyTorch and MLflow.",
     no_args_is_help=True,
     add_completion=False,
 )
 
-UI_PORT = 5000  # MLflow's default port, the one tasks.tracking.run_url links to
-UI_HOST = "127.0.0.1"  # loopback only: the UI has no authentication (MLflow 3.17: only with --app-name basic-auth)
 UI_WORKERS = 1  # one uvicorn worker starts in ~6-15 s instead of ~35-46 s on two CPUs (measured here)
 
 
@@ -50,8 +58,17 @@ Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON
 
 
 # -- commands ---------------------------------------------------------------------------------------------------------
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help=f"Show the traceback of every error (or set {DEBUG_VARIABLE}=1).")
+    ] = False,
+) -> None:
+    if debug:  # in the environment, so the training stages' processes see it too
+        os.environ[DEBUG_VARIABLE] = "1"
+
+
 @app.command()
-@runs_flows
 @recipe_options()
 def train(
     resume: Annotated[
@@ -69,17 +86,19 @@ def train(
 ) -> None:
     """Train one classifier with the fastbook ch. 5 recipe, track it in MLflow and register the model."""
     resolved = _resumed_recipe(resume, recipe) if resume else _resolved(recipe, training=True)
-    from flows.train import train as train_flow
+    _check_tracking_store()
+    with temporary_api():  # after the checks: a bad option starts no server
+        from flows.train import train as train_flow
 
-    result = _result_or_exit(train_flow(recipe=resolved, resume=resume, return_state=True))
-    if as_json:
-        _print_json(result)
-    else:
-        _print_training(result, experiment=resolved.tracking.experiment)
+        console.quiet_run_logs()
+        result = _result_or_exit(train_flow(recipe=resolved, resume=resume, return_state=True))
+        if as_json:
+            _print_json(result)
+        else:
+            _print_training(result, experiment=resolved.tracking.experiment)
 
 
 @app.command()
-@runs_flows
 @recipe_options(exclude=("arch",))
 def compare(
     archs: Annotated[
@@ -98,26 +117,31 @@ def compare(
     recipe: RecipeRequest,
 ) -> None:
     """Train several architectures with one recipe, tabulate them, and make the best the registry's `champion`."""
-    resolved = _resolved(recipe, training=True)
-    from flows.compare import compare as compare_flow
-    from flows.compare import markdown_table
+    # Deployments train elsewhere: their folders and device are checked where they run, by the train flow.
+    resolved = _resolved(recipe, training=True, here=train_deployment is None)
+    _check_tracking_store()  # the comparison itself reads and tags the runs from here
+    with temporary_api():  # after the checks: a bad option starts no server
+        from flows.compare import compare as compare_flow
+        from flows.compare import markdown_table
 
-    state = compare_flow(archs=archs, recipe=resolved, train_deployment=train_deployment, return_state=True)
-    result = _result_or_exit(state)
-    if as_json:
-        _print_json({**result, "runs": {row["arch"]: row for row in result["runs"]}})
-        return
-    typer.echo(f"Comparison {result['comparison']} (MLflow experiment {result['experiment']}), best first:")
-    typer.echo(markdown_table(result["runs"]))
-    registered_model = resolved.tracking.registered_model
-    typer.echo(
-        f"Champion: {result['champion']}, models:/{registered_model}@champion -> version {result['champion_version']}"
-    )
-    typer.echo(f"Table: {result['table']}. Open the UI with `pets ui`.")
+        console.quiet_run_logs()
+        state = compare_flow(archs=archs, recipe=resolved, train_deployment=train_deployment, return_state=True)
+        result = _result_or_exit(state)
+        if as_json:
+            _print_json({**result, "runs": {row["arch"]: row for row in result["runs"]}})
+            return
+        typer.echo(f"Comparison {result['comparison']} (MLflow experiment {result['experiment']}), best first:")
+        typer.echo(markdown_table(result["runs"]))
+        registered_model = resolved.tracking.registered_model
+        typer.echo(
+            f"Champion: {result['champion']}, models:/{registered_model}@champion -> version "
+            f"{result['champion_version']}"
+        )
+        typer.echo(f"Table: {result['table']}; chart: {result['chart']}")
+        typer.echo(f"MLflow compare page: {result['compare_url']} (open the UI with `pets ui`)")
 
 
 @app.command("lr-find")
-@runs_flows
 @recipe_options()
 def lr_find(as_json: Json = False, *, recipe: RecipeRequest) -> None:
     """Run fastai's LR finder on a fresh model: print its suggestions (valley, steep, minimum, slide) and the plot.
@@ -125,16 +149,20 @@ def lr_find(as_json: Json = False, *, recipe: RecipeRequest) -> None:
     The schedule and tracking settings are accepted, so any recipe file works, but not used.
     """
     resolved = _resolved(recipe, training=True)
-    from flows.train import lr_find as lr_find_flow
+    with temporary_api():  # after the checks: a bad option starts no server
+        from flows.train import lr_find as lr_find_flow
 
-    result = _result_or_exit(lr_find_flow(recipe=resolved, return_state=True))
-    if as_json:
-        _print_json(result)
-        return
-    for name, value in result["suggestions"].items():
-        typer.echo(f"{name:>8}: {value:.2e}")
-    typer.echo(f"Suggested base LR (valley): {result['suggestion']:.2e}; pass it to `pets train --base-lr`.")
-    typer.echo(f"Plot: {result['plot']}")
+        console.quiet_run_logs()
+        result = _result_or_exit(lr_find_flow(recipe=resolved, return_state=True))
+        if as_json:
+            _print_json(result)
+            return
+        for name, value in result["suggestions"].items():
+            typer.echo(f"{name:>8}: {significant(value)}")
+        typer.echo(
+            f"Suggested base LR (valley): {significant(result['suggestion'])}; pass it to `pets train --base-lr`."
+        )
+        typer.echo(f"Plot: {result['plot']}")
 
 
 @app.command()
@@ -184,7 +212,6 @@ def predict(
 
 
 @app.command()
-@runs_flows
 @recipe_options()
 def summary(*, recipe: RecipeRequest) -> None:
     """Run the data stage and print the DataBlock.summary analogue; write a show_batch grid.
@@ -193,13 +220,14 @@ def summary(*, recipe: RecipeRequest) -> None:
     accepted, so any recipe file works.
     """
     resolved = _resolved(recipe)
-    from flows.data import prepare_data
+    with temporary_api():  # after the checks: a bad option starts no server
+        from flows.data import prepare_data
 
-    _print_summary(_result_or_exit(prepare_data(recipe=resolved, return_state=True)))
+        console.quiet_run_logs()
+        _print_summary(_result_or_exit(prepare_data(recipe=resolved, return_state=True)))
 
 
 @app.command()
-@runs_flows
 def demo(
     breeds: Annotated[int, typer.Option(help="Breeds in the generated dataset.")] = DEMO_BREEDS,
     images_per_breed: Annotated[int, typer.Option(help="Images per breed.")] = DEMO_IMAGES_PER_BREED,
@@ -217,14 +245,16 @@ def demo(
         for name, path in (("out_dir", out_dir), ("cache_dir", cache_dir))
         if path
     }
-    from flows.demo import demo as demo_flow
+    with temporary_api():  # after the checks: a bad option starts no server
+        from flows.demo import demo as demo_flow
 
-    state = demo_flow(breeds=breeds, images_per_breed=images_per_breed, epochs=epochs, **folders, return_state=True)
-    result = _result_or_exit(state)
-    registered = f"models:/{result['registered_model']}/{result['model_version']}"
-    _print_training(result, experiment=DEMO_EXPERIMENT, ui_hint="`make ui` (or `pets ui`)")
-    image = result["data"]["example_images"][0]
-    typer.echo(f"Try the model: pets predict {registered} {image} --top-k 3")
+        console.quiet_run_logs()
+        state = demo_flow(breeds=breeds, images_per_breed=images_per_breed, epochs=epochs, **folders, return_state=True)
+        result = _result_or_exit(state)
+        registered = f"models:/{result['registered_model']}/{result['model_version']}"
+        _print_training(result, experiment=DEMO_EXPERIMENT, ui_hint="`make ui` (or `pets ui`)")
+        image = result["data"]["example_images"][0]
+        typer.echo(f"Try the model: pets predict {registered} {image} --top-k 3")
 
 
 @app.command()
@@ -233,10 +263,13 @@ def ui(
     host: Annotated[str, typer.Option(help="Interface to bind; the default serves this machine only.")] = UI_HOST,
 ) -> None:
     """Serve the MLflow UI on the project's tracking store ($MLFLOW_TRACKING_URI or ./mlflow/mlflow.db)."""
-    from tasks.tracking import tracking_uri
+    from tasks.tracking import tracking_uri, ui_url
 
     command, env = ui_command(host=host, port=port)
-    typer.echo(f"MLflow UI on http://{host}:{port} for {tracking_uri()} (Ctrl-C stops it)")
+    served = local_ui_url(host, port)
+    typer.echo(f"MLflow UI on {served} for {tracking_uri()} (Ctrl-C stops it)")
+    if ui_url() != served:  # links printed by other commands would open another address
+        typer.echo(f"Run links point at {ui_url()}; set {UI_URL_VARIABLE}={served} to make them open this UI.")
     sys.stdout.flush()
     os.execvpe(command[0], command, env)  # the server replaces this process: Ctrl-C and SIGTERM reach it directly
 
@@ -272,27 +305,35 @@ def main() -> None:
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------------
-def _resolved(request: RecipeRequest, *, training: bool = False) -> Recipe:
-    """Return the recipe the command line asks for, or stop with one line naming the bad option or file."""
-    try:
-        recipe = request.resolve()
-        if training:
-            recipe.data.check_trainable()
-    except ValueError as error:  # a RecipeError, or a crop larger than the presize
-        _fail(str(error), code=2)
+def _resolved(request: RecipeRequest, *, training: bool = False, here: bool = True) -> Recipe:
+    """Return the recipe the command line asks for, checked before any work starts (a RecipeError stops it).
+
+    `here`: the runs use this machine's folders and device, so they are checked too (`Recipe.check_runnable`).
+    """
+    recipe = request.resolve()
+    if here:
+        recipe.check_runnable(training=training)
+    elif training:
+        recipe.data.check_trainable()
     return recipe
+
+
+def _check_tracking_store() -> None:
+    """Stop at once, before a Prefect server starts, when the MLflow store is down (TrackingStoreUnavailableError)."""
+    from tasks.tracking import check_tracking_store
+
+    check_tracking_store()
 
 
 def _resumed_recipe(run_id: str, request: RecipeRequest) -> Recipe:
     """Return the recipe run_id logged, checking the command line asks for no other (a resumed run keeps its own)."""
     from tasks.tracking import logged_recipe, refuse_changed_recipe, resumable_run
 
-    try:  # both errors are ValueErrors: ResumeRefusedError and RecipeError
-        run = resumable_run(run_id)
-        asked = request.resolve(base=logged_recipe(run_id))
-        refuse_changed_recipe(run, asked)
-    except ValueError as error:
-        _fail(str(error), code=2)
+    _check_tracking_store()  # MLflow's client would retry an unreachable server for minutes
+    run = resumable_run(run_id)  # a ResumeRefusedError names what is wrong
+    asked = request.resolve(base=logged_recipe(run_id))
+    refuse_changed_recipe(run, asked)
+    asked.check_runnable()
     return asked
 
 
@@ -309,20 +350,26 @@ def ui_command(*, host: str, port: int) -> tuple[list[str], dict[str, str]]:
         command += ["--default-artifact-root", root]
     command += ["--host", host, "--port", str(port), "--workers", str(UI_WORKERS)]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no huey job runner: ~8 fewer processes
-    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    return command, env
+    return command, env  # telemetry: off in os.environ already (console.quiet_telemetry), unless the user opted in
 
 
-def _fail(message: str, *, code: int = 1) -> NoReturn:
-    typer.secho(f"Error: {message}", err=True, fg=typer.colors.RED)
+def _fail(message: str, *, code: int = console.USER_ERROR_EXIT) -> NoReturn:
+    """End the command with one `Error:` line: a user error (exit 2) unless `code` says otherwise."""
+    console.say_error(message)
     raise typer.Exit(code)
 
 
 def _result_or_exit(state) -> Any:
-    """Return a finished flow's result; for a failed one print its error (the fix is in the message) and exit 1."""
+    """Return a finished flow's result; a failed one's user error is raised (one line, exit 2), another exits 1.
+
+    The traceback of another error (a bug) was logged once by Prefect, so only its type and message are repeated.
+    """
     if state.is_completed():
         return state.result()
-    _fail(str(state.result(raise_on_failure=False)))
+    error = state.result(raise_on_failure=False)
+    if isinstance(error, UserError):
+        raise error
+    _fail(f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error), code=1)
 
 
 def _print_json(value: Any) -> None:
@@ -332,15 +379,18 @@ def _print_json(value: Any) -> None:
 def _print_training(result: Mapping[str, Any], *, experiment: str | None = None, ui_hint: str = "`pets ui`") -> None:
     from tasks.tracking import run_url
 
+    trained = result["epochs_trained"]
+    final = f"retrained from scratch for {trained} epochs" if result["retrained"] else "the probe is the final model"
     typer.echo(
-        f"{result['arch']}: error_rate {result['error_rate']:.4f}, valid_loss {result['valid_loss']:.4f}; best epoch "
-        f"{result['best_epoch']}, {result['epochs_trained']} epochs trained at base LR {result['base_lr']:.2e}"
+        f"{result['arch']}: error_rate {significant(result['error_rate'])}, valid_loss "
+        f"{significant(result['valid_loss'])}; best epoch {result['best_epoch']} of {result['probe_epochs']}, so "
+        f"{final} (base LR {significant(result['base_lr'])})"
     )
     typer.echo(
         f"Model: {result['model_uri']}, registered as models:/{result['registered_model']}/{result['model_version']}"
     )
     where = f" (experiment {experiment})" if experiment else ""
-    typer.echo(f"MLflow run: {run_url(result)}{where}")
+    typer.echo(f"MLflow run {result['run_name']!r}{where}: {run_url(result)}")
     typer.echo(f"Open the UI with {ui_hint}.")
 
 

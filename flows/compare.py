@@ -21,13 +21,17 @@ from prefect.deployments import run_deployment
 from prefect.futures import wait
 
 from flows.train import train
+from lib.common.errors import InputError, UserError
+from lib.common.numbers import rounded, significant
 from lib.common.paths import default_output_dir
+from lib.evaluate.comparison import COMPARISON_METRICS, plot_comparison
 from lib.recipe import DEFAULT_ARCHS, Architecture, Recipe
 from tasks import tracking
 
 CHAMPION_ALIAS = "champion"
 CHAMPION_TAG = "champion"  # run tag: true on the run whose model version the alias points at
 TABLE_ARTIFACT = "comparison.json"  # MLflow table artifact on every child run
+CHART_FILE = "comparison.png"  # beside comparison.md, and an artifact of every child run
 RUN_FLOW_TAG = "prefect.flow_run_id"  # the train flow tags its MLflow run with its Prefect flow run id
 COLUMNS = (
     "arch", "error_rate", "valid_loss", "accuracy", "train_seconds", "images_per_second", "parameters",
@@ -40,6 +44,10 @@ METRIC_COLUMNS = (
 # What Prefect puts before an exception in a failed state's message: noise in a list of failures.
 STATE_MESSAGE_PREFIXES = ("Flow run encountered an exception: ", "Task run encountered an exception ")
 COUNT_COLUMNS = ("parameters", "epochs_trained")  # MLflow stores every metric as a float; these are counts
+
+
+class TrainingsFailedError(UserError, RuntimeError):
+    """Trainings of a comparison failed, each with an error the user can fix; the message names each one."""
 
 
 @flow(name="compare-pets", log_prints=True)
@@ -55,8 +63,9 @@ def compare(
     3. train each architecture (the recipe with its `model.arch` replaced): as subflows one after another, or, with
        `train_deployment` (e.g. "train-pets/train-{arch}"), as runs of that deployment in parallel, one per GPU worker;
     4. read the children's MLflow runs back: they hold every number, whichever way the children ran;
-    5. tabulate best first by (error_rate, valid_loss): a Prefect table artifact, `comparison.json` on every child
-       run, and comparison.md / comparison.csv under `<runtime.out_dir>/<id>/` (default ./outputs/compare);
+    5. tabulate best first by (error_rate, valid_loss) and chart each final model's epochs: a Prefect table
+       artifact and a link to MLflow's compare page, `comparison.json` and `comparison.png` on every child run, and
+       comparison.md / .csv / .png under `<runtime.out_dir>/<id>/` (default ./outputs/compare);
     6. if every child succeeded, move the registry alias `champion` to the best model version and tag the runs
        champion=true/false; otherwise fail, naming the failed architectures, and leave the alias where it was.
     """
@@ -77,12 +86,16 @@ def compare(
 
     folder = Path(recipe.runtime.out_dir or default_output_dir() / "compare").resolve() / comparison
     table = write_tables(rows, folder)
+    chart = write_chart(rows, folder) if rows else None
     failed = [child for child in children if child["arch"] not in runs]
     champion = None if failed or not rows else rows[0]
-    publish(rows, runs, comparison, experiment, champion, registered_model)
+    compare_url = publish(rows, runs, comparison, experiment, champion, registered_model, chart)
     print(f"Comparison {comparison}, best first:\n{markdown_table(rows)}")
+    if compare_url:
+        print(f"MLflow compare page: {compare_url}\nChart: {chart}")
     if failed:
-        raise RuntimeError(failure_message(failed, len(children), table))
+        fixable = all(child.get("user_error") for child in failed)  # else a bug, or a child that never started
+        raise (TrainingsFailedError if fixable else RuntimeError)(failure_message(failed, len(children), table))
     tracking.set_champion(registered_model, champion["model_version"], CHAMPION_ALIAS)
     print(f"{registered_model}@{CHAMPION_ALIAS} -> v{champion['model_version']} ({champion['arch']}).")
     return {
@@ -91,6 +104,8 @@ def compare(
         "champion_version": champion["model_version"],
         "runs": rows,
         "table": str(table),
+        "chart": str(chart),
+        "compare_url": compare_url,
         "experiment": experiment,
     }
 
@@ -99,10 +114,10 @@ def compare(
 def check_archs(archs: Sequence[str]) -> None:
     """Refuse an empty list and repeated architectures (two children would share a name and a table row)."""
     if not archs:
-        raise ValueError("archs is empty: name at least one architecture to train.")
+        raise InputError("archs is empty: name at least one architecture to train.")
     repeated = sorted({arch for arch in archs if list(archs).count(arch) > 1})
     if repeated:
-        raise ValueError(f"archs lists {', '.join(repeated)} more than once; each architecture is trained once.")
+        raise InputError(f"archs lists {', '.join(repeated)} more than once; each architecture is trained once.")
 
 
 def new_comparison_id() -> str:
@@ -122,7 +137,9 @@ def train_locally(parameters: Mapping[str, dict], comparison: str) -> list[dict]
     for arch, child in parameters.items():
         named = train.with_options(flow_run_name=f"{arch}-{comparison}")
         state = named(**child, return_state=True)
-        children.append(child_outcome(arch, str(state.state_details.flow_run_id), state))
+        outcome = child_outcome(arch, str(state.state_details.flow_run_id), state)
+        outcome["user_error"] = state.is_failed() and isinstance(state.result(raise_on_failure=False), UserError)
+        children.append(outcome)
     return children
 
 
@@ -219,14 +236,15 @@ def write_tables(rows: Sequence[dict], folder: Path) -> Path:
 def markdown_table(rows: Sequence[dict]) -> str:
     """Render rows as a markdown table, numbers to 4 significant digits."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(row[column]) for column in COLUMNS) + " |" for row in rows]
+    lines += ["| " + " | ".join(significant(row[column]) for column in COLUMNS) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+def write_chart(rows: Sequence[dict], folder: Path) -> Path:
+    """Draw comparison.png: each architecture's final model, epoch by epoch, best first in the legend."""
+    history = tracking.metric_history
+    curves = {row["arch"]: {m: history(row["run_id"], f"final/{m}") for m in COMPARISON_METRICS} for row in rows}
+    return plot_comparison(curves, folder / CHART_FILE)
 
 
 def publish(
@@ -236,23 +254,32 @@ def publish(
     experiment: str,
     champion: dict | None,
     registered_model: str,
-) -> None:
-    """Put the table where people look: the Prefect UI, every child's MLflow run, and a champion tag per run."""
+    chart: Path | None,
+) -> str | None:
+    """Put the table where people look: the Prefect UI, every child's MLflow run, and a champion tag per run.
+
+    Returns the address of MLflow's compare page for the runs (None when no run finished).
+    """
     verdict = (
         f"champion: {champion['arch']} ({registered_model} v{champion['model_version']})"
         if champion
         else "no champion: not every training succeeded"
     )
     description = f"Comparison {comparison} in MLflow experiment {experiment!r}, best first; {verdict}."
-    create_table_artifact(rows, key=f"comparison-{comparison}", description=description)
+    shown = [{column: rounded(value) for column, value in row.items()} for row in rows]  # 4 significant digits
+    create_table_artifact(shown, key=f"comparison-{comparison}", description=description)
     for run in runs.values():
         tracking.log_table(run.info.run_id, rows, TABLE_ARTIFACT)
+        if chart is not None:
+            tracking.log_files(run.info.run_id, [chart])
         is_champion = champion is not None and run.info.run_id == champion["run_id"]
         tracking.set_tags(run.info.run_id, {CHAMPION_TAG: str(is_champion).lower()})
-    if runs:
-        experiment_id = next(iter(runs.values())).info.experiment_id
-        url = tracking.compare_url(experiment_id, [row["run_id"] for row in rows])
-        create_link_artifact(url, link_text=f"MLflow: compare {comparison}", key="mlflow-comparison")
+    if not runs:
+        return None
+    experiment_id = next(iter(runs.values())).info.experiment_id
+    url = tracking.compare_url(experiment_id, [row["run_id"] for row in rows])
+    create_link_artifact(url, link_text=f"MLflow: compare {comparison}", key="mlflow-comparison")
+    return url
 
 
 def failure_message(failed: Sequence[dict], total: int, table: Path) -> str:

@@ -33,6 +33,7 @@ def prepare_data(recipe: Recipe = Recipe()) -> dict:
     With neither data.url nor data.dir, the Oxford-IIIT Pet archive the book uses is downloaded. Files go to
     runtime.out_dir (default ./outputs/data).
     """
+    recipe.check_runnable(training=False)
     out_dir = recipe.runtime.out_dir or str(default_output_dir() / "data")
     prepared = data_stage(recipe.data, cache_dir=recipe.runtime.cache_dir, out_dir=out_dir)
     print(f"Summary: {prepared['summary']}; show_batch grid: {prepared['show_batch']}")
@@ -46,7 +47,8 @@ def data_stage(data: DataSettings, *, cache_dir: str | None, out_dir: str) -> di
     cache_dir = str(Path(cache_dir or default_cache_dir()).resolve())
     out_dir = str(Path(out_dir).resolve())
     images_dir = download_dataset(data_url, data.dir, cache_dir, data.sha256)
-    labelled = label_images(images_dir, data.label_pattern, data.skip_unmatched, out_dir)
+    source = "--data-dir" if data.dir else "--data-url"  # what an error about the images names
+    labelled = label_images(images_dir, data.label_pattern, data.skip_unmatched, out_dir, source)
     cleaned = clean_images(labelled["manifest"], cache_dir, data.presize)
     split = split_dataset(cleaned["manifest"], data.valid_pct, data.seed)
     presized = presize_images(split["manifest"], cache_dir, data.presize)

@@ -23,15 +23,11 @@ import typer
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from lib.recipe import OPTIONS, SECTIONS, Recipe, describe_error, fields, option_name
+from lib.recipe import OPTIONS, SECTIONS, Recipe, RecipeError, describe_error, fields, option_name
 
 PATH_OPTIONS = ("data_dir", "out_dir", "cache_dir")  # made absolute: a flow may run in another working directory
 RECIPE_PANEL = "Recipe"
 CONTEXT = "recipe_context"  # the command's click context (typer passes it): which options were given
-
-
-class RecipeError(ValueError):
-    """A recipe file or option value the recipe refuses; the message names the option and what is wrong."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +47,9 @@ class RecipeRequest:
         except ValidationError as error:  # before ValueError: pydantic's error is one
             where = f" in {self.file}" if self.file else ""
             raise RecipeError(f"{describe_error(error)}{where}") from None
-        except (OSError, ValueError) as error:  # an unreadable file, or YAML that is not a recipe
+        except RecipeError:  # it names the file already (malformed YAML)
+            raise
+        except (OSError, ValueError) as error:  # an unreadable file, or JSON or YAML that is not a recipe
             raise RecipeError(f"cannot read the recipe {self.file}: {error}") from None
 
 

@@ -4,9 +4,10 @@ Without PREFECT_API_URL, Prefect 3.9 starts a temporary server the first time a 
 (`get_client`, prefect/client/orchestration/__init__.py; `SubprocessASGIServer`, prefect/server/api/server.py): a
 second interpreter that imports Prefect's server, only once the command has imported every flow module, and stopped
 at exit with up to 5 s of waiting. `temporary_api()` starts the same server (Prefect's own app, `create_app`, on
-its database in PREFECT_HOME) as the command starts instead, so it boots on the other core while the command
-imports torch and the flows. Its socket is bound and listening before the server process starts: a flow that asks
-sooner waits in the socket's queue until the server answers, and no other process can take the port meanwhile.
+its database in PREFECT_HOME) as soon as the command has checked its options, so it boots on the other core while
+the command imports torch and the flows. Its socket is bound and listening before the server process starts: a flow
+that asks sooner waits in the socket's queue until the server answers, and no other process can take the port
+meanwhile.
 
 It listens on 127.0.0.1 only. It runs in a session of its own, so Ctrl-C reaches the command but not the server:
 the flow still reports its final state, then the command stops the server. A server whose command died (killed
@@ -17,7 +18,6 @@ outright) exits within a second. With PREFECT_API_URL set (a real server, deploy
 
 from __future__ import annotations
 
-import functools
 import gc
 import os
 import signal
@@ -26,10 +26,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
 
 HOST = "127.0.0.1"  # loopback only, as Prefect's own temporary server: the API has no authentication
 STOP_SECONDS = 5  # the wait Prefect 3.9's SubprocessASGIServer.stop allows before it kills its server
@@ -69,17 +68,6 @@ class TemporaryAPI:
                 self.process.kill()
         self.socket.close()
         return self.process.wait()
-
-
-def runs_flows(command: Callable) -> Callable:
-    """Run a `pets` command inside `temporary_api()`, started before the command imports its flows."""
-
-    @functools.wraps(command)
-    def run(*arguments: Any, **options: Any) -> Any:
-        with temporary_api():
-            return command(*arguments, **options)
-
-    return run
 
 
 @contextmanager

@@ -5,6 +5,7 @@ Every step is a task; every number, plot and the model land in one MLflow run pe
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,14 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.logging.loggers import flow_run_logger
 
 from flows.data import data_stage
-from lib.common.download import redact_url
+from lib.common.download import file_name, redact_url
+from lib.common.numbers import significant
 from lib.common.paths import default_output_dir
+from lib.data.digests import dataset_version
 from lib.recipe import BASELINE_LR, DEFAULT_LR_MULT, Recipe
+from lib.train.precision import resolve_precision
 from lib.train.stages import read_history
+from lib.train.trainer import resolve_device
 from tasks import tracking
 from tasks.training import evaluate_classifier, find_learning_rate, fine_tune_classifier, stage_process
 
@@ -52,7 +57,8 @@ def train(recipe: Recipe = Recipe(), comparison: str | None = None, resume: str 
     the run as one of a compare-pets comparison; `resume` names an interrupted MLflow run to continue from its last
     complete epoch, with the recipe it logged. Returns the run's headline numbers.
     """
-    recipe.data.check_trainable()
+    recipe.check_runnable()  # the CLI checked it on its machine; a deployment's run checks it on the worker's
+    _say_precision(recipe)
     schedule = recipe.schedule
     tags = _run_tags(recipe, comparison)
     runs_dir = Path(recipe.runtime.out_dir or default_output_dir() / "train").resolve()
@@ -64,7 +70,10 @@ def train(recipe: Recipe = Recipe(), comparison: str | None = None, resume: str 
         out_dir = runs_dir / run.run_id
         run.log_recipe(recipe, out_dir)
         data = data_stage(recipe.data, cache_dir=recipe.runtime.cache_dir, out_dir=str(out_dir / "data"))
-        _log_data(run, data)
+        version = _log_data(run, data)
+        # Created before the data was known; named now that it is (a resumed run keeps its own start time).
+        run_name = _run_name(recipe, comparison, data=_data_name(data, version), started_ms=run.start_time)
+        run.rename(run_name)
         inputs = {"manifest_path": data["manifest"], "vocab_path": data["vocab"], "out_dir": str(out_dir)}
         stage = partial(fine_tune_classifier, **inputs, recipe=recipe, run_id=run.run_id)
 
@@ -106,6 +115,7 @@ def train(recipe: Recipe = Recipe(), comparison: str | None = None, resume: str 
             run.run_id, final["model"], examples, registered_model=registered_model, step=last_step
         )
     result = {**summary, **model, "registered_model": registered_model, "arch": recipe.model.arch}
+    result.update(run_name=run_name, probe_epochs=schedule.epochs, retrained=final is not probe)
     result["out_dir"] = str(out_dir)
     result["data"] = {key: data[key] for key in ("manifest", "cache_hits", "written", "decoded", "sizes", "classes")}
     result["data"]["example_images"] = examples  # validation pictures to try the model on
@@ -113,9 +123,42 @@ def train(recipe: Recipe = Recipe(), comparison: str | None = None, resume: str 
     return result
 
 
-def _run_name(recipe: Recipe, comparison: str | None) -> str:
-    arch = recipe.model.arch
-    return arch if comparison is None else f"{arch} ({comparison})"
+def _say_precision(recipe: Recipe) -> None:
+    """Say once, in the run's log, what runs when the recipe's precision cannot (fp16, the default, on a CPU).
+
+    The stages then run in fp32 without a word each, and the `precision_effective` param records it.
+    """
+    note = resolve_precision(recipe.precision, resolve_device(recipe.runtime.device)).note
+    if note:
+        print(note)
+
+
+RUN_TIME_FORMAT = "%m-%d %H:%M"  # local time: short enough for the runs table, the year is in the run's start time
+
+
+def _run_name(recipe: Recipe, comparison: str | None, *, data: str | None = None, started_ms: int = 0) -> str:
+    """Name a run for the runs table: what trained, on which data, when, and in which comparison.
+
+    e.g. `resnet18 · oxford-iiit-pet 3fa2c1 · 12-02 00:14 · cmp-20261202-001400-ab12`.
+    """
+    started = time.localtime(started_ms / 1000 if started_ms else None)
+    parts = [recipe.model.arch, data, time.strftime(RUN_TIME_FORMAT, started), comparison]
+    return " · ".join(part for part in parts if part)
+
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+VERSION_CHARS = 6  # of the data version in a run's name: enough to tell versions of one dataset apart at a glance
+
+
+def _data_name(data: dict, version: str) -> str:
+    """The data a run trained on, short: the archive's name (or the images folder's) and the data version's start."""
+    if data["data_url"]:
+        name = file_name(data["data_url"])  # it was downloaded under this name, so it has one
+        name = next((name.removesuffix(s) for s in ARCHIVE_SUFFIXES if name.endswith(s)), name)
+    else:
+        folder = Path(data["images_dir"])
+        name = folder.parent.name if folder.name == "images" else folder.name  # pets/images says more as pets
+    return f"{name} {version[:VERSION_CHARS]}".strip()
 
 
 def _run_tags(recipe: Recipe, comparison: str | None) -> dict[str, str]:
@@ -128,14 +171,19 @@ def _run_tags(recipe: Recipe, comparison: str | None) -> dict[str, str]:
     return tags
 
 
-def _log_data(run: tracking.TrainingRun, data: dict) -> None:
-    """Log what the model was trained on: the labelled manifest as a dataset input, the reports, the counts."""
+def _log_data(run: tracking.TrainingRun, data: dict) -> str:
+    """Log what the model was trained on (the labelled manifest as a dataset input, the reports, the counts); return
+    the data version: the digest of the images' content, labels and split (`lib.data.digests.dataset_version`)."""
+    import pandas as pd
+
     source = redact_url(data["data_url"]) or data["images_dir"]
     digest = tracking.log_dataset(run.run_id, data["manifest"], source=source)
+    version = dataset_version(pd.read_csv(data["manifest"]))
     facts = {"classes": data["classes"], "train_size": data["sizes"]["train"], "valid_size": data["sizes"]["valid"]}
-    tracking.log_params(run.run_id, {"dataset_digest": digest, **facts})
+    tracking.log_params(run.run_id, {"dataset_digest": digest, "data_version": version, **facts})
     data_files = [data["manifest"], data["vocab"], data["cleaning_report"], data["summary"], data["show_batch"]]
     tracking.log_files(run.run_id, data_files, "data")
+    return version
 
 
 def _base_lr(run: tracking.TrainingRun, recipe: Recipe, inputs: dict[str, str]) -> float:
@@ -198,12 +246,12 @@ def _example_images(data: dict) -> list[str]:
 
 def _report(result: dict, run: tracking.TrainingRun) -> None:
     create_link_artifact(run.url, link_text=f"MLflow run {run.run_id}", key="mlflow-run")
-    lines = [f"| {key} | {value} |" for key, value in result.items() if key not in ("data",)]
+    lines = [f"| {key} | {significant(value)} |" for key, value in result.items() if key not in ("data",)]
     create_markdown_artifact("| result | value |\n|---|---|\n" + "\n".join(lines), key="training-result")
     print(
-        f"{result['arch']}: error_rate {result['error_rate']:.4f}, valid_loss {result['valid_loss']:.4f} after "
-        f"{result['epochs_trained']} epochs; model {result['model_uri']} registered as "
-        f"{result['registered_model']} v{result['model_version']}. MLflow run: {run.url}"
+        f"{result['arch']}: error_rate {significant(result['error_rate'])}, valid_loss "
+        f"{significant(result['valid_loss'])} after {result['epochs_trained']} epochs; model {result['model_uri']} "
+        f"registered as {result['registered_model']} v{result['model_version']}. MLflow run: {run.url}"
     )
 
 
@@ -213,10 +261,11 @@ def lr_find(recipe: Recipe = Recipe()) -> dict:
 
     Files go to `<runtime.out_dir>` (default ./outputs/lr_find); the schedule and tracking settings are not read.
     """
-    recipe.data.check_trainable()
+    recipe.check_runnable()
+    _say_precision(recipe)
     out_dir = Path(recipe.runtime.out_dir or default_output_dir() / "lr_find").resolve()
     data = data_stage(recipe.data, cache_dir=recipe.runtime.cache_dir, out_dir=str(out_dir / "data"))
     found = find_learning_rate(data["manifest"], data["vocab"], str(out_dir), recipe)
-    suggestions = ", ".join(f"{name}: {value:.2e}" for name, value in found["suggestions"].items())
+    suggestions = ", ".join(f"{name}: {significant(value)}" for name, value in found["suggestions"].items())
     print(f"{suggestions}; plot: {found['plot']}")
     return found

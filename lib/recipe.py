@@ -5,18 +5,23 @@ flows take a `Recipe` (Prefect shows it as a form and validates it before a run 
 options from its fields, and MLflow gets its fields as params under dotted names (`data.bs`, `schedule.base_lr`).
 Adding a setting is adding a field here.
 
-Only pydantic is imported (yaml when a recipe file is read or written), so `pets --help` stays quick.
+Only pydantic is imported (yaml when a recipe file is read or written, torch when a device is checked), so `pets
+--help` stays quick. `Recipe.check_runnable()` checks what only this machine can tell (folders, the device): the CLI
+calls it before anything starts, and the flows again where they run.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lib.common.errors import UserError
 
 ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 DEFAULT_ARCH = "resnet50"  # fastbook 05_pet_breeds.ipynb's last model: resnet50, fp16, fine_tune(6, freeze_epochs=3)
@@ -43,6 +48,10 @@ BASELINE_LR = 2e-3  # fastai 2.8.12 fastai/callback/schedule.py: fine_tune(..., 
 
 DEFAULT_EXPERIMENT = "pets"
 DEFAULT_REGISTERED_MODEL = "pets-classifier"
+
+
+class RecipeError(UserError, ValueError):
+    """A recipe file or setting the recipe refuses; the message names the option (`--bs`) or file and what is wrong."""
 
 
 class Section(BaseModel):
@@ -96,6 +105,24 @@ class DataSettings(Section):
         f"CPUs // {CPU_CORES_PER_WORKER} on the CPU.",
     )
 
+    @field_validator("label_pattern")
+    @classmethod
+    def _a_regex_with_a_group(cls, pattern: str) -> str:
+        try:
+            compiled = re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"'{pattern}' is not a valid regular expression ({error})") from None
+        if compiled.groups < 1:
+            raise ValueError(f"'{pattern}' needs a group, e.g. '(.+)_\\d+.jpg$': its first group is the label")
+        return pattern
+
+    @field_validator("sha256")
+    @classmethod
+    def _a_sha256(cls, digest: str | None) -> str | None:
+        if digest is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", digest.strip()):
+            raise ValueError(f"{digest!r} is not a sha256: give its 64 hexadecimal digits")
+        return digest
+
     @model_validator(mode="after")
     def _one_source(self) -> DataSettings:
         if self.url and self.dir:
@@ -105,7 +132,7 @@ class DataSettings(Section):
     def check_trainable(self) -> None:
         """Refuse a training crop larger than the presized images (the data stage alone does not crop)."""
         if self.size > self.presize:
-            raise ValueError(
+            raise RecipeError(
                 f"--size {self.size} is larger than --presize {self.presize}: presize to at least the training size"
             )
 
@@ -146,6 +173,12 @@ class RuntimeSettings(Section):
     fp16: bool = Field(True, description="Mixed precision on a CUDA GPU; fp32 on other devices.")
     device: str | None = Field(None, description="Torch device, e.g. cuda:1 or cpu; default CUDA, else MPS, else CPU.")
     compile: bool = Field(False, description="torch.compile the model (about a minute of compiling first).")
+    # How a CPU reduction is split depends on the thread count, so fp32 results differ in the last bits between thread
+    # counts and training drifts apart from there (tests/lib/test_stages.py shows it). A fixed count repeats a CPU run
+    # on another machine; torch's default is one thread per core.
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads of training and evaluation (repeatable CPU runs); default one per core."
+    )
     out_dir: str | None = Field(
         None, description="Where results go; default ./outputs/<command> (a training run: <out-dir>/<run id>/)."
     )
@@ -171,6 +204,22 @@ class Recipe(Section):
     schedule: ScheduleSettings = ScheduleSettings()
     runtime: RuntimeSettings = RuntimeSettings()
     tracking: TrackingSettings = TrackingSettings()
+
+    def check_runnable(self, *, training: bool = True) -> None:
+        """Refuse, naming the option, what cannot run on this machine: folders that are not, a device it lacks.
+
+        With `training`, also a crop larger than the presize (`DataSettings.check_trainable`) and the device (the data
+        stage alone uses none). Only file-system checks, plus importing torch to check a device other than cpu.
+        """
+        if training:
+            self.data.check_trainable()
+        if self.data.dir is not None and not Path(self.data.dir).expanduser().is_dir():
+            what = "is not a folder" if Path(self.data.dir).expanduser().exists() else "does not exist"
+            raise RecipeError(f"--data-dir {self.data.dir} {what}: pass the folder that holds the images")
+        for option, folder in (("--out-dir", self.runtime.out_dir), ("--cache-dir", self.runtime.cache_dir)):
+            _check_folder(option, folder)
+        if training and self.runtime.device is not None:
+            _check_device(self.runtime.device)
 
     @property
     def precision(self) -> str:
@@ -212,16 +261,54 @@ class Recipe(Section):
         path = Path(path)
         text = path.read_text()
         if path.suffix == ".json":
-            tree = json.loads(text)
+            tree = json.loads(text)  # its error is a ValueError that names the line and column
         else:
             import yaml
 
-            tree = yaml.safe_load(text)
+            try:
+                tree = yaml.safe_load(text)
+            except yaml.YAMLError as error:
+                mark = getattr(error, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                problem = getattr(error, "problem", None) or type(error).__name__
+                raise RecipeError(f"{path} is not valid YAML{where}: {problem}") from None
         if tree is None:
             tree = {}
         if not isinstance(tree, dict):
             raise ValueError(f"{path} holds no recipe: expected a mapping of sections (data, model, ...)")
         return cls.model_validate(tree)
+
+
+def _check_folder(option: str, folder: str | None) -> None:
+    """Refuse a folder option that names a file, or lies under one (it could never be created)."""
+    if folder is None:
+        return
+    path = Path(folder).expanduser().absolute()
+    existing = next(parent for parent in (path, *path.parents) if parent.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"lies under the file {existing}"
+        raise RecipeError(f"{option} {folder} {where}: give a folder (it is created if missing)")
+
+
+def _check_device(device: str) -> None:
+    """Refuse a torch device this machine does not have (`--device cuda` without a GPU), naming the ones it has."""
+    if device == "cpu":
+        return
+    import torch  # only here: `pets --help` and a CPU run's check stay quick
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as error:
+        raise RecipeError(f"--device {device} is not a torch device ({error}); e.g. cpu, cuda or cuda:1") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(parsed.type, False):
+        have = ", ".join(name for name, present in available.items() if present)
+        raise RecipeError(f"--device {device}: this machine has no {parsed.type} device; it has {have}")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise RecipeError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+            f"cuda:{torch.cuda.device_count() - 1}"
+        )
 
 
 SECTIONS: dict[str, type[Section]] = {name: field.annotation for name, field in Recipe.model_fields.items()}

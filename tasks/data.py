@@ -19,6 +19,7 @@ from lib.data import cleaning, labelling, presize, splitting, summary, synthetic
 from lib.data.augment import AugmentSettings, aug_transforms
 from lib.data.digests import DIGESTS_FILE, FileDigests
 from lib.data.source import cached_archive_digest, resolve_data_source
+from tasks.progress import ProgressArtifact
 
 MANIFEST_FILE = "manifest.csv"
 UNMATCHED_FILE = "unmatched.txt"
@@ -65,9 +66,9 @@ def download_dataset(data_url: str | None, data_dir: str | None, cache_dir: str,
 
 
 @task(cache_policy=NO_CACHE)
-def label_images(images_dir: str, pattern: str, skip_unmatched: bool, out_dir: str) -> dict:
-    """Label the images from their file names and write the manifest."""
-    labelled = labelling.label_images(Path(images_dir), pattern=pattern, skip_unmatched=skip_unmatched)
+def label_images(images_dir: str, pattern: str, skip_unmatched: bool, out_dir: str, source: str = "--data-dir") -> dict:
+    """Label the images from their file names and write the manifest; `source` is the option that chose them."""
+    labelled = labelling.label_images(Path(images_dir), pattern=pattern, skip_unmatched=skip_unmatched, source=source)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST_FILE
@@ -96,7 +97,10 @@ def clean_images(manifest_path: str, cache_dir: str, size: int) -> dict:
     """
     cache = presize.PresizeCache(Path(cache_dir), size)
     digests = FileDigests(Path(cache_dir) / DIGESTS_FILE)  # a warm re-run stats the originals instead of hashing
-    result = cleaning.clean_images(pd.read_csv(manifest_path), presize_cache=cache, digests=digests)
+    progress = ProgressArtifact(f"clean and presize to {size}px: images read")  # none on a warm run: nothing to read
+    result = cleaning.clean_images(
+        pd.read_csv(manifest_path), presize_cache=cache, digests=digests, on_progress=progress
+    )
     out = Path(manifest_path).parent
     cleaned_path = out / "cleaned.csv"
     result.kept.to_csv(cleaned_path, index=False)
@@ -132,7 +136,8 @@ def split_dataset(manifest_path: str, valid_pct: float, seed: int | None) -> dic
 @task(cache_policy=NO_CACHE)
 def presize_images(manifest_path: str, cache_dir: str, size: int) -> dict:
     """Presize every image not yet in the shared cache and write the manifest with the cached paths."""
-    result = presize.presize_images(pd.read_csv(manifest_path), Path(cache_dir), presize=size)
+    progress = ProgressArtifact(f"presize to {size}px: images")  # usually none: cleaning presized them
+    result = presize.presize_images(pd.read_csv(manifest_path), Path(cache_dir), presize=size, on_progress=progress)
     presized_path = Path(manifest_path).parent / "presized.csv"
     result.manifest.to_csv(presized_path, index=False)
     return {"manifest": str(presized_path), "cache_hits": result.cache_hits, "written": result.written}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,11 +27,14 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from lib.common.download import redact_url
+from lib.common.errors import UserError
 from lib.recipe import Recipe
 from lib.train.trainer import EpochStats
+from tasks.mlflow_ui import ui_url as _ui_url
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # The repository's mlflow/ folder: sqlite store and artifacts, both git-ignored (MLflow 3.17 refuses ./mlruns).
-MLFLOW_DIR = Path(__file__).resolve().parents[1] / "mlflow"
+MLFLOW_DIR = PROJECT_ROOT / "mlflow"
 
 # Per-epoch metric names, identical in every run and every stage (MLflow 3.17 UI: runs are compared per metric key).
 EPOCH_METRICS = ("train_loss", "valid_loss", "error_rate", "accuracy", "lr", "epoch_seconds", "images_per_second")
@@ -58,7 +62,7 @@ def artifact_location(uri: str) -> str | None:
 STORE_CHECK_SECONDS = 5  # a tracking server that does not answer /health this fast is treated as down
 
 
-class TrackingStoreUnavailableError(RuntimeError):
+class TrackingStoreUnavailableError(UserError, RuntimeError):
     """The MLflow tracking store cannot be reached or opened: raised before anything trains."""
 
 
@@ -126,9 +130,11 @@ def ensure_experiment(name: str) -> str:
 FLOW_RUN_TAG = "prefect.flow_run_id"  # the Prefect flow run an MLflow run belongs to: one MLflow run per flow run
 RECIPE_ARTIFACT = "recipe.yaml"  # the run's resolved recipe: `pets train --recipe` repeats the run from it
 RESUMABLE = ("RUNNING", "FAILED", "KILLED")  # an interrupted run; a FINISHED one is never trained into again
+FAILURE_TAG = "pets.failure"  # why a FAILED run failed: the error's type and message
+MAX_TAG_LENGTH = 8000  # MLflow 3.17 utils/validation.py MAX_TAG_VAL_LENGTH
 
 
-class ResumeRefusedError(ValueError):
+class ResumeRefusedError(UserError, ValueError):
     """`--resume RUN_ID` names a run that cannot be continued, or asks for another recipe than the run's."""
 
 
@@ -139,6 +145,7 @@ class TrainingRun:
     run_id: str
     experiment_id: str
     params: dict[str, str]
+    start_time: int = 0  # ms since the epoch, when the run was created (a resumed run keeps its own)
 
     @property
     def url(self) -> str:
@@ -163,6 +170,49 @@ class TrainingRun:
         """File a finished training stage's loss curves under its name (or `name`: the probe can be the final)."""
         log_files(self.run_id, [stage["loss_curves"]], name or stage["stage"])
 
+    def rename(self, name: str) -> None:
+        """Give the run the name the runs table shows (MLflow keeps it as the `mlflow.runName` tag too)."""
+        _client().update_run(self.run_id, name=name)
+
+
+# The code a run trained with, under the tags MLflow's own git context writes (MLflow 3.17 mlflow/utils/mlflow_tags.py:
+# MLFLOW_GIT_COMMIT, MLFLOW_GIT_BRANCH, MLFLOW_GIT_DIRTY; "true"/"false" as mlflow/genai/git_versioning writes it).
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+GIT_BRANCH_TAG = "mlflow.source.git.branch"
+GIT_DIRTY_TAG = "mlflow.source.git.dirty"
+GIT_SECONDS = 5  # `git status` answers in milliseconds; a hung one (a stale NFS lock) must not hold up training
+
+
+def source_tags(root: Path = PROJECT_ROOT) -> dict[str, str]:
+    """Return the checkout's commit, branch and whether tracked files differ from the commit; {} outside a checkout.
+
+    One `git status` (porcelain v2 prints the commit and branch as headers): no GitPython, whose import costs seconds.
+    Untracked files do not make the tree dirty, as in MLflow's git context. The search stops at `root`, so a checkout
+    the project merely sits inside (a home directory under git) is never taken for the project's.
+    """
+    command = ["git", "-C", str(root), "status", "--porcelain=v2", "--branch", "--untracked-files=no"]
+    environment = {**os.environ, "GIT_CEILING_DIRECTORIES": str(Path(root).resolve().parent)}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=GIT_SECONDS, env=environment)
+    except (OSError, subprocess.TimeoutExpired):  # no git installed, or it hung
+        return {}
+    if done.returncode != 0:  # not a git checkout, or one git refuses (another owner's: "dubious ownership")
+        return {}
+    headers, changed = {}, False
+    for line in done.stdout.splitlines():
+        if line.startswith("# "):
+            key, _, value = line[2:].partition(" ")
+            headers[key] = value
+        elif line:
+            changed = True
+    commit = headers.get("branch.oid", "(initial)")
+    if commit == "(initial)":  # a repository without a commit yet
+        return {}
+    tags = {GIT_COMMIT_TAG: commit, GIT_DIRTY_TAG: str(changed).lower()}
+    if headers.get("branch.head", "(detached)") != "(detached)":
+        tags[GIT_BRANCH_TAG] = headers["branch.head"]
+    return tags
+
 
 @task(cache_policy=NO_CACHE)
 def start_run(
@@ -183,12 +233,16 @@ def start_run(
     elif earlier := runs_of_flow_run(experiment_id, tags[FLOW_RUN_TAG]):
         run = earlier[0]
         client.update_run(run.info.run_id, status="RUNNING")
-    else:
+    else:  # a new run records the code it trains with; one taken back keeps what it recorded
+        tags = {**source_tags(), **tags}
         run = client.create_run(experiment_id, run_name=run_name, tags={key: str(v) for key, v in tags.items()})
+    if FAILURE_TAG in run.data.tags:  # a failed run taken back: it is running again
+        client.delete_tag(run.info.run_id, FAILURE_TAG)
     return TrainingRun(
         run_id=run.info.run_id,
         experiment_id=run.info.experiment_id,
         params=dict(run.data.params),
+        start_time=run.info.start_time,
     )
 
 
@@ -262,9 +316,15 @@ def fail_orphaned_runs(experiment: str, flow_run_id: str) -> list[str]:
 
 
 @task(cache_policy=NO_CACHE)
-def end_run(run_id: str, status: str = "FINISHED") -> None:
-    """Mark the run FINISHED, FAILED or KILLED: a run is never left RUNNING by a flow that stopped."""
-    _client().set_terminated(run_id, status=status)
+def end_run(run_id: str, status: str = "FINISHED", failure: str | None = None) -> None:
+    """Mark the run FINISHED, FAILED or KILLED: a run is never left RUNNING by a flow that stopped.
+
+    `failure` (the error that ended a FAILED run) is recorded as the tag `pets.failure`.
+    """
+    client = _client()
+    if failure is not None:
+        client.set_tag(run_id, FAILURE_TAG, failure[:MAX_TAG_LENGTH])
+    client.set_terminated(run_id, status=status)
 
 
 @contextmanager
@@ -279,7 +339,10 @@ def training_run(
     try:
         yield run
     except BaseException as error:
-        end_run(run.run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        if isinstance(error, KeyboardInterrupt):
+            end_run(run.run_id, "KILLED")
+        else:
+            end_run(run.run_id, "FAILED", failure=f"{type(error).__name__}: {error}")
         raise
     end_run(run.run_id, "FINISHED")
 
@@ -323,6 +386,12 @@ def epoch_metrics(row: EpochStats, stage: str) -> dict[str, float]:
         "images_per_second": row.images_per_second,
     }
     return {f"{stage}/{key}": values[key] for key in EPOCH_METRICS}
+
+
+def metric_history(run_id: str, key: str) -> list[float]:
+    """Return the run's values of a metric in step order (the last one logged at a step)."""
+    points = sorted(_client().get_metric_history(run_id, key), key=lambda point: (point.step, point.timestamp))
+    return list({point.step: point.value for point in points}.values())
 
 
 def logged_steps(run_id: str, key: str) -> set[int]:
@@ -473,11 +542,8 @@ def champion_version(registered_model: str, alias: str = "champion") -> str:
     return str(_client().get_model_version_by_alias(registered_model, alias).version)
 
 
-LOCAL_UI = "http://127.0.0.1:5000"  # where `pets ui` / `make ui` serve the local store
-
-
 def run_url(run: Mapping[str, str]) -> str:
-    """Return the run's page: on the tracking server when there is one, else in the local UI."""
+    """Return the run's page in the MLflow UI (`ui_url`)."""
     return f"{ui_url()}/#/experiments/{run['experiment_id']}/runs/{run['run_id']}"
 
 
@@ -487,9 +553,8 @@ def describe(value: Any) -> str:
 
 
 def ui_url() -> str:
-    """Return the MLflow UI's address: the tracking server when there is one, else the local UI."""
-    uri = tracking_uri()
-    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    """Return the MLflow UI's address: $PETS_MLFLOW_UI_URL, else the tracking server, else what `pets ui` serves."""
+    return _ui_url(tracking_uri())
 
 
 def compare_url(experiment_id: str, run_ids: Sequence[str]) -> str:

@@ -22,18 +22,21 @@ from functools import partial
 from pathlib import Path
 
 import pandas as pd
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
+from lib.common.errors import UserError
 from lib.common.files import write_text_atomically
+from lib.common.numbers import significant
 from lib.evaluate.evaluation import validation_images, validation_predictions
 from lib.evaluate.interpret import write_interpretation
 from lib.recipe import Recipe
 from lib.train.lr_finder import lr_find, plot_lr_find
-from lib.train.stages import SERVE, build_trainer, last_checkpoint, release_device_memory
+from lib.train.stages import SERVE, build_trainer, cpu_threads, last_checkpoint, release_device_memory
 from lib.train.trainer import EpochStats
 from tasks import tracking
+from tasks.progress import ProgressArtifact
 
 LR_FIND_METHODS = ("valley", "steep", "minimum", "slide")  # valley first: fastai 2.8's default suggestion
 REQUEST_FILE = "request.json"
@@ -47,7 +50,7 @@ STOP_GRACE_SECONDS = 10  # how long a stage process gets to stop on SIGINT befor
 PROJECT_ROOT = str(Path(__file__).resolve().parents[1])  # where `python -m lib.train.stages` finds the lib package
 
 
-class StageKilledError(RuntimeError):
+class StageKilledError(UserError, RuntimeError):
     """The training stage's process was killed by a signal; the retry resumes from the stage's `last.pt`."""
 
 
@@ -61,21 +64,36 @@ def _retry_when_killed(task, task_run, state) -> bool:
 
 
 def _progress_reporter(run_id: str, stage: str, total_epochs: int) -> Callable[[EpochStats, int], None]:
-    """Log each epoch to MLflow at its step within the stage and move a Prefect progress bar for the stage.
+    """Log each epoch to MLflow at its step within the stage, as one line to the run's log, and move a Prefect
+    progress bar for the stage.
 
     Steps MLflow already has (logged by an attempt that was then killed) are not logged twice; epochs a resumed
     stage restores that MLflow lacks (the attempt died between its checkpoint and its report) are filled in.
     """
+    logger = get_run_logger()  # the terminal and the flow run's log in Prefect
     progress_id = create_progress_artifact(0.0, description=f"{stage}: epochs done")
     logged = tracking.logged_steps(run_id, f"{stage}/{tracking.EPOCH_METRICS[0]}")
 
     def report(row: EpochStats, step: int) -> None:
-        if step not in logged:
+        restored = step in logged
+        if not restored:
             tracking.log_metrics(run_id, tracking.epoch_metrics(row, stage), step=step)
             logged.add(step)
+        logger.info(epoch_line(row, stage=stage, step=step, steps=total_epochs, restored=restored))
         update_progress_artifact(progress_id, 100.0 * (step + 1) / total_epochs)
 
     return report
+
+
+def epoch_line(row: EpochStats, *, stage: str, step: int, steps: int, restored: bool = False) -> str:
+    """One epoch as one log line: the stage, the epoch (and its phase), the losses, the error rate and the time."""
+    minutes, seconds = divmod(round(row.seconds), 60)
+    line = (
+        f"{stage} epoch {step + 1}/{steps} ({row.phase} {row.epoch + 1}/{row.epochs}): "
+        f"train_loss {significant(row.train_loss)}, valid_loss {significant(row.valid_loss)}, "
+        f"error_rate {significant(row.error_rate)}, time {minutes:02d}:{seconds:02d}"
+    )
+    return line + (" (restored from the checkpoint of an earlier attempt)" if restored else "")
 
 
 @task(
@@ -175,17 +193,22 @@ class StageProcess:
         except BaseException:
             self.stop()
             raise
-        returncode = self.stop()  # it reported an error and exits, or it is gone already
+        if error is not None:  # it reported its error and exits by itself: a signal now would hide the error
+            self.training = False
+            with suppress(subprocess.TimeoutExpired):
+                self.process.wait(STOP_GRACE_SECONDS)
+            self.stop()
+            raise _rebuilt(error)
+        returncode = self.stop()  # it is gone already
         if returncode < 0:
             name, stage_dir = signal.Signals(-returncode).name, Path(request_path).parent
             if -returncode == signal.SIGINT:
                 raise KeyboardInterrupt(f"the training stage was interrupted ({name})")
             raise StageKilledError(
                 f"The training process {self.pid} ({stage_dir.name} stage) was killed by {name}. Its last complete "
-                f"epoch is in {last_checkpoint(stage_dir)}; a retry resumes from there."
+                f"epoch is in {last_checkpoint(stage_dir)}; a retry resumes from there. Killed every time, it most "
+                "often ran out of memory (the kernel's OOM killer; `dmesg` says so): lower --bs or --workers."
             )
-        if error is not None:
-            raise _rebuilt(error)
         raise StageFailedError(f"The training process {self.pid} exited with status {returncode} and no result.")
 
     def stop(self) -> int:
@@ -274,8 +297,10 @@ def _rebuilt(error: Mapping[str, str]) -> Exception:
         if isinstance(found, type) and issubclass(found, Exception):
             try:
                 return found(error["message"])
-            except TypeError:  # an exception class that takes other arguments
-                pass
+            except TypeError:  # its constructor takes other arguments: the same type, with the message alone
+                rebuilt = found.__new__(found)
+                Exception.__init__(rebuilt, error["message"])
+                return rebuilt
     return StageFailedError(f"{error['type']}: {error['message']}")
 
 
@@ -286,7 +311,10 @@ def find_learning_rate(manifest_path: str, vocab_path: str, out_dir: str, recipe
     Returns every suggestion, the one the recipe uses (valley, fastai 2.8's default) and the plot's path.
     """
     trainer = build_trainer(manifest_path, vocab_path, recipe)
-    result = lr_find(trainer, methods=LR_FIND_METHODS)
+    progress = ProgressArtifact("lr_find: batches of the LR sweep")
+    with cpu_threads(recipe.runtime.threads):
+        result = lr_find(trainer, methods=LR_FIND_METHODS, on_progress=progress)
+    progress.finish()  # a sweep that diverged stopped early: it is done all the same
     del trainer
     release_device_memory()  # the probe trains next, in the stage process: leave it the GPU
     plot = plot_lr_find(result, Path(out_dir) / "lr_find" / "lr_find.png")
@@ -309,10 +337,11 @@ def evaluate_classifier(model_path: str, manifest_path: str, vocab_path: str, ou
     vocab = json.loads(Path(vocab_path).read_text())
     data, runtime = recipe.data, recipe.runtime
     # one validation pass serves the metrics and the interpretation
-    predictions = validation_predictions(
-        Path(model_path), manifest, vocab, presize=data.presize, size=data.size, batch_size=data.bs,
-        workers=data.workers, device=runtime.device, precision=recipe.precision,
-    )  # fmt: skip
+    with cpu_threads(runtime.threads):
+        predictions = validation_predictions(
+            Path(model_path), manifest, vocab, presize=data.presize, size=data.size, batch_size=data.bs,
+            workers=data.workers, device=runtime.device, precision=recipe.precision,
+        )  # fmt: skip
     evaluation_dir = Path(out_dir) / "evaluation"
     images = partial(validation_images, manifest, presize=data.presize, size=data.size)
     files = {

@@ -9,12 +9,14 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
+from urllib.parse import unquote, urlparse, urlsplit
 from urllib.request import url2pathname
 
 import httpx
 from filelock import FileLock
-from tqdm.auto import tqdm
+
+from lib.common.errors import InputError, UserError
+from lib.common.progress import progress_bar
 
 REDACTED = "<redacted>"
 _PART_SUFFIX = ".part"
@@ -25,7 +27,7 @@ _SHA256_PREFIX_PATTERN = re.compile(r"[0-9a-f]{1,64}")
 _SHA256_LENGTH = 64
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """A download failed: `reason` says what happened, `fix` what to do about it, `transient` whether retrying can help.
 
     The message is the reason followed by the fix, so a caller that gives its own advice can reuse just the reason.
@@ -64,8 +66,11 @@ def redact_url(url: str | None) -> str | None:
         user_info, host = netloc.rsplit("@", 1)
         user = user_info.split(":", 1)[0]
         netloc = f"{user}:{REDACTED}@{host}" if ":" in user_info else f"{user}@{host}"
-    query = REDACTED if parts.query else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    query = f"?{REDACTED}" if parts.query else ""
+    # Rebuilt by hand: urlunsplit drops the empty authority of sqlite:////abs/path.db and prints sqlite://abs/...
+    scheme = f"{parts.scheme}:" if parts.scheme else ""
+    authority = f"//{netloc}" if url[len(scheme) :].startswith("//") else ""
+    return f"{scheme}{authority}{parts.path}{query}"
 
 
 def file_name(url: str) -> str:
@@ -97,7 +102,7 @@ def download_file(
     target: Path,
     *,
     sha256: str | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     timeout: float = 60.0,
     chunk_size: int = 1 << 20,
     fix: str = "",
@@ -111,7 +116,7 @@ def download_file(
         target: Final path; the `.part` file beside it is renamed onto it only once complete and verified.
         sha256: Expected hex digest, or its first digits: torchvision names checkpoints with a sha256 prefix
             (resnet50-11ad3fa6.pth) and torch.hub's check_hash compares only that prefix (torch/hub.py).
-        progress: Show a progress bar.
+        progress: Show a progress bar: on a terminal (None), always (True) or never (False).
         timeout: Seconds to wait to connect and for each read (torch.hub's download_url_to_file has none).
         chunk_size: Bytes per disk write and per read of a local source.
         fix: What the user can do when the download fails, appended to every error's message.
@@ -166,7 +171,7 @@ class _Transfer:
 
     url: str
     part: Path
-    progress: bool
+    progress: bool | None
     timeout: float
     chunk_size: int
     fix: str
@@ -197,7 +202,7 @@ def _normalize_sha256(sha256: str | None) -> str | None:
         return None
     normalized = sha256.strip().lower()
     if not _SHA256_PREFIX_PATTERN.fullmatch(normalized):
-        raise ValueError(f"An expected sha256 must be 1 to 64 hexadecimal digits, got {sha256!r}.")
+        raise InputError(f"An expected sha256 must be 1 to 64 hexadecimal digits, got {sha256!r}.")
     return normalized
 
 
@@ -328,14 +333,14 @@ def _copy_local(source: Path, transfer: _Transfer) -> None:
             bar.update(len(chunk))
 
 
-def _progress_bar(transfer: _Transfer, *, total: int | None, initial: int) -> tqdm:
+def _progress_bar(transfer: _Transfer, *, total: int | None, initial: int):
     """Return a byte-counting progress bar named after the file being written."""
-    return tqdm(
+    return progress_bar(
         total=total,
         initial=initial,
         unit="B",
         unit_scale=True,
         unit_divisor=1024,
         desc=transfer.part.name.removesuffix(_PART_SUFFIX),
-        disable=not transfer.progress,
+        show=transfer.progress,
     )

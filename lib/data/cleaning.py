@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
 
 from lib.common.files import write_text_atomically
+from lib.common.progress import ProgressCallback, progress_bar
 from lib.data import images
 from lib.data.digests import FileDigests, stamp_of
 from lib.data.presize import PresizeCache
@@ -78,9 +78,10 @@ def clean_images(
     *,
     max_pixels: int | None = None,
     workers: int | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     presize_cache: PresizeCache | None = None,
     digests: FileDigests | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> CleaningResult:
     """Decode every image of a manifest and split its rows into kept and excluded.
 
@@ -88,10 +89,11 @@ def clean_images(
         manifest: One row per image with at least ``path`` (absolute) and ``label``; other columns are kept.
         max_pixels: Largest allowed width * height; see ``images.open_rgb``.
         workers: Threads decoding in parallel; defaults to the CPUs this process may use.
-        progress: Show a progress bar.
+        progress: Show a progress bar: on a terminal (None), always (True) or never (False).
         presize_cache: Where each image that decodes is presized while it is in memory, so no original is
             decoded twice; images it already holds are kept without decoding them again.
         digests: Remembered digests of unchanged files: with the presize cache, a warm re-run reads no original.
+        on_progress: Called as `on_progress(done, total)` after each file that had to be read.
     """
     paths = manifest["path"].astype(str).tolist()
     workers = workers or len(os.sched_getaffinity(0))
@@ -105,9 +107,11 @@ def clean_images(
         verdicts = [_remembered(path, presize_cache, digests) for path in paths]
         unsettled = [index for index, verdict in enumerate(verdicts) if verdict is None]
         checks = pool.map(lambda index: _check_image(paths[index], max_pixels, presize_cache, digests), unsettled)
-        bar = tqdm(checks, total=len(unsettled), desc="verifying images", unit="image", disable=not progress)
-        for index, verdict in zip(unsettled, bar, strict=True):
+        bar = progress_bar(checks, show=progress, total=len(unsettled), desc="verifying images", unit="image")
+        for done, (index, verdict) in enumerate(zip(unsettled, bar, strict=True), start=1):
             verdicts[index] = verdict
+            if on_progress is not None:
+                on_progress(done, len(unsettled))
     if digests is not None:
         digests.save()
     # A positional mask, not an index-aligned Series: the manifest's index may be anything.

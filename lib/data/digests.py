@@ -10,12 +10,17 @@ runs save it at once) costs one re-hash, never a wrong answer for an unchanged s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lib.common.files import write_text_atomically
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DIGESTS_FILE = "file-digests-v1.json"
 
@@ -64,3 +69,13 @@ class FileDigests:
         if self.changed:
             write_text_atomically(self.path, json.dumps(self._known))
             self.changed = False
+
+
+def dataset_version(manifest: pd.DataFrame) -> str:
+    """Return the hex sha256 of a split manifest's content: each image's own digest with its label and split.
+
+    The same images, labelled and split alike, give the same version wherever they sit on disk and whatever their
+    names (MLflow's dataset digest hashes the paths too, so a copy in another cache would look like other data).
+    """
+    rows = sorted(zip(manifest["sha256"], manifest["label"], manifest["split"], strict=True))
+    return hashlib.sha256("".join(f"{digest} {label} {split}\n" for digest, label, split in rows).encode()).hexdigest()

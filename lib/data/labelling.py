@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from lib.common.errors import InputError, MissingInputError, NotAFolderError, UserError
 from lib.recipe import DEFAULT_LABEL_PATTERN
 
 # fastbook ch. 5: `RegexLabeller(pat=r'(.+)_\d+.jpg$')` applied to the file name. The `.` is unescaped in the
@@ -17,11 +18,11 @@ from lib.recipe import DEFAULT_LABEL_PATTERN
 MAX_EXAMPLES = 5
 
 
-class UnmatchedFilesError(ValueError):
+class UnmatchedFilesError(UserError, ValueError):
     """Raised when some file names do not match the label pattern."""
 
 
-class NoImagesError(FileNotFoundError):
+class NoImagesError(MissingInputError):
     """Raised when a data folder holds no image files."""
 
 
@@ -49,7 +50,7 @@ def image_files(root: Path) -> list[Path]:
     """
     root = Path(root)
     if not root.is_dir():
-        raise NotADirectoryError(f"Data folder {root} does not exist or is not a folder: pass an existing --data-dir.")
+        raise NotAFolderError(f"Data folder {root} does not exist or is not a folder: pass an existing --data-dir.")
     extensions = image_extensions()
     found = []
     for folder, subfolders, names in os.walk(root, followlinks=True):
@@ -69,13 +70,22 @@ def label_from_filename(name: str, pattern: re.Pattern[str]) -> str | None:
     return match.group(1) if match else None
 
 
-def label_images(root: Path, *, pattern: str = DEFAULT_LABEL_PATTERN, skip_unmatched: bool = False) -> LabelledImages:
+NO_IMAGES_FIX = {  # by the option that chose the images
+    "--data-dir": "Point --data-dir at the folder that holds the images.",
+    "--data-url": "Check that --data-url names an archive of images, or pass --data-dir with a folder of images.",
+}
+
+
+def label_images(
+    root: Path, *, pattern: str = DEFAULT_LABEL_PATTERN, skip_unmatched: bool = False, source: str = "--data-dir"
+) -> LabelledImages:
     """Label every image under root from its file name.
 
     Args:
         root: folder searched recursively for images.
         pattern: regular expression searched in each file name; its first group is the label.
         skip_unmatched: report files the pattern does not match instead of raising.
+        source: the option that chose the images (a key of NO_IMAGES_FIX): the fix NoImagesError suggests.
 
     Raises:
         NoImagesError: root holds no image files.
@@ -87,7 +97,7 @@ def label_images(root: Path, *, pattern: str = DEFAULT_LABEL_PATTERN, skip_unmat
     if not paths:
         raise NoImagesError(
             f"No image files found under {root} (searched recursively for {', '.join(sorted(image_extensions())[:8])}"
-            ", ...). Point --data-dir at the folder that holds the images."
+            f", ...). {NO_IMAGES_FIX[source]}"
         )
     labels = [label_from_filename(p.name, compiled) for p in paths]
     unmatched = tuple(str(p) for p, label in zip(paths, labels, strict=True) if label is None)
@@ -103,9 +113,9 @@ def _compile_pattern(pattern: str) -> re.Pattern[str]:
     try:
         compiled = re.compile(pattern)
     except re.error as error:
-        raise ValueError(f"Label pattern {pattern!r} is not a valid regular expression: {error}") from error
+        raise InputError(f"Label pattern {pattern!r} is not a valid regular expression: {error}") from error
     if compiled.groups < 1:
-        raise ValueError(
+        raise InputError(
             f"Label pattern {pattern!r} needs a group, e.g. r'(.+)_\\d+.jpg$': its first group is the label."
         )
     return compiled
@@ -120,6 +130,6 @@ def _manifest_row(path: Path, label: str) -> dict:
 def _unmatched_message(unmatched: tuple[str, ...], total: int, pattern: str) -> str:
     examples = ", ".join(Path(p).name for p in unmatched[:MAX_EXAMPLES])
     return (
-        f"{len(unmatched)} of {total} file names do not match the label pattern {pattern!r} "
+        f"{len(unmatched)} of {total} file names do not match the label pattern '{pattern}' "
         f"(e.g. {examples}). Fix the pattern with --label-pattern, or pass --skip-unmatched to leave them out."
     )

@@ -17,6 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from lib.common.errors import InputError
 from lib.data.presize import presized_shape
 from lib.recipe import CPU_CORES_PER_WORKER, DEFAULT_BATCH_SIZE, MAX_DEFAULT_WORKERS
 
@@ -174,7 +175,7 @@ def make_loader(
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     if train and len(manifest) < batch_size:
-        raise ValueError(
+        raise InputError(
             f"The training set has {len(manifest)} images, fewer than one batch of {batch_size}: with drop_last "
             "there would be no batch at all. Lower --bs or add images."
         )

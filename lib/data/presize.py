@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 from PIL import Image
-from tqdm.auto import tqdm
 
+from lib.common.errors import UserError
 from lib.common.files import write_atomically, write_text_atomically
+from lib.common.progress import ProgressCallback, progress_bar
 from lib.data.images import ImageFacts, open_rgb_with_facts
 from lib.recipe import DEFAULT_PRESIZE
 
@@ -40,7 +41,7 @@ def presize_image(image: Image.Image, presize: int) -> Image.Image:
     return image.resize(presized_shape(*image.size, presize), Image.Resampling.BILINEAR)
 
 
-class CacheWriteError(RuntimeError):
+class CacheWriteError(UserError, RuntimeError):
     """The presize cache could not be written: a disk or permission problem, not a problem of the image."""
 
 
@@ -118,7 +119,8 @@ def presize_images(
     *,
     presize: int = DEFAULT_PRESIZE,
     workers: int | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> PresizeResult:
     """Presize every image of the manifest (needs `path` and `sha256` columns) that is not cached yet.
 
@@ -127,7 +129,8 @@ def presize_images(
         cache_dir: root of the presize cache, shared by runs.
         presize: short side of the cached images, in pixels.
         workers: threads decoding and resizing (Pillow releases the GIL while it does both).
-        progress: show a progress bar.
+        progress: show a progress bar: on a terminal (None), always (True) or never (False).
+        on_progress: called as `on_progress(done, total)` after each image presized.
     """
     cache = PresizeCache(cache_dir, presize)
     digests = manifest["sha256"].tolist()
@@ -136,8 +139,10 @@ def presize_images(
     }
     with ThreadPoolExecutor(max_workers=workers or len(os.sched_getaffinity(0))) as pool:
         jobs = pool.map(lambda item: presize_file(item[1], item[0], cache), missing.items())
-        for _ in tqdm(jobs, total=len(missing), desc=f"presize {presize}px", unit="img", disable=not progress):
-            pass
+        bar = progress_bar(jobs, show=progress, total=len(missing), desc=f"presize {presize}px", unit="img")
+        for done, _ in enumerate(bar, start=1):
+            if on_progress is not None:
+                on_progress(done, len(missing))
     result = manifest.assign(presized_path=[cache.image_path_str(digest) for digest in digests])
     hits = sum(digest not in missing for digest in digests)
     return PresizeResult(manifest=result, cache_hits=hits, written=len(missing))

@@ -26,6 +26,7 @@ from lib.common.download import (
     file_name,
     file_sha256,
 )
+from lib.common.errors import InputError, MissingInputError, NotAFolderError, UserError
 
 # fastai URLs.PETS, the archive fastbook chapter 5 downloads with untar_data.
 PETS_URL = "https://s3.amazonaws.com/fast-ai-imageclas/oxford-iiit-pet.tgz"
@@ -35,11 +36,16 @@ _EXTRACTED_MARKER = ".extracted.json"
 _SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 # Folders that are not part of a dataset: hidden ones and the resource forks macOS adds to zip files.
 _IGNORED_DIR_NAMES = ("__MACOSX",)
-# The options of `pets summary` (flows/cli.py) that choose the data.
-_FIX = "Check --data-url (and --sha256, when given), or pass --data-dir with a folder of images you already have."
+_UNSAFE_FIX = "Do not use this archive: check --data-url, or pass --data-dir with a folder of images you trust."
+# The options of `pets train`, `summary`, ... (flows/options.py) that choose the data; without either the archive
+# is the book's, so the URL is named too.
+_FIX = (
+    "Check the network and the URL (--data-url; by default the Oxford-IIIT Pet archive) and --sha256 when given, or "
+    "pass --data-dir with a folder of images you already have."
+)
 
 
-class UnsafeArchiveError(ValueError):
+class UnsafeArchiveError(UserError, ValueError):
     """An archive member would land outside the destination folder or is a link."""
 
 
@@ -48,7 +54,7 @@ def download_archive(
     cache_dir: Path,
     *,
     sha256: str | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     timeout: float = 60.0,
     chunk_size: int = 1 << 20,
 ) -> Path:
@@ -58,7 +64,7 @@ def download_archive(
         url: An http(s):// or file:// URL, or a plain path to a local archive.
         cache_dir: Root of the cache; the file goes to `cache_dir/downloads/<name from the URL>`.
         sha256: Expected hex digest; a mismatch raises ChecksumMismatchError.
-        progress: Show a progress bar.
+        progress: Show a progress bar: on a terminal (None), always (True) or never (False).
         timeout: Seconds to wait to connect and for each read.
         chunk_size: Bytes per disk write and per read of a local source.
 
@@ -102,7 +108,7 @@ def extract_archive(archive: Path, dest_dir: Path) -> Path:
     return dest_dir
 
 
-def fetch_dataset(url: str, cache_dir: Path, *, sha256: str | None = None, progress: bool = True) -> Path:
+def fetch_dataset(url: str, cache_dir: Path, *, sha256: str | None = None, progress: bool | None = None) -> Path:
     """Download and extract the archive at url and return the extracted folder.
 
     Runs sharing a cache take turns per archive: the second one waits for the first, then finds the archive complete
@@ -152,7 +158,7 @@ def resolve_data_source(
     data_dir: Path | None,
     cache_dir: Path,
     sha256: str | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> Path:
     """Return the images folder from either a local folder (used as is) or an archive URL to fetch.
 
@@ -181,7 +187,7 @@ def _normalize_sha256(sha256: str | None) -> str | None:
         return None
     normalized = sha256.strip().lower()
     if not _SHA256_PATTERN.fullmatch(normalized):
-        raise ValueError(f"sha256 must be 64 hexadecimal digits, got {sha256!r}.")
+        raise InputError(f"sha256 must be 64 hexadecimal digits, got {sha256!r}.")
     return normalized
 
 
@@ -215,7 +221,7 @@ def _archive_kind(archive: Path) -> str:
     for suffix, kind in _ARCHIVE_KINDS.items():
         if archive.name.lower().endswith(suffix):
             return kind
-    raise ValueError(f"Cannot extract {archive}: unsupported archive type; supported are {', '.join(_ARCHIVE_KINDS)}.")
+    raise InputError(f"Cannot extract {archive}: unsupported archive type; supported are {', '.join(_ARCHIVE_KINDS)}.")
 
 
 def _archive_stem(archive: Path) -> str:
@@ -270,7 +276,7 @@ def _extract_tar(archive: Path, dest_dir: Path) -> None:
             tar.extractall(dest_dir, filter=_strict_data_filter)
     except tarfile.FilterError as error:
         raise UnsafeArchiveError(
-            f"Refusing to extract {archive}: member {error.tarinfo.name!r} is unsafe ({error})."
+            f"Refusing to extract {archive}: member {error.tarinfo.name!r} is unsafe ({error}). {_UNSAFE_FIX}"
         ) from error
     except (
         tarfile.ReadError,
@@ -278,7 +284,7 @@ def _extract_tar(archive: Path, dest_dir: Path) -> None:
         zlib.error,
         EOFError,
     ) as error:  # a truncated or corrupt file
-        raise ValueError(
+        raise InputError(
             f"Cannot read {archive} as a tar archive ({error}); delete it and download it again."
         ) from error
 
@@ -298,7 +304,7 @@ def _extract_zip(archive: Path, dest_dir: Path) -> None:
                 _check_zip_member(archive, info)
             zip_file.extractall(dest_dir)
     except zipfile.BadZipFile as error:
-        raise ValueError(
+        raise InputError(
             f"Cannot read {archive} as a zip archive ({error}); delete it and download it again."
         ) from error
 
@@ -314,7 +320,7 @@ def _check_zip_member(archive: Path, info: zipfile.ZipInfo) -> None:
         problem = "is a symbolic link"
     else:
         return
-    raise UnsafeArchiveError(f"Refusing to extract {archive}: member {info.filename!r} {problem}.")
+    raise UnsafeArchiveError(f"Refusing to extract {archive}: member {info.filename!r} {problem}. {_UNSAFE_FIX}")
 
 
 _EXTRACTORS: dict[str, Callable[[Path, Path], None]] = {"tar": _extract_tar, "zip": _extract_zip}
@@ -335,9 +341,9 @@ def _dataset_subdirs(root: Path) -> list[Path]:
 def _existing_dir(path: Path) -> Path:
     """Return path if it is an existing folder, else raise an error that names it."""
     if not path.exists():
-        raise FileNotFoundError(f"Data folder {path} does not exist; pass an existing folder with --data-dir.")
+        raise MissingInputError(f"Data folder {path} does not exist; pass an existing folder with --data-dir.")
     if not path.is_dir():
-        raise NotADirectoryError(f"Data folder {path} is not a folder; pass a folder of images with --data-dir.")
+        raise NotAFolderError(f"Data folder {path} is not a folder; pass a folder of images with --data-dir.")
     return path
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from lib.common.errors import InputError
 from lib.recipe import DEFAULT_SEED, DEFAULT_VALID_PCT
 
 # fastbook ch. 5: RandomSplitter(valid_pct=0.2, seed=42)
@@ -36,7 +37,7 @@ def random_split(n: int, *, valid_pct: float = DEFAULT_VALID_PCT, seed: int | No
     if not 0 < valid_pct < 1:
         raise ValueError(f"valid_pct must be between 0 and 1 (exclusive), got {valid_pct}: e.g. --valid-pct 0.2.")
     if n < 2:
-        raise ValueError(f"Cannot split {n} item(s) into training and validation sets: at least 2 are needed.")
+        raise InputError(f"Cannot split {n} item(s) into training and validation sets: at least 2 are needed.")
     generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
     permutation = torch.randperm(n, generator=generator)
     cut = int(valid_pct * n)

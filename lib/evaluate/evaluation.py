@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from lib.common.errors import InputError
 from lib.data.augment import aug_transforms
 from lib.data.loading import PresizedImages, default_workers, make_loader
 from lib.evaluate.interpret import Predictions
@@ -50,7 +51,7 @@ def validation_predictions(
         )
     valid = manifest[manifest["split"] == "valid"]
     if valid.empty:
-        raise ValueError("The validation set is empty: raise --valid-pct so some images are held out.")
+        raise InputError("The validation set is empty: raise --valid-pct so some images are held out.")
     device = resolve_device(device)
     policy = resolve_precision(precision, device)
     channels_last = use_channels_last(device, None)

@@ -14,13 +14,14 @@ from typing import Any
 
 import torch
 
+from lib.common.errors import UserError
 from lib.common.files import write_atomically
 
 CHECKPOINT_FORMAT = 1
 LAST_CHECKPOINT = "last.pt"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """The checkpoint belongs to a different training plan than the one asked to resume."""
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +16,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from lib.common.plots import pyplot, save_figure
+from lib.common.progress import ProgressCallback, progress_bar
 from lib.train.schedule import lr_finder_lr
 
 if TYPE_CHECKING:
@@ -235,19 +234,21 @@ def lr_find(
     num_it: int = 100,
     stop_div: bool = True,
     methods: Sequence[str] = ("valley",),
+    on_progress: ProgressCallback | None = None,
 ) -> LRFinderResult:
     """Sweep the LR exponentially over `num_it` training batches, then put weights and optimizer back as they were.
 
     Every parameter group gets the same LR; momentum and weight decay stay where they are (fastai's LRFinder). The
     sweep stops once the smoothed loss passes 4x its best (with `stop_div`) or is not finite, and the suggestions
-    come from the finite points only.
+    come from the finite points only. `on_progress(done, num_it)` is called after every batch; a bar shows on a
+    terminal unless the trainer's `progress` says otherwise.
     """
     num_it = max(num_it, MIN_LR_FIND_ITERATIONS)
     saved_model = copy.deepcopy(trainer.model.state_dict())
     saved_optimizer = copy.deepcopy(trainer.optimizer.state_dict())
     try:
         with trainer.seeded(-1):  # the sweep's dropout, apart from every epoch's (epochs count from 0)
-            lrs, losses, stopped_early = _sweep(trainer, start_lr, end_lr, num_it, stop_div)
+            lrs, losses, stopped_early = _sweep(trainer, start_lr, end_lr, num_it, stop_div, on_progress)
     finally:
         # Lightning's tuner restores in `finally` too: probing must leave no trace, even when interrupted.
         trainer.optimizer.zero_grad(set_to_none=True)
@@ -260,7 +261,7 @@ def lr_find(
 
 
 def _sweep(
-    trainer: Trainer, start_lr: float, end_lr: float, num_it: int, stop_div: bool
+    trainer: Trainer, start_lr: float, end_lr: float, num_it: int, stop_div: bool, on_progress: ProgressCallback | None
 ) -> tuple[list[float], list[float], bool]:
     scaler, smoother, generator = trainer.precision.grad_scaler(), SmoothedLoss(), torch.Generator().manual_seed(0)
     momentum = trainer.optimizer.param_groups[0]["betas"][0]
@@ -274,15 +275,17 @@ def _sweep(
         smoothed = smoother.update(loss)
         lrs.append(lr)
         losses.append(smoothed)
+        if on_progress is not None:
+            on_progress(step + 1, num_it)
         if divergence.diverged(smoothed) and (stop_div or not math.isfinite(smoothed)):
             return lrs, losses, True
     return lrs, losses, False
 
 
-def _cycle(loader: DataLoader, count: int, *, progress: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _cycle(loader: DataLoader, count: int, *, progress: bool | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield `count` batches, passing over the loader again as needed (fastai's lr_find fits several epochs too)."""
     yielded = 0
-    bar = tqdm(total=count, desc="lr_find", leave=False, disable=not progress, file=sys.stderr)
+    bar = progress_bar(total=count, show=progress, desc="lr_find", leave=False)
     try:  # a sweep that diverges stops iterating early: the bar must still close
         while yielded < count:
             for batch in loader:

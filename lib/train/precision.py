@@ -2,14 +2,14 @@
 
 fp16 = autocast(float16) + a GradScaler that skips the optimizer step when the unscaled gradients overflow.
 bf16 = autocast(bfloat16) without a scaler (bf16 has fp32's exponent range). Float16 autocast is a CUDA feature here:
-on another device an fp16 request runs in fp32 and says so once, and the effective precision is reported to the caller
-so the pipeline can log what actually ran.
+on another device an fp16 request runs in fp32, and `Precision.effective` and `.note` tell the caller what ran and
+why: the training flow says so once in its log and records it (fp16 is the recipe's default, so every CPU run would
+otherwise warn in every stage).
 """
 
 from __future__ import annotations
 
 import contextlib
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -49,24 +49,20 @@ class Precision:
 
 
 def resolve_precision(requested: str, device: torch.device | str) -> Precision:
-    """Decide the precision that runs on this device, warning once when it differs from the request."""
+    """Decide the precision that runs on this device; `note` says why it differs from the request, if it does."""
     if requested not in PRECISIONS:
         raise ValueError(f"Unknown precision {requested!r}: choose one of {', '.join(PRECISIONS)}.")
-    device_type = torch.device(device).type
-    precision = _precision_for(requested, device_type)
-    if precision.note:
-        warnings.warn(precision.note, RuntimeWarning, stacklevel=2)
-    return precision
+    return _precision_for(requested, torch.device(device).type)
 
 
 def _precision_for(requested: str, device_type: str) -> Precision:
     if requested == "fp16" and device_type != "cuda":
         # CPU float16 autocast is slow where it exists at all; fp32 is the honest fallback.
-        note = f"fp16 mixed precision needs a CUDA GPU; training runs in fp32 on {device_type}."
+        note = f"fp16 mixed precision needs a CUDA GPU, so this runs in fp32 on {device_type}."
         return Precision(requested, "fp32", device_type, note)
     if requested == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
         # fastai raises here too: a silent fp32 run would hide a misconfigured GPU pool.
-        raise RuntimeError("bf16 was requested but this GPU does not support bfloat16: use --precision fp16.")
+        raise RuntimeError("bf16 was requested but this GPU does not support bfloat16: use fp16.")
     if requested == "bf16" and device_type not in ("cuda", "cpu"):
         note = f"bf16 autocast is not supported on {device_type}; training runs in fp32."
         return Precision(requested, "fp32", device_type, note)

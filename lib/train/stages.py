@@ -28,13 +28,15 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
+from lib.common.errors import UserError, debug_requested
 from lib.common.files import write_text_atomically
 from lib.common.plots import pyplot
 from lib.evaluate.interpret import plot_losses
@@ -42,7 +44,7 @@ from lib.recipe import Recipe
 from lib.serve.inference import export_classifier
 from lib.train.checkpoint import LAST_CHECKPOINT
 from lib.train.model import count_parameters
-from lib.train.trainer import EpochStats, Trainer, best_epoch, vision_trainer
+from lib.train.trainer import EpochStats, NonFiniteLossError, Trainer, best_epoch, vision_trainer
 
 MODEL_FILE = "model.pth"
 HISTORY_FILE = "history.json"
@@ -97,6 +99,21 @@ def release_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
+@contextmanager
+def cpu_threads(count: int | None) -> Iterator[None]:
+    """Run the block on `count` intra-op CPU threads (None: as many as now), then put the count back.
+
+    The recipe's `runtime.threads`: a CPU reduction is split by thread count, so a fixed count repeats a run exactly.
+    """
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def last_checkpoint(stage_dir: Path) -> Path:
     """Where a stage keeps the checkpoint of its last complete epoch."""
     return Path(stage_dir) / CHECKPOINTS / LAST_CHECKPOINT
@@ -134,12 +151,19 @@ def fine_tune_stage(request: Mapping[str, Any], on_epoch_end: Callable[[EpochSta
     trainer = build_trainer(
         request["manifest_path"], request["vocab_path"], recipe, checkpoint_dir=checkpoint.parent, on_epoch_end=report
     )
+    trainer.epoch_table = False  # whoever started the stage gets each epoch through on_epoch_end and shows it
     if resume_from:
         print(f"Resuming the {stage_dir.name} stage from {resume_from}.", file=sys.stderr)
     epochs, freeze_epochs = request["epochs"], request["freeze_epochs"]
-    trainer.fine_tune(
-        epochs, request["base_lr"], freeze_epochs=freeze_epochs, lr_mult=request["lr_mult"], resume_from=resume_from
-    )
+    try:
+        with cpu_threads(recipe.runtime.threads):
+            trainer.fine_tune(
+                epochs, request["base_lr"], freeze_epochs=freeze_epochs, lr_mult=request["lr_mult"],
+                resume_from=resume_from,
+            )  # fmt: skip
+    except NonFiniteLossError as error:  # the trainer knows the phase and epoch; the stage is named here
+        message = str(error)
+        raise NonFiniteLossError(f"The {stage_dir.name} stage stopped: {message[:1].lower()}{message[1:]}") from None
     report_history()  # a checkpoint of the whole stage trains nothing more, but its epochs are still reported
     history = trainer.history  # the whole stage, including epochs an earlier attempt ran
     model_path = export_classifier(
@@ -233,7 +257,8 @@ def run_request(request_path: Path, send: Callable[[dict], None]) -> bool:
     try:
         result = fine_tune_stage(request, on_epoch_end=lambda row, step: send({"epoch": row.as_dict(), "step": step}))
     except Exception as error:
-        traceback.print_exc()
+        if debug_requested() or not isinstance(error, UserError):  # a user error is told once, by the CLI
+            traceback.print_exc()
         send({"error": {"type": f"{type(error).__module__}.{type(error).__qualname__}", "message": str(error)}})
         return False
     send({"result": result})

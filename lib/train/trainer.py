@@ -31,6 +31,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from lib.common.errors import InputError, UserError
+from lib.common.progress import progress_bar
 from lib.data.augment import BatchAugmentation, aug_transforms
 from lib.data.loading import default_workers, epoch_seed, make_loaders
 from lib.recipe import DEFAULT_BATCH_SIZE, DEFAULT_PRESIZE
@@ -51,7 +53,7 @@ LOSS_READBACK_BATCHES = 8
 EpochCallback = Callable[["EpochStats"], None]
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
@@ -130,7 +132,8 @@ class Trainer:
         seed: int | None = None,
         checkpoint_dir: Path | None = None,
         on_epoch_end: EpochCallback | None = None,
-        progress: bool = True,
+        progress: bool | None = None,
+        epoch_table: bool = True,
         compile: bool = False,
     ):
         self.device = resolve_device(device)
@@ -150,7 +153,8 @@ class Trainer:
         self.seed = secrets.randbits(62) if seed is None else seed
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.on_epoch_end = on_epoch_end
-        self.progress = progress
+        self.progress = progress  # per-batch bars: on a terminal (None), always (True) or never (False)
+        self.epoch_table = epoch_table  # each epoch as a row of fastai's table on stderr
         self.optimizer = make_optimizer(self.model, weight_decay=weight_decay, fused=self.device.type == "cuda")
         self.n_groups = len(parameter_groups(self.model))
         self.loss_function = nn.CrossEntropyLoss()  # fastai CrossEntropyLossFlat: mean, no smoothing
@@ -274,6 +278,8 @@ class Trainer:
         stats = []
         for epoch in range(first_epoch, phase.epochs):
             row = self._fit_epoch(phase, epoch, schedule, scaler, smoother)
+            if not math.isfinite(row.valid_loss):  # diverged weights: never checkpoint them over the last good ones
+                raise self._non_finite(row.valid_loss, phase, epoch, None, [row.lr], loss="validation")
             stats.append(row)
             self.history.append(row)
             self._save_progress(plan, index, epoch + 1, scaler, smoother)
@@ -377,21 +383,22 @@ class Trainer:
         sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epochs_run)
-        return tqdm(loader, desc=desc, leave=False, disable=not self.progress, file=sys.stderr, unit="batch")
+        return progress_bar(loader, show=self.progress, desc=desc, leave=False, unit="batch")
 
     def _non_finite(
-        self, loss: float, phase: Phase, epoch: int, batch: int, lrs: Sequence[float]
+        self, value: float, phase: Phase, epoch: int, batch: int | None, lrs: Sequence[float], *, loss: str = "training"
     ) -> NonFiniteLossError:
         kept = (
-            f" The checkpoint of the last finished epoch is in {self.checkpoint_dir}."
+            f" The checkpoint of the last finished epoch is kept in {self.checkpoint_dir}."
             if self.checkpoint_dir and self.history
             else ""
         )
+        at_batch = f", batch {batch + 1}/{len(self.train_loader)}" if batch is not None else ""
         return NonFiniteLossError(
-            f"The training loss became {loss} in phase '{phase.name}', epoch {epoch + 1}/{phase.epochs}, "
-            f"batch {batch + 1}/{len(self.train_loader)}, at learning rate {lrs[-1]:.3g} (head group). The learning "
-            f"rate is too high for this model: run the LR finder and train with a smaller one (e.g. "
-            f"{lrs[-1] / 10:.1g}); with fp16, try bf16 or fp32 (--no-fp16 on the pets CLI).{kept}"
+            f"The {loss} loss became {value} in phase '{phase.name}', epoch {epoch + 1}/{phase.epochs}{at_batch}, at "
+            f"learning rate {lrs[-1]:.3g} (head group): the learning rate is too high for this model. Train with a "
+            f"smaller one (--base-lr on the pets CLI, e.g. {lrs[-1] / 10:.1g}; the LR finder, `pets lr-find`, "
+            f"suggests one), and with fp16 try fp32 (--no-fp16).{kept}"
         )
 
     # -- validation ---------------------------------------------------------------------------------------------
@@ -410,7 +417,7 @@ class Trainer:
             correct.append((logits.argmax(dim=1) == targets).sum())
             count += len(targets)
         if count == 0:
-            raise ValueError("The validation set is empty: raise --valid-pct so some images are held out.")
+            raise InputError("The validation set is empty: raise --valid-pct so some images are held out.")
         loss_sum = torch.stack(loss_sums).cpu().double().sum().item()
         return loss_sum / count, torch.stack(correct).sum().item() / count
 
@@ -443,7 +450,7 @@ class Trainer:
         self.valid_points = [tuple(point) for point in state["valid_points"]]
 
     def _report(self, row: EpochStats) -> None:
-        if self.progress:
+        if self.epoch_table:
             tqdm.write(format_stats_row(row, header=len(self.history) == 1), file=sys.stderr)
         if self.on_epoch_end is not None:
             self.on_epoch_end(row)
@@ -509,11 +516,11 @@ def format_stats_row(row: EpochStats, *, header: bool = False) -> str:
 def check_presize(manifest: pd.DataFrame, presize: int) -> None:
     """Fail early, in the main process, when the manifest's images were presized for another size."""
     if manifest.empty:
-        raise ValueError("The manifest has no images: run the data stage first (pets summary).")
+        raise InputError("The manifest has no images: run the data stage first (pets summary).")
     with Image.open(manifest["presized_path"].iloc[0]) as first:
         found = min(first.size)
     if found != presize:
-        raise ValueError(
+        raise InputError(
             f"The manifest's images were presized to {found}px, but presize={presize} was asked for: pass "
             f"presize={found}, or re-run the data stage with --presize {presize}."
         )

@@ -15,6 +15,7 @@ import torchvision
 from torchvision.models import WeightsEnum
 
 from lib.common.download import ChecksumMismatchError, DownloadError, download_file, download_lock, file_name
+from lib.common.errors import UserError
 
 MIRROR_ENV = "PETS_WEIGHTS_MIRROR"
 CHECKPOINT_SUFFIXES = (".pth", ".pt")
@@ -22,26 +23,22 @@ _NO_PRETRAINING_HINT = "pretrained=False in Python, --no-pretrained on the pets 
 _LOCAL_FILE_HINT = "in Python, pretrained='/path/to/a/state_dict.pth'"
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(UserError, RuntimeError):
     """Pretrained weights are neither cached nor downloadable; the message says where to put the file."""
 
     def __init__(self, reason: str, *, path: Path, url: str) -> None:
         self.reason = reason
         self.path = path
         self.url = url
-        super().__init__(
-            f"Pretrained weights are not available: {reason}\n"
-            f"  missing file: {path}\n"
-            f"  download it from: {url}\n"
-            f"  and put it in {path.parent} (torch.hub.get_dir()/checkpoints: $TORCH_HOME/hub/checkpoints, "
-            "by default ~/.cache/torch/hub/checkpoints),\n"
-            f"  or set {MIRROR_ENV} to a base URL that serves {path.name},\n"
-            f"  or load a local state dict ({_LOCAL_FILE_HINT}),\n"
-            f"  or train without pretraining: {_NO_PRETRAINING_HINT}."
+        super().__init__(  # one line: the pets CLI prints a user error as one line
+            f"Pretrained weights are not available: {reason} Download {url} to {path} (the folder is "
+            "torch.hub.get_dir()/checkpoints: $TORCH_HOME/hub/checkpoints, by default "
+            f"~/.cache/torch/hub/checkpoints), or set {MIRROR_ENV} to a base URL that serves {path.name}, or load a "
+            f"local state dict ({_LOCAL_FILE_HINT}), or train without pretraining ({_NO_PRETRAINING_HINT})."
         )
 
 
-class CheckpointLoadError(ValueError):
+class CheckpointLoadError(UserError, ValueError):
     """A checkpoint file is not a plain state dict of tensors (or is corrupt)."""
 
 
@@ -88,7 +85,7 @@ def load_pretrained(
     *,
     download: bool = True,
     weights_dir: Path | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> dict[str, torch.Tensor] | None:
     """Return the pretrained state dict that spec names, downloading it to the cache if needed.
 
@@ -98,7 +95,7 @@ def load_pretrained(
             a weights enum member; or the path of a local .pth/.pt state dict.
         download: Download a checkpoint missing from the cache; when False a missing file raises.
         weights_dir: Folder holding the checkpoints instead of torch.hub.get_dir()/checkpoints.
-        progress: Show a download progress bar.
+        progress: Show a download progress bar: on a terminal (None), always (True) or never (False).
 
     Raises:
         WeightsUnavailableError: The checkpoint is not cached and cannot be downloaded.
@@ -134,7 +131,7 @@ def _local_path(spec: bool | str | Path | WeightsEnum) -> Path | None:
     return path
 
 
-def _download_checkpoint(weights: WeightsEnum, path: Path, *, download: bool, progress: bool) -> None:
+def _download_checkpoint(weights: WeightsEnum, path: Path, *, download: bool, progress: bool | None) -> None:
     """Download the checkpoint of weights to path through the shared downloader, or explain why it cannot be had.
 
     Raises:

@@ -158,8 +158,7 @@ def test_predict_names_a_missing_image(tmp_path):
 
     result = invoke("predict", "models:/cli-pets/1", missing)
 
-    assert result.exit_code != 0
-    assert str(missing) in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and result.stderr == f"Error: no such image file: {missing}\n"
 
 
 def test_predict_names_a_model_uri_that_does_not_resolve(mlflow_uri, tmp_path):
@@ -168,7 +167,7 @@ def test_predict_names_a_model_uri_that_does_not_resolve(mlflow_uri, tmp_path):
 
     result = invoke("predict", "models:/no-such-model/7", picture)
 
-    assert result.exit_code == 1
+    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1
     assert "models:/no-such-model/7" in result.output and "pets train" in result.output
     assert "MLFLOW_TRACKING_URI" in result.output
 
@@ -184,7 +183,7 @@ def test_compare_passes_every_recipe_flag_as_a_valid_training_setting(tmp_path):
     # The flow checks settings and archs before training anything: a repeated arch fails it right after that check.
     result = invoke("compare", "--archs", "resnet18,resnet18", *TINY[2:], "--out-dir", tmp_path, "--json")
 
-    assert result.exit_code == 1
+    assert result.exit_code == 2 and result.stderr.count("Error:") == 1
     assert "more than once" in result.output and "is not a setting" not in result.output
 
 
@@ -200,7 +199,7 @@ def test_announce_dataset_without_a_prefect_server_says_what_to_set():
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         result = invoke("announce-dataset", "file:///data/pets-v2.tgz")
 
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "PREFECT_API_URL is not set" in result.output and "Traceback" not in result.output
 
 

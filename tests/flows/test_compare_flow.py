@@ -13,10 +13,11 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.exceptions import ParameterTypeError
 
-from flows.compare import COLUMNS, compare
+from flows.compare import COLUMNS, TrainingsFailedError, compare
 from lib.data.synthetic import make_pets_dataset, pack_tgz
 from lib.recipe import Recipe
 from lib.train.weights import checkpoint_path, weights_for
+from tasks import tracking
 from tasks.tracking import champion_version
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -123,13 +124,26 @@ def test_the_table_is_a_prefect_artifact(comparison):
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
 
     assert len(artifacts) == 1 and artifacts[0].type == "table"
-    assert json.loads(artifacts[0].data) == comparison["runs"]
-    # And a link to MLflow's compare-runs page for the two runs.
+    shown = json.loads(artifacts[0].data)  # the same rows, numbers to 4 significant digits
+    assert [row["run_id"] for row in shown] == [row["run_id"] for row in comparison["runs"]]
+    for row, exact in zip(shown, comparison["runs"], strict=True):
+        assert row["error_rate"] == float(f"{exact['error_rate']:.4g}") and row["parameters"] == exact["parameters"]
+        assert row["train_seconds"] == float(f"{exact['train_seconds']:.4g}")
+    # And a link to MLflow's compare-runs page for the two runs: the one the flow returns (and `pets compare` prints).
     with get_client(sync_client=True) as client:
         links = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["mlflow-comparison"])))
     pages = [link.data for link in links if comparison["comparison"] in link.data]
     assert len(pages) == 1 and "/#/compare-runs?runs=" in pages[0]
     assert all(row["run_id"] in pages[0] for row in comparison["runs"])
+    assert comparison["compare_url"] in pages[0] and comparison["compare_url"].startswith(tracking.ui_url())
+
+
+def test_the_chart_draws_each_final_model_and_is_logged_on_every_child_run(comparison, store):
+    chart = Path(comparison["chart"])
+    assert chart.name == "comparison.png" and chart.parent == Path(comparison["table"]).parent
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for run in runs_of(store, EXPERIMENT).values():
+        assert "comparison.png" in [item.path for item in store.list_artifacts(run.info.run_id)]
 
 
 def test_the_table_is_logged_on_every_child_run(comparison, store):
@@ -176,6 +190,7 @@ def test_a_failed_child_fails_the_comparison_after_tabulating_the_others_and_lea
     ) as failure:
         state.result()
     assert str(failure.value).startswith("1 of 2") and "resnet18:" not in str(failure.value)
+    assert isinstance(failure.value, TrainingsFailedError)  # a user error in each failed child: `pets` prints one line
     runs = runs_of(store, experiment)
     assert {arch: run.info.status for arch, run in runs.items()} == {"resnet18": "FINISHED", "resnet34": "FAILED"}
     good = runs["resnet18"]
@@ -220,5 +235,6 @@ def test_deployment_mode_fails_naming_every_child_that_could_not_start(mlflow_ur
         state.result()
     for arch in ("resnet18", "resnet34"):
         assert f"could not run deployment 'train-pets/no-such-deployment-{arch}'" in str(error.value)
+    assert not isinstance(error.value, TrainingsFailedError)  # children that never started: not the user's inputs
     client = mlflow.MlflowClient(mlflow_uri)
     assert client.search_runs([client.get_experiment_by_name("pets").experiment_id]) == []  # created, unused

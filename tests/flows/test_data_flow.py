@@ -150,13 +150,12 @@ def test_cli_help_tells_every_command_and_flag():
     assert "summary" in top.stdout and "demo" in top.stdout
 
 
-def test_pets_summary_cli_names_a_missing_folder_and_exits_1(tmp_path):
+def test_pets_summary_cli_names_a_missing_folder_and_exits_2(tmp_path):
     missing = tmp_path / "no-such-folder"
     result = CliRunner().invoke(app, ["summary", "--data-dir", str(missing), "--cache-dir", str(tmp_path / "c")])
 
-    assert result.exit_code == 1
-    assert "Error: " in result.output and str(missing) in result.output
-    assert "Traceback" not in result.output
+    assert result.exit_code == 2  # a user error, found before the data stage starts
+    assert result.stderr == f"Error: --data-dir {missing} does not exist: pass the folder that holds the images\n"
 
 
 def test_skipped_unmatched_files_are_reported_in_the_summary(tmp_path):

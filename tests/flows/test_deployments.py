@@ -48,6 +48,7 @@ COMPARE_EXPERIMENT = "pets-deployments-test"
 COMPARE_MODEL = "pets-deployments-test-classifier"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_deploy_all_then_workers_run_smoke_and_compare_runs_its_trainings_in_parallel_on_the_gpu_pool(
     tmp_path, mlflow_uri
@@ -87,6 +88,10 @@ def test_deploy_all_then_workers_run_smoke_and_compare_runs_its_trainings_in_par
             "cache_dir": str(tmp_path / "pets-home"),
         }
         smoke_run = server.post(f"/deployments/{smoke['id']}/create_flow_run", {"parameters": parameters})
+        # The data stage alone, on its own generated data (prefect.yaml gives it no parameters): only the folders.
+        data_folders = {"out_dir": str(tmp_path / "data-smoke"), "cache_dir": str(tmp_path / "data-smoke-cache")}
+        data_smoke = deployed["data-smoke"]
+        data_run = server.post(f"/deployments/{data_smoke['id']}/create_flow_run", {"parameters": data_folders})
 
         # While the cpu worker trains, and before any gpu worker runs: announce a dataset the way `pets
         # announce-dataset` does, and check the automation schedules a compare run for it.
@@ -127,6 +132,11 @@ def test_deploy_all_then_workers_run_smoke_and_compare_runs_its_trainings_in_par
 
         final = server.wait_for_final_state(smoke_run["id"], timeout=8 * 60)
         assert final["state_type"] == "COMPLETED", f"{final['state']}\n{server.diagnostics()}"
+        data_final = server.wait_for_final_state(data_run["id"], timeout=60)
+        assert data_final["state_type"] == "COMPLETED", f"{data_final['state']}\n{server.diagnostics()}"
+        assert data_final["total_run_time"] < 60, data_final  # offline, on generated data: no 811 MB download
+        assert (tmp_path / "data-smoke" / "data" / "summary.txt").is_file()
+        assert not (tmp_path / "data-smoke-cache" / "downloads" / "oxford-iiit-pet.tgz").exists()
         train_runs = server.post(
             "/flow_runs/filter",
             {

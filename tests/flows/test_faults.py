@@ -181,6 +181,7 @@ def wait_until(condition, what: str, timeout: float = 60):
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_deployment_run_whose_process_is_killed_crashes_fails_its_mlflow_run_and_prefect_retry_resumes_it(
     archive, tmp_path, mlflow_uri

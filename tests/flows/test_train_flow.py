@@ -1,6 +1,7 @@
 """The training flow end to end: real HTTP on 127.0.0.1, a temporary Prefect API, a real MLflow sqlite store."""
 
 import json
+import re
 
 import mlflow
 import numpy as np
@@ -69,7 +70,7 @@ def metric_steps(client, run_id, key):
 
 @pytest.mark.timeout(900)  # two runs, one with the LR finder: about 4 minutes on two busy cores
 def test_the_flow_tracks_the_whole_recipe_in_one_mlflow_run_and_a_warm_rerun_reuses_the_data(
-    archive, tmp_path, mlflow_uri
+    archive, tmp_path, mlflow_uri, caplog
 ):
     with serve_directory(archive.parent) as server:
         # A signed-URL style token: it must reach the download but never an MLflow param or the dataset source.
@@ -96,11 +97,22 @@ def test_the_flow_tracks_the_whole_recipe_in_one_mlflow_run_and_a_warm_rerun_reu
     manifest = pd.read_csv(result["data"]["manifest"])
     assert params["classes"] == str(BREEDS) and int(params["valid_size"]) == (manifest["split"] == "valid").sum()
 
+    # Its name says what trained, on which data (the archive's name and the data version) and when.
+    assert re.fullmatch(rf"resnet18 · pets {params['data_version'][:6]} · \d\d-\d\d \d\d:\d\d", run.info.run_name)
+    assert result["run_name"] == run.info.run_name
+
     # Per-epoch histories: the same keys for every stage, step = epoch index within the stage.
     epochs_by_stage = {"baseline": 1 + 1, "probe": 1 + 2, "final": 1 + result["epochs_trained"]}
     for stage, epochs in epochs_by_stage.items():
         for key in EPOCH_METRICS:
             assert metric_steps(client, run.info.run_id, f"{stage}/{key}") == list(range(epochs)), (stage, key)
+    # And one line per epoch in the flow run's log (the warm rerun's probe has 2 epochs: "probe epoch k/2").
+    logged = [record.getMessage() for record in caplog.records]
+    for stage in ("baseline", "probe"):
+        epochs = epochs_by_stage[stage]
+        logged_epochs = [f"{stage} epoch {k + 1}/{epochs} (" for k in range(epochs)]
+        counts = [sum(line.startswith(prefix) for line in logged) for prefix in logged_epochs]
+        assert counts == [1] * epochs, (stage, counts)
     assert run.data.metrics["error_rate"] == pytest.approx(result["error_rate"])
     assert set(SUMMARY_METRICS) <= set(run.data.metrics)
 
@@ -171,12 +183,12 @@ def test_a_failure_mid_flow_marks_the_mlflow_run_failed_with_what_it_had_logged(
 
     assert state.is_failed()
     error = state.result(raise_on_failure=False)  # raised in the stage's process, rebuilt here with its message
-    assert isinstance(error, NonFiniteLossError) and "The training loss became" in str(error)
+    assert isinstance(error, NonFiniteLossError) and str(error).startswith("The probe stage stopped: the training loss")
     (probe,) = [run for run in task_runs(state) if run.name == "fine-tune-probe"]
     assert probe.state.is_failed() and probe.run_count == 1  # an error, not a kill: the same LR would diverge again
     client = mlflow.MlflowClient(mlflow_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("pets-test").experiment_id])
-    assert run.info.status == "FAILED"
+    assert run.info.status == "FAILED" and run.data.tags["pets.failure"] == f"NonFiniteLossError: {error}"
     assert run.data.params["base_lr"] == "1e+30" and run.data.params["model.arch"] == "resnet18"
     assert artifact_names(client, run.info.run_id, "data") == DATA_ARTIFACTS
     assert client.search_registered_models() == []  # nothing half-trained was registered

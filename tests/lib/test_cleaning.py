@@ -266,3 +266,11 @@ def test_a_full_disk_stops_cleaning_with_a_clear_error_and_leaves_no_partial_cac
     monkeypatch.setattr(Image.Image, "save", real_save)  # space freed: the same call now fills the cache
     kept = clean_images(manifest, progress=False, presize_cache=cache).kept
     assert len(kept) == 2 and all(cache.lookup(digest) is not None for digest in kept["sha256"])
+
+
+def test_no_bar_by_default_when_stderr_is_not_a_terminal_and_progress_reaches_the_callback(images_dir, capsys):
+    manifest = _manifest(sorted(images_dir.glob("Abyssinian_[123].jpg")))
+    reports = []
+    clean_images(manifest, on_progress=lambda done, total: reports.append((done, total)))
+    assert capsys.readouterr().err == ""  # captured stderr is no terminal: no bar, no carriage returns
+    assert reports == [(1, 3), (2, 3), (3, 3)]

@@ -9,7 +9,7 @@ import pytest
 
 from lib.data import cleaning
 from lib.data.cleaning import clean_images
-from lib.data.digests import FileDigests, stamp_of
+from lib.data.digests import FileDigests, dataset_version, stamp_of
 from lib.data.presize import PresizeCache
 from lib.data.synthetic import make_pets_dataset
 
@@ -90,3 +90,16 @@ def test_without_the_cache_entry_the_memo_alone_does_not_settle_a_file(pets, mon
     reads = _count_reads(monkeypatch)
     warm = clean_images(manifest, progress=False, presize_cache=cache, digests=FileDigests(digests.path))
     assert reads == [gone] and warm.decoded == 1  # decoded and presized again
+
+
+def test_the_data_version_follows_the_content_labels_and_split_not_where_the_files_are():
+    manifest = pd.DataFrame(
+        {"path": ["/a/cat_1.jpg", "/a/dog_1.jpg"], "sha256": ["aa", "bb"], "label": ["cat", "dog"],
+         "split": ["train", "valid"]}
+    )  # fmt: skip
+    version = dataset_version(manifest)
+    moved = manifest.assign(path=["/elsewhere/x.jpg", "/elsewhere/y.jpg"]).iloc[::-1]  # another cache, another order
+    assert dataset_version(moved) == version and len(version) == 64
+    assert dataset_version(manifest.assign(split=["valid", "train"])) != version
+    assert dataset_version(manifest.assign(label=["dog", "cat"])) != version
+    assert dataset_version(manifest.assign(sha256=["aa", "cc"])) != version

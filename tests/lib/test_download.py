@@ -535,6 +535,10 @@ def test_urls_are_redacted_of_passwords_and_query_strings_before_they_are_logged
     assert redact_url("https://me:tok3n@host.example/pets.tgz") == "https://me:<redacted>@host.example/pets.tgz"
     assert redact_url("https://me@host.example/pets.tgz#x") == "https://me@host.example/pets.tgz"
     assert redact_url("file:///data/pets.tgz") == "file:///data/pets.tgz" and redact_url(None) is None
+    # An absolute sqlite path keeps its four slashes (urlunsplit would print sqlite://tmp/...).
+    assert redact_url("sqlite:////tmp/x/mlflow.db") == "sqlite:////tmp/x/mlflow.db"
+    assert redact_url("sqlite:///mlflow.db?mode=ro") == "sqlite:///mlflow.db?<redacted>"
+    assert redact_url("/data/pets.tgz") == "/data/pets.tgz"
 
 
 def test_two_runs_sharing_a_cache_fetch_the_archive_once_and_both_see_it_whole(server, pets_archive, cache_dir):

@@ -56,15 +56,18 @@ def test_presize_writes_short_side_images_into_content_addressed_cache(tmp_path,
 
 def test_second_run_hits_the_cache_without_decoding_the_originals(tmp_path, originals):
     manifest = _manifest(originals)
-    first = presize_images(manifest, tmp_path / "cache", presize=64, progress=False)
+    reports = []
+    first = presize_images(manifest, tmp_path / "cache", presize=64, on_progress=lambda *r: reports.append(r))
     mtimes = [os.stat(p).st_mtime_ns for p in first.manifest["presized_path"]]
     for original in originals:  # nothing left to decode: a re-decode would fail
         original.unlink()
+    assert reports == [(done, len(originals)) for done in range(1, len(originals) + 1)]
 
-    second = presize_images(manifest, tmp_path / "cache", presize=64, progress=False)
+    second = presize_images(manifest, tmp_path / "cache", presize=64, on_progress=lambda *r: reports.append(r))
 
     assert (second.cache_hits, second.written) == (len(originals), 0)
     assert [os.stat(p).st_mtime_ns for p in second.manifest["presized_path"]] == mtimes
+    assert len(reports) == len(originals)  # nothing to presize: nothing reported
 
 
 def test_identical_content_shares_one_entry_and_presizes_do_not_mix(tmp_path, originals):

@@ -186,8 +186,14 @@ def test_lr_finder_sweeps_exponentially_and_restores_weights_bit_for_bit(pets):
 
 
 def test_lr_finder_stops_when_the_loss_diverges(pets):
-    result = lr_find(build(pets), num_it=100, start_lr=1e-3, end_lr=1e6, methods=("minimum",))
+    reports = []
+
+    def report(done: int, total: int) -> None:
+        reports.append((done, total))
+
+    result = lr_find(build(pets), num_it=100, start_lr=1e-3, end_lr=1e6, methods=("minimum",), on_progress=report)
     assert result.stopped_early and len(result.lrs) < 100
+    assert reports == [(done, 100) for done in range(1, len(result.lrs) + 1)]  # one report per batch swept
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -209,10 +215,10 @@ def test_lr_finder_stops_at_a_non_finite_loss_and_suggests_from_the_finite_point
         assert result.lrs[10] <= suggestion.point[0] <= result.lrs[-6]  # fastai's trim: first num_it//10, last 5
 
 
-def test_fp16_request_on_cpu_trains_in_fp32_and_reports_it(pets):
-    with pytest.warns(RuntimeWarning, match="fp16"):
-        trainer = build(pets, precision="fp16")
+def test_fp16_request_on_cpu_trains_in_fp32_and_reports_it(pets, recwarn):
+    trainer = build(pets, precision="fp16")
     assert trainer.precision.effective == "fp32" and trainer.precision.requested == "fp16"
+    assert "fp32" in trainer.precision.note and not [w for w in recwarn.list if "fp16" in str(w.message)]
 
 
 def test_trainer_accepts_a_model_and_loaders_directly(pets):

@@ -92,22 +92,57 @@ def test_the_logged_recipe_never_holds_a_token(mlflow_uri, tmp_path):
     assert tracking.logged_recipe(run.run_id).data.url == params["data.url"]
 
 
-def test_per_stage_histories_and_the_stage_process_epochs_are_logged_once_per_step(mlflow_uri):
+def test_per_stage_histories_and_the_stage_process_epochs_are_logged_once_per_step(mlflow_uri, caplog):
+    from prefect import flow
+
     from tasks.training import _progress_reporter
 
     run = tracking.start_run("lifecycle", "h", tags("flow-40"), recipe=RECIPE)
     tracking.log_history(run.run_id, "final", [row(0, 0.9), row(1, 0.8)])
     assert tracking.logged_steps(run.run_id, "final/valid_loss") == {0, 1}
+    assert tracking.metric_history(run.run_id, "final/valid_loss") == [0.9, 0.8]
 
-    # A stage process reports every epoch of its stage, restored ones included: steps MLflow has are not repeated.
-    report = _progress_reporter(run.run_id, "probe", total_epochs=3)
-    report(row(0, 0.7), 0)
-    second_attempt = _progress_reporter(run.run_id, "probe", total_epochs=3)  # after a kill and a retry
-    for step, loss in enumerate([0.7, 0.6, 0.5]):
-        second_attempt(row(step, loss), step)
+    @flow
+    def two_attempts() -> None:
+        # A stage process reports every epoch of its stage, restored ones included: steps MLflow has are not repeated.
+        report = _progress_reporter(run.run_id, "probe", total_epochs=3)
+        report(row(0, 0.7), 0)
+        second_attempt = _progress_reporter(run.run_id, "probe", total_epochs=3)  # after a kill and a retry
+        for step, loss in enumerate([0.7, 0.6, 0.5]):
+            second_attempt(row(step, loss), step)
+
+    two_attempts()
     history = mlflow.MlflowClient(mlflow_uri).get_metric_history(run.run_id, "probe/valid_loss")
     assert sorted((point.step, point.value) for point in history) == [(0, 0.7), (1, 0.6), (2, 0.5)]
     assert set(tracking.epoch_metrics(row(0, 0.7), "probe")) == {f"probe/{key}" for key in tracking.EPOCH_METRICS}
+    # One line per epoch and attempt in the run's log, 4 significant digits; the epoch the retry restored says so.
+    lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("probe epoch")]
+    assert lines == [
+        "probe epoch 1/3 (unfrozen 1/3): train_loss 1.000, valid_loss 0.7000, error_rate 0.5000, time 00:01",
+        "probe epoch 1/3 (unfrozen 1/3): train_loss 1.000, valid_loss 0.7000, error_rate 0.5000, time 00:01 "
+        "(restored from the checkpoint of an earlier attempt)",
+        "probe epoch 2/3 (unfrozen 2/3): train_loss 1.000, valid_loss 0.6000, error_rate 0.5000, time 00:01",
+        "probe epoch 3/3 (unfrozen 3/3): train_loss 1.000, valid_loss 0.5000, error_rate 0.5000, time 00:01",
+    ]
+
+
+def test_a_new_run_records_its_source_commit_and_gets_its_name_when_the_data_is_known(mlflow_uri):
+    import subprocess
+
+    run = tracking.start_run("lifecycle", "resnet18 · 12-02 00:14", tags("flow-45"), recipe=RECIPE)
+    recorded = mlflow.MlflowClient(mlflow_uri).get_run(run.run_id)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tracking.PROJECT_ROOT, capture_output=True, text=True)
+    if head.returncode == 0:  # the tests run from a checkout: its commit, and whether it has changes
+        assert recorded.data.tags[tracking.GIT_COMMIT_TAG] == head.stdout.strip()
+        assert recorded.data.tags[tracking.GIT_DIRTY_TAG] in ("true", "false")
+    else:
+        assert tracking.GIT_COMMIT_TAG not in recorded.data.tags
+    assert recorded.info.start_time == run.start_time and recorded.info.run_name == "resnet18 · 12-02 00:14"
+
+    run.rename("resnet18 · pets 3fa2c1 · 12-02 00:14")
+    renamed = mlflow.MlflowClient(mlflow_uri).get_run(run.run_id)
+    assert renamed.info.run_name == "resnet18 · pets 3fa2c1 · 12-02 00:14"
+    assert renamed.data.tags["mlflow.runName"] == renamed.info.run_name
 
 
 def test_the_classifier_is_logged_as_the_runs_model_and_registered(mlflow_uri, tmp_path):

@@ -35,6 +35,16 @@ def test_other_errors_are_named_in_the_message_and_no_other_module_is_imported()
     assert type(error) is StageFailedError and "antigravity" not in sys.modules
 
 
+def test_a_user_error_whose_constructor_takes_more_comes_back_as_itself():
+    from lib.common.errors import UserError
+    from lib.train.weights import WeightsUnavailableError
+
+    message = "Pretrained weights are not available: offline. Download it, or --no-pretrained."
+    error = _rebuilt({"type": "lib.train.weights.WeightsUnavailableError", "message": message})
+
+    assert type(error) is WeightsUnavailableError and isinstance(error, UserError) and str(error) == message
+
+
 # -- the flow's stage process -----------------------------------------------------------------------------------------
 PRESIZE = 40
 
