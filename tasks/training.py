@@ -147,7 +147,7 @@ def fine_tune_classifier(
 
 
 class StageProcess:
-    """A `python -m lib.train.stages --serve <folder>` process: it trains the stages it is sent, one at a time.
+    """A `python -m lib.train.stages --serve <folder> <pid>` process: it trains the stages it is sent, one at a time.
 
     It loads torch from the moment it is created; `train` sends it a request and waits for the stage's epochs and
     result. One that failed, was killed or was interrupted is stopped and never sent another stage.
@@ -156,7 +156,7 @@ class StageProcess:
     def __init__(self, folder: Path):
         self.training = False
         environment = {**os.environ, "PYTHONPATH": os.pathsep.join([PROJECT_ROOT, os.environ.get("PYTHONPATH", "")])}
-        command = [sys.executable, "-m", "lib.train.stages", SERVE, str(Path(folder).resolve())]
+        command = [sys.executable, "-m", "lib.train.stages", SERVE, str(Path(folder).resolve()), str(os.getpid())]
         self.process = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=environment
         )
