@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sqlite3
 import subprocess
 import sys
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(table(run, f"{name} run"), file=sys.stderr)
     figures: dict[str, Any] = {
         "images": args.breeds * args.per_breed,
-        "options": " ".join(TRAIN_OPTIONS),
+        "options": " ".join(TRAIN_OPTIONS + args.train_options),
         "project": str(args.project.resolve()),
     }
     for name, run in zip(("fresh", "repeat"), runs, strict=False):
@@ -109,6 +110,7 @@ def _measure(project: Path, scratch: Path, archive: Path, number: int, more_opti
     (scratch / "mlflow").mkdir(exist_ok=True)
     command = [sys.executable, "-m", "flows", "train", "--data-url", archive.resolve().as_uri(), *TRAIN_OPTIONS]
     command += ["--out-dir", str(scratch / f"runs{number}"), "--json", *more_options]
+    cpu_before = _children_cpu_seconds()
     started = time.time()
     process = subprocess.Popen(command, cwd=project, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     lines: list[tuple[float, str]] = []
@@ -118,19 +120,27 @@ def _measure(project: Path, scratch: Path, archive: Path, number: int, more_opti
         reader.start()
     returncode = process.wait()
     ended = time.time()
+    cpu_seconds = _children_cpu_seconds() - cpu_before  # the command and every process it started and waited for
     for reader in readers:
         reader.join()
     output = "\n".join(line for _, line in lines)
     if returncode != 0:
         raise RuntimeError(f"pets train exited with {returncode}:\n{output[-4000:]}")
     result = json.loads([line for _, line in lines if line.startswith("{")][-1])
-    return phases(
+    figures = phases(
         started=started,
         ended=ended,
         lines=lines,
         tasks=_task_runs(scratch / "prefect-home" / "prefect.db"),
         epochs=_epochs(environment["MLFLOW_TRACKING_URI"], result["run_id"]),
     )
+    return {**figures, "cpu_seconds": cpu_seconds}
+
+
+def _children_cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process's children that have ended, and of theirs."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _read_lines(stream, lines: list[tuple[float, str]]) -> None:
@@ -233,10 +243,13 @@ def phases(
 def table(run: dict[str, float], title: str) -> str:
     """A markdown table of one run's phases: seconds and share of the wall time."""
     wall = run["wall_seconds"]
-    rows = [f"{title}: wall {wall:.1f} s, training {run['training_seconds']:.1f} s, fixed {run['fixed_seconds']:.1f} s"]
+    rows = [
+        f"{title}: wall {wall:.1f} s, training {run['training_seconds']:.1f} s, fixed {run['fixed_seconds']:.1f} s, "
+        f"CPU {run['cpu_seconds']:.1f} s"
+    ]
     rows += ["| phase | seconds | share of wall |", "|---|---|---|"]
     for key, value in run.items():
-        if key not in ("wall_seconds", "fixed_seconds"):
+        if key not in ("wall_seconds", "fixed_seconds", "cpu_seconds"):
             rows.append(f"| {key} | {value:.2f} | {value / wall:.1%} |")
     return "\n".join(rows)
 

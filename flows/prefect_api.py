@@ -13,7 +13,8 @@ It listens on 127.0.0.1 only. It runs in a session of its own, so Ctrl-C reaches
 the flow still reports its final state, then the command stops the server. A server whose command died (killed
 outright) exits within a second. With PREFECT_API_URL set (a real server, deployments, workers) nothing is started.
 
-    python -m flows.prefect_api FD    the server process itself, serving on the listening socket FD it inherited
+    python -m flows.prefect_api FD PID    the server process itself, serving on the listening socket FD it
+                                          inherited, while the command PID runs
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class TemporaryAPI:
         }
         environment.pop("PREFECT_API_URL", None)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "flows.prefect_api", str(self.socket.fileno())],
+            [sys.executable, "-m", "flows.prefect_api", str(self.socket.fileno()), str(os.getpid())],
             pass_fds=(self.socket.fileno(),),
             env=environment,
             start_new_session=True,
@@ -107,12 +108,12 @@ def _deliver_events_and_logs() -> None:
 
 
 # -- the server process -----------------------------------------------------------------------------------------------
-def serve(fd: int) -> None:
-    """Run Prefect's API app (without its UI) on the listening socket `fd` until SIGTERM, or until the parent dies."""
+def serve(fd: int, parent: int) -> None:
+    """Run Prefect's API app (without its UI) on the listening socket `fd` until SIGTERM, or until `parent` dies."""
+    _stop_with_parent(parent)  # first: the command may die while this process still imports Prefect's server
     import uvicorn
     from prefect.server.api.server import create_app
 
-    _stop_with_parent(os.getppid())
     listening = socket.socket(fileno=fd)
     # ephemeral: the UI and the services only a long-running server needs (scheduler, late runs, ...) stay off
     app = create_app(ephemeral=True, final=True)
@@ -121,15 +122,19 @@ def serve(fd: int) -> None:
 
 
 def _stop_with_parent(parent: int) -> None:
-    """Stop when the command that started this server is gone (killed outright): never serve on as an orphan."""
+    """Stop when the command that started this server is gone (killed outright): never serve on as an orphan.
+
+    The command's PID comes from the command itself: if it died before this process started, its parent is
+    already another one.
+    """
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(PARENT_CHECK_SECONDS)
-        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's own graceful stop
+        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's own graceful stop, or the default exit while it boots
 
     threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]))
+    serve(int(sys.argv[1]), int(sys.argv[2]))

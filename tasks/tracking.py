@@ -17,20 +17,21 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
 import numpy as np
-import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from lib.common.download import redact_url
 from lib.common.errors import UserError
 from lib.recipe import Recipe
-from lib.train.trainer import EpochStats
 from tasks.mlflow_ui import ui_url as _ui_url
+
+if TYPE_CHECKING:  # the CLI checks the tracking store with this module as it starts: torch and pandas load later
+    from lib.train.trainer import EpochStats
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # The repository's mlflow/ folder: sqlite store and artifacts, both git-ignored (MLflow 3.17 refuses ./mlruns).
@@ -416,12 +417,15 @@ def log_files(run_id: str, paths: Sequence[str | Path], artifact_path: str | Non
 
 def log_table(run_id: str, rows: Sequence[Mapping[str, Any]], artifact_file: str) -> None:
     """Log rows as an MLflow table artifact (JSON the UI shows as a table)."""
+    import pandas as pd
+
     _client().log_table(run_id, pd.DataFrame(list(rows)), artifact_file)
 
 
 def log_dataset(run_id: str, manifest_path: str, *, source: str) -> str:
     """Log the labelled dataset (file, label, split) as the run's training input; return its digest."""
     import mlflow
+    import pandas as pd
     from mlflow.entities import DatasetInput, InputTag
 
     manifest = pd.read_csv(manifest_path)

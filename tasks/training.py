@@ -118,10 +118,11 @@ def fine_tune_classifier(
 ) -> dict:
     """Fine-tune a fresh model the fastai way (frozen epochs, then unfrozen with discriminative LRs); export it.
 
-    The stage trains in its own process (`lib.train.stages`), writing `<out_dir>/<stage>/checkpoints/last.pt` after
-    every epoch. If that process is killed, Prefect retries this task and the new attempt resumes from the checkpoint,
-    so the result equals an uninterrupted run's. Every epoch is logged to MLflow as `<stage>/<metric>` at its step
-    within the stage. Returns the exported model's path, the history file, the loss-curve plot and the stage's numbers.
+    The stage trains in the flow run's stage process (`lib.train.stages`, see `stage_process`), writing
+    `<out_dir>/<stage>/checkpoints/last.pt` after every epoch. If that process is killed, Prefect retries this task
+    in a fresh one and the new attempt resumes from the checkpoint, so the result equals an uninterrupted run's.
+    Every epoch is logged to MLflow as `<stage>/<metric>` at its step within the stage. Returns the exported model's
+    path, the history file, the loss-curve plot and the stage's numbers.
     """
     stage_dir = Path(out_dir) / stage
     if recipe.data.seed is None:  # a resumed attempt must draw what the first one drew: one seed per MLflow run
@@ -146,17 +147,16 @@ def fine_tune_classifier(
 
 
 class StageProcess:
-    """A `python -m lib.train.stages --serve <folder>` process: it trains the stages it is sent, one at a time.
+    """A `python -m lib.train.stages --serve <folder> <pid>` process: it trains the stages it is sent, one at a time.
 
     It loads torch from the moment it is created; `train` sends it a request and waits for the stage's epochs and
     result. One that failed, was killed or was interrupted is stopped and never sent another stage.
     """
 
     def __init__(self, folder: Path):
-        self.folder = Path(folder).resolve()
         self.training = False
         environment = {**os.environ, "PYTHONPATH": os.pathsep.join([PROJECT_ROOT, os.environ.get("PYTHONPATH", "")])}
-        command = [sys.executable, "-m", "lib.train.stages", SERVE, str(self.folder)]
+        command = [sys.executable, "-m", "lib.train.stages", SERVE, str(Path(folder).resolve()), str(os.getpid())]
         self.process = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=environment
         )
@@ -316,7 +316,7 @@ def find_learning_rate(manifest_path: str, vocab_path: str, out_dir: str, recipe
         result = lr_find(trainer, methods=LR_FIND_METHODS, on_progress=progress)
     progress.finish()  # a sweep that diverged stopped early: it is done all the same
     del trainer
-    release_device_memory()  # the probe trains next, in its own process: leave it the GPU
+    release_device_memory()  # the probe trains next, in the stage process: leave it the GPU
     plot = plot_lr_find(result, Path(out_dir) / "lr_find" / "lr_find.png")
     return {
         "suggestion": result.suggestions["valley"].lr,

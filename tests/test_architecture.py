@@ -54,3 +54,17 @@ def test_the_cli_starts_without_loading_torch_prefect_or_mlflow():
     probe = "import sys, flows.cli; print(sorted({'torch', 'prefect', 'mlflow'} & set(sys.modules)))"
     loaded = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert loaded.stdout.strip() == "[]"
+
+
+def test_the_checks_before_the_temporary_prefect_api_starts_leave_torch_unloaded():
+    # A training command checks the tracking store, then starts its Prefect API, which boots on the other core
+    # while the command loads torch and the flows (flows/prefect_api.py): torch loaded before would serialise them.
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, flows.cli; from tasks.tracking import check_tracking_store; check_tracking_store(); "
+        "print(sorted({'torch', 'pandas', 'mlflow'} & set(sys.modules)))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"

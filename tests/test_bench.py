@@ -68,6 +68,23 @@ def test_warm_rerun_fetches_and_decodes_nothing_the_second_time(tmp_path):
     assert record["warm_data_stages_seconds"] <= record["warm_flow_seconds"]
 
 
+def test_overhead_splits_a_pets_train_into_phases_that_add_up_to_its_wall_time(tmp_path):
+    # One fresh run, one stage (no baseline, no LR finder, no retraining): the cheapest `pets train` there is.
+    quick = ["--", "--no-baseline", "--base-lr", "1e-3", "--freeze-epochs", "1", "--epochs", "1", "--bs", "8"]
+    record = run_bench("overhead", "--runs", "1", "--breeds", "2", "--per-breed", "12", *quick, data_dir=tmp_path)
+    run = record["fresh"]
+    assert "repeat" not in record and record["options"].endswith(" ".join(quick[1:]))
+    assert run["training_seconds"] > 0 and "baseline_start_to_first_epoch" not in run and "lr_finder" not in run
+    assert run["fixed_seconds"] == pytest.approx(run["wall_seconds"] - run["training_seconds"], abs=0.01)
+    phases = {key: value for key, value in run.items() if key not in ("wall_seconds", "fixed_seconds", "cpu_seconds")}
+    assert sum(phases.values()) == pytest.approx(run["wall_seconds"], abs=0.02)  # `other` is what no phase covers
+    assert all(value >= 0 for key, value in phases.items() if key != "other")
+    assert run["probe_start_to_first_epoch"] < run["wall_seconds"] and run["cpu_seconds"] > 0
+    assert record["fixed_seconds"] == run["fixed_seconds"] and record["targets"] == {
+        "fixed_at_most_15_s": run["fixed_seconds"] <= 15
+    }
+
+
 @pytest.mark.skipif(importlib.util.find_spec("fastai") is None, reason="fastai is the optional `bench` extra")
 def test_vs_fastai_runs_both_sides_on_the_same_images(tmp_path):
     record = run_bench("vs_fastai", "--quick", data_dir=tmp_path)

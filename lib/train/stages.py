@@ -1,8 +1,10 @@
 """The training stages (baseline, probe, final), in a process apart from the flow's: a kill costs an epoch, not the run.
 
-    python -m lib.train.stages <request.json>      train one stage, then exit (by hand: finish an interrupted stage)
-    python -m lib.train.stages --serve <folder>    a stage process: train each stage whose request path arrives on
-                                                   standard input (one per line, under <folder>), until it closes
+    python -m lib.train.stages <request.json>            train one stage, then exit (by hand: finish an interrupted
+                                                         stage)
+    python -m lib.train.stages --serve <folder> <pid>    a stage process: train each stage whose request path
+                                                         arrives on standard input (one per line, under <folder>),
+                                                         until it closes or the process <pid> that started it dies
 
 The training flow starts one `--serve` process ahead of its first stage, so the interpreter, torch and the plotting
 library are loaded while the data stage runs, and sends it every stage in turn (tasks/training.py). For each request
@@ -213,9 +215,14 @@ SERVE = "--serve"
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one stage, or serve stages with `--serve FOLDER`, reporting on the original standard output (module doc)."""
+    """Run one stage, or serve stages with `--serve FOLDER PID`, reporting on the original standard output.
+
+    A `--serve` process is told its parent's PID: the parent may die while this one still imports torch, and by
+    then `os.getppid()` names another process.
+    """
     arguments = argv if argv is not None else sys.argv[1:]
-    _exit_with_parent(os.getppid())
+    serving = arguments[:1] == [SERVE]
+    _exit_with_parent(int(arguments[2]) if serving else os.getppid())
     # Only protocol lines go to the parent: anything else printed, by Python or by C code, lands on stderr.
     channel = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
@@ -224,9 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     def send(message: dict) -> None:
         channel.write(json.dumps(message) + "\n")
 
-    if arguments[:1] == [SERVE]:
-        (folder,) = arguments[1:]
-        return serve(Path(folder), send, sys.stdin)
+    if serving:
+        return serve(Path(arguments[1]), send, sys.stdin)
     (request_path,) = arguments
     return 0 if run_request(Path(request_path), send) else 1
 

@@ -4,6 +4,8 @@ stage's failure comes back from it."""
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -47,6 +49,7 @@ def test_a_user_error_whose_constructor_takes_more_comes_back_as_itself():
 
 # -- the flow's stage process -----------------------------------------------------------------------------------------
 PRESIZE = 40
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -75,11 +78,19 @@ def request_for(tmp_path_factory):
     return request
 
 
+def spawned(folder: Path) -> list[int]:
+    """The stage processes under `folder`, once they show their command line (a process just started may not yet)."""
+    deadline = time.monotonic() + 10
+    while not (found := stage_process_ids(folder)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return found
+
+
 def test_one_stage_process_trains_every_stage_and_a_killed_one_is_replaced_by_an_equal_one(request_for, tmp_path):
     runs = tmp_path / "runs"
     epochs = []
     with stage_process(runs):
-        (started,) = stage_process_ids(runs)  # started before the first stage is asked for
+        (started,) = spawned(runs)  # started before the first stage is asked for
         baseline = run_stage_process(request_for(runs, "baseline", base_lr=2e-3), lambda row, step: None)
         probe = run_stage_process(request_for(runs, "probe"), lambda row, step: epochs.append(step))
         assert stage_process_ids(runs) == [started]  # the same process trained both, and waits for the next
@@ -87,7 +98,7 @@ def test_one_stage_process_trains_every_stage_and_a_killed_one_is_replaced_by_an
         while not is_reapable(started):  # a kill during the request's hand-over is a StageKilledError, retried
             time.sleep(0.05)
         final = run_stage_process(request_for(runs, "final"), lambda row, step: None)  # the probe's request again
-        (replacement,) = stage_process_ids(runs)
+        (replacement,) = spawned(runs)
         assert replacement != started
     assert stage_process_ids(runs) == [] and has_exited(replacement)  # stopped with the block
 
@@ -101,7 +112,7 @@ def test_one_stage_process_trains_every_stage_and_a_killed_one_is_replaced_by_an
 
 def test_leaving_the_block_with_an_error_stops_the_stage_process(tmp_path):
     with pytest.raises(RuntimeError, match="the data stage failed"), stage_process(tmp_path):
-        (started,) = stage_process_ids(tmp_path)
+        (started,) = spawned(tmp_path)
         raise RuntimeError("the data stage failed")
     assert has_exited(started)
 
@@ -113,3 +124,23 @@ def test_a_stage_process_trains_only_requests_under_its_folder(request_for, tmp_
     (message,) = sent
     assert message["error"]["type"] == "builtins.ValueError" and "is not under" in message["error"]["message"]
     assert not (elsewhere.parent / "checkpoints").exists()  # nothing was trained
+
+
+def test_a_stage_process_whose_flow_died_while_it_started_trains_nothing(request_for, tmp_path):
+    # The flow sends its first stage and dies (killed outright) while the stage process is still loading torch.
+    runs = tmp_path / "runs"
+    request = request_for(runs, "baseline")
+    flow = (
+        "import os, sys\nfrom tasks.training import StageProcess\n"
+        "process = StageProcess(sys.argv[1])\nprocess.process.stdin.write(sys.argv[2] + '\\n')\n"
+        "process.process.stdin.flush()\nprint(process.pid, flush=True)\nos._exit(0)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", flow, str(runs), str(request)], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    orphan = int(done.stdout.strip())
+    deadline = time.monotonic() + 120
+    while not has_exited(orphan):
+        assert time.monotonic() < deadline, "the stage process outlived its flow by 120 s"
+        time.sleep(0.1)
+    assert not (request.parent / "checkpoints").exists()  # it stopped before training a single epoch
