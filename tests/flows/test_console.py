@@ -139,7 +139,7 @@ def pets(*args, env: dict[str, str]) -> subprocess.CompletedProcess:
 def test_a_pattern_that_matches_no_file_is_one_line_with_no_traceback_and_no_telemetry(tmp_path, mlflow_uri):
     images = make_pets_dataset(tmp_path / "pets", breeds=2, images_per_breed=4, max_side=96)
     # As a user starts it: none of the variables that turn telemetry off (this session sets them, and MLflow also
-    # counts PYTEST_CURRENT_TEST as a test run), no Prefect server given (so `pets` starts its temporary one).
+    # counts PYTEST_CURRENT_TEST as a test run), no Prefect server given (so `pets` starts its temporary API).
     unset = {*TELEMETRY_OFF, "PREFECT_API_URL", "PYTEST_CURRENT_TEST", "CI"}
     environment = {key: value for key, value in os.environ.items() if key not in unset}
     environment["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # the temporary server's database goes here
@@ -150,7 +150,7 @@ def test_a_pattern_that_matches_no_file_is_one_line_with_no_traceback_and_no_tel
     )  # fmt: skip
 
     assert done.returncode == 2, done.stderr[-3000:]
-    assert "Starting temporary server" in done.stderr  # the real flow ran, with Prefect's own server
+    assert "Starting a temporary Prefect API" in done.stderr  # the real flow ran, with the command's own API
     errors = [line for line in done.stderr.splitlines() if "Error:" in line]
     assert len(errors) == 1 and errors[0].startswith("Error: 8 of 8 file names do not match the label pattern")
     assert "--label-pattern" in errors[0] and "--skip-unmatched" in errors[0]
