@@ -1,6 +1,5 @@
 """lib/train/stages.py: a stage resumes from its checkpoint, reports every epoch once and dies with its parent."""
 
-import json
 import os
 import subprocess
 import sys
@@ -10,30 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib.recipe import Recipe
 from lib.serve.inference import read_export
 from lib.train.stages import fine_tune_stage, last_checkpoint
-from tests.support.pets import presized_pets
+from tests.support.pets import stage_inputs
 from tests.support.processes import has_exited
-
-PRESIZE = 40
 
 
 @pytest.fixture(scope="module")
 def request_for(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pets")
-    manifest, vocab = presized_pets(root, breeds=3, images_per_breed=8, presize=PRESIZE)
-    manifest.to_csv(root / "presized.csv", index=False)
-    (root / "vocab.json").write_text(json.dumps(list(vocab)))
-    recipe = Recipe().updated(
-        {"arch": "resnet18", "pretrained": False, "presize": PRESIZE, "size": 32, "bs": 8, "seed": 7, "fp16": False,
-         "device": "cpu", "workers": 0}
-    ).model_dump(mode="json")  # fmt: skip
+    inputs = stage_inputs(tmp_path_factory.mktemp("pets"))
 
     def request(stage_dir: Path) -> dict:
         return {
-            "manifest_path": str(root / "presized.csv"), "vocab_path": str(root / "vocab.json"), "recipe": recipe,
-            "stage_dir": str(stage_dir), "epochs": 2, "base_lr": 1e-3, "freeze_epochs": 1, "lr_mult": 100,
+            **inputs, "stage_dir": str(stage_dir), "epochs": 2, "base_lr": 1e-3, "freeze_epochs": 1, "lr_mult": 100,
         }  # fmt: skip
 
     return request

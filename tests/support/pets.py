@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -12,6 +14,7 @@ from lib.data.labelling import label_images
 from lib.data.presize import PresizeCache, presize_images
 from lib.data.splitting import split_manifest
 from lib.data.synthetic import make_pets_dataset
+from lib.recipe import Recipe
 from lib.train.trainer import Trainer, vision_trainer
 
 
@@ -50,3 +53,21 @@ def tiny_trainer(
             progress=False,
             **settings,
         )
+
+
+STAGE_PRESIZE = 40
+
+
+def stage_inputs(root: Path) -> dict[str, Any]:
+    """Write a tiny presized manifest and vocab under root, as the data stage does; return a stage request's inputs.
+
+    The recipe is a seeded resnet18 at 32 px on the CPU in fp32, without loader workers: a stage trains in seconds.
+    """
+    manifest, vocab = presized_pets(root, breeds=3, images_per_breed=8, presize=STAGE_PRESIZE)
+    manifest.to_csv(root / "presized.csv", index=False)
+    (root / "vocab.json").write_text(json.dumps(list(vocab)))
+    recipe = Recipe().updated(
+        {"arch": "resnet18", "pretrained": False, "presize": STAGE_PRESIZE, "size": 32, "bs": 8, "seed": 7,
+         "fp16": False, "device": "cpu", "workers": 0}
+    ).model_dump(mode="json")  # fmt: skip
+    return {"manifest_path": str(root / "presized.csv"), "vocab_path": str(root / "vocab.json"), "recipe": recipe}

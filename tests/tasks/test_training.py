@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib.recipe import Recipe
 from lib.serve.inference import read_export
 from lib.train.stages import serve
 from lib.train.trainer import NonFiniteLossError
 from tasks.training import StageFailedError, _rebuilt, run_stage_process, stage_process
-from tests.support.pets import presized_pets
+from tests.support.pets import stage_inputs
 from tests.support.processes import has_exited, is_reapable, stage_process_ids
 
 
@@ -48,28 +47,19 @@ def test_a_user_error_whose_constructor_takes_more_comes_back_as_itself():
 
 
 # -- the flow's stage process -----------------------------------------------------------------------------------------
-PRESIZE = 40
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def request_for(tmp_path_factory):
     """Write a stage's request file under a runs folder, as the fine-tuning task does; return its path."""
-    root = tmp_path_factory.mktemp("pets")
-    manifest, vocab = presized_pets(root, breeds=3, images_per_breed=8, presize=PRESIZE)
-    manifest.to_csv(root / "presized.csv", index=False)
-    (root / "vocab.json").write_text(json.dumps(list(vocab)))
-    recipe = Recipe().updated(
-        {"arch": "resnet18", "pretrained": False, "presize": PRESIZE, "size": 32, "bs": 8, "seed": 7, "fp16": False,
-         "device": "cpu", "workers": 0}
-    ).model_dump(mode="json")  # fmt: skip
+    inputs = stage_inputs(tmp_path_factory.mktemp("pets"))
 
     def request(runs_dir: Path, stage: str, *, base_lr: float = 1e-3) -> Path:
         stage_dir = runs_dir / "run" / stage
         stage_dir.mkdir(parents=True)
         values = {
-            "manifest_path": str(root / "presized.csv"), "vocab_path": str(root / "vocab.json"), "recipe": recipe,
-            "stage_dir": str(stage_dir), "epochs": 1, "base_lr": base_lr, "freeze_epochs": 1, "lr_mult": 100,
+            **inputs, "stage_dir": str(stage_dir), "epochs": 1, "base_lr": base_lr, "freeze_epochs": 1, "lr_mult": 100,
         }  # fmt: skip
         path = stage_dir / "request.json"
         path.write_text(json.dumps(values))
