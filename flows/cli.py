@@ -263,8 +263,11 @@ def ui(
     host: Annotated[str, typer.Option(help="Interface to bind; the default serves this machine only.")] = UI_HOST,
 ) -> None:
     """Serve the MLflow UI on the project's tracking store ($MLFLOW_TRACKING_URI or ./mlflow/mlflow.db)."""
-    from tasks.tracking import tracking_uri, ui_url
+    from tasks.tracking import fail_abandoned_runs, tracking_uri, ui_url
 
+    _check_tracking_store()
+    for message in fail_abandoned_runs():  # the UI would show them RUNNING forever
+        typer.echo(message)
     command, env = ui_command(host=host, port=port)
     served = local_ui_url(host, port)
     typer.echo(f"MLflow UI on {served} for {tracking_uri()} (Ctrl-C stops it)")

@@ -9,6 +9,8 @@
   `quiet_run_logs` filters the console: records about a user error go, and a bug's traceback is shown once. The
   records still reach the Prefect API, and flow runs under a worker or a deployment are not filtered at all: there
   Prefect's log is the record.
+- Ctrl-C stops a command in order (`Interruptions`): the flow marks its MLflow run KILLED and the CLI ends with one
+  line saying how to resume it, exit status 130; a second Ctrl-C quits at once.
 - Telemetry is off unless the user opts in, for the CLI and every process it starts (Prefect's temporary server, the
   training stages, `mlflow ui`): `quiet_telemetry` runs when flows/cli.py is imported, before Prefect or MLflow is.
 """
@@ -18,7 +20,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
 from typing import Any
@@ -38,6 +42,7 @@ TELEMETRY_OFF = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
 }
 USER_ERROR_EXIT = 2  # click's exit status for a usage error: both mean "fix the command line or its inputs"
+INTERRUPTED_EXIT = 130  # 128 + SIGINT: what shells report for a job Ctrl-C stopped
 # Prefect 3.9 logging/loggers.py: the loggers of flow_run_logger and task_run_logger.
 RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 # Prefect 3.9 states.py: a failed state's message is "<what> encountered an exception[:] <Type>: <message>"
@@ -54,9 +59,9 @@ def quiet_telemetry() -> None:
 class RepeatedErrorFilter(logging.Filter):
     """Keep Prefect's run logs on the console from repeating an error the CLI reports.
 
-    Dropped: every record about a `UserError` (its exception, an argument, or a failed state naming its type), and
-    a record carrying the traceback of an exception whose traceback was already shown. Nothing is dropped with
-    PETS_DEBUG set.
+    Dropped: every record about a `UserError` (its exception, an argument, or a failed state naming its type), a
+    record carrying the traceback of an exception whose traceback was already shown, and every record after Ctrl-C.
+    Nothing is dropped with PETS_DEBUG set.
     """
 
     def __init__(self) -> None:
@@ -66,6 +71,8 @@ class RepeatedErrorFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if debug_requested() or not record.name.startswith(RUN_LOGGERS):
             return True
+        if INTERRUPTIONS.count:  # what each run says as Ctrl-C stops it ("Crash detected! ..."): the CLI says it once
+            return False
         error = record.exc_info[1] if record.exc_info else None
         arguments = record.args if isinstance(record.args, tuple) else ()
         if isinstance(error, UserError) or any(isinstance(argument, UserError) for argument in arguments):
@@ -108,6 +115,41 @@ def report_user_error(error: UserError) -> None:
     say_error(str(error))
 
 
+class Interruptions:
+    """Ctrl-C while a command runs: the first stops it in order, a second one quits at once.
+
+    The first SIGINT raises KeyboardInterrupt, as Python's default handler does: the flow marks its MLflow run
+    KILLED, the stage process stops between batches, the temporary Prefect API is stopped. A second SIGINT during
+    that exits the process straight away; the processes it started stop by themselves within a second (they watch
+    their parent), and the next `pets train` marks the run it leaves RUNNING as FAILED.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def handle(self, signum: int, frame: object) -> None:
+        self.count += 1
+        # os.write: print() could be interrupted inside a write of its own and refuse a reentrant call
+        if self.count > 1:
+            os.write(sys.stderr.fileno(), b"\nInterrupted again: quitting at once.\n")
+            os._exit(INTERRUPTED_EXIT)
+        os.write(sys.stderr.fileno(), b"\nStopping (Ctrl-C again quits at once) ...\n")
+        raise KeyboardInterrupt
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # signal handlers belong to the main thread
+            signal.signal(signal.SIGINT, self.handle)
+
+
+INTERRUPTIONS = Interruptions()
+
+
+def report_interrupt(error: BaseException) -> None:
+    """Print what Ctrl-C left behind: the resume line of the run it stopped, when one was stopped."""
+    message = one_line(str(error))
+    typer.secho(f"Interrupted. {message}".strip(), err=True, fg=typer.colors.YELLOW)
+
+
 class Commands(TyperGroup):
     """The `pets` command group: a user error or a usage error ends a command with one `Error:` line and exit 2."""
 
@@ -121,6 +163,7 @@ class Commands(TyperGroup):
     ) -> Any:
         if not standalone_mode:  # a caller that handles the exceptions itself
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        INTERRUPTIONS.install()
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except typer.TyperException as error:  # typer 0.29's own click exceptions derive from it
@@ -137,3 +180,10 @@ class Commands(TyperGroup):
             report_user_error(error)
             sys.exit(USER_ERROR_EXIT)
         sys.exit(code if isinstance(code, int) else 0)
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as error:  # typer 0.29 would turn it into a silent exit 130 (typer/core.py _main)
+            report_interrupt(error)
+            raise typer.Exit(INTERRUPTED_EXIT) from None

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,11 +23,12 @@ from urllib.parse import quote
 
 import httpx
 import numpy as np
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from lib.common.download import redact_url
 from lib.common.errors import UserError
+from lib.common.processes import ProcessIdentity
 from lib.recipe import Recipe
 from tasks.mlflow_ui import ui_url as _ui_url
 
@@ -103,10 +105,46 @@ def _default_uri() -> str:
     return f"sqlite:///{MLFLOW_DIR / 'mlflow.db'}"
 
 
+_PREPARED_STORES: set[str] = set()  # the stores this process has opened once under the store lock
+
+
 def _client():
     import mlflow
 
-    return mlflow.MlflowClient(tracking_uri())
+    uri = tracking_uri()
+    if uri not in _PREPARED_STORES:
+        prepare_store(uri)
+    return mlflow.MlflowClient(uri)
+
+
+STORE_LOCK_SECONDS = 300  # creating a new store runs ~60 migrations, seconds each on a slow disk (measured here: 2-3 s)
+
+
+def prepare_store(uri: str) -> None:
+    """Open the tracking store once in this process, creating its tables (and migrating them) under a file lock.
+
+    MLflow 3.17 creates the tables of a new database store as it first opens it (SqlAlchemyStore.__init__ calls
+    mlflow/store/db/utils.py `_initialize_tables` without a lock), so two processes opening a new sqlite store at once
+    both run the alembic migrations and fail ("Online migration expected to match one row ... 0 found", "duplicate
+    column name"). Here the first opening of a sqlite store, by any process, holds `<database>.lock` beside it; the
+    registry's store is opened under the same lock. Once opened, MLflow's sessions wait for sqlite's write lock
+    themselves (`PRAGMA busy_timeout = 20000`, mlflow/store/db/utils.py).
+    """
+    import mlflow
+    from filelock import FileLock, Timeout
+
+    if uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///"))
+        try:
+            with FileLock(f"{database}.lock", timeout=STORE_LOCK_SECONDS):
+                client = mlflow.MlflowClient(uri)  # opens the tracking store: creates and migrates its tables
+                client.search_registered_models(max_results=1)  # opens the registry's store of the same database
+        except Timeout:
+            raise TrackingStoreUnavailableError(
+                f"The MLflow tracking store {uri} was held for {STORE_LOCK_SECONDS} s by another process creating "
+                f"it (it holds {database}.lock; `fuser {database}.lock` names it). Let it finish, then try again."
+            ) from None
+    _PREPARED_STORES.add(uri)
 
 
 def ensure_experiment(name: str) -> str:
@@ -133,10 +171,22 @@ RECIPE_ARTIFACT = "recipe.yaml"  # the run's resolved recipe: `pets train --reci
 RESUMABLE = ("RUNNING", "FAILED", "KILLED")  # an interrupted run; a FINISHED one is never trained into again
 FAILURE_TAG = "pets.failure"  # why a FAILED run failed: the error's type and message
 MAX_TAG_LENGTH = 8000  # MLflow 3.17 utils/validation.py MAX_TAG_VAL_LENGTH
+# The process training a RUNNING run, so a later command can tell a run whose process is gone (killed outright, its
+# machine lost) from one still training: its host, PID and start time, and a heartbeat it refreshes while it runs.
+HOST_TAG, PID_TAG, PROCESS_START_TAG = "pets.host", "pets.pid", "pets.process_start"
+HEARTBEAT_TAG = "pets.heartbeat"  # unix seconds
+HEARTBEAT_SECONDS = 60
+# A run on another host is given up after this long without a heartbeat: a process stopped longer than this (a
+# suspended laptop) that wakes up finds its run FAILED and can continue it with --resume.
+HEARTBEAT_TIMEOUT_SECONDS = 15 * 60
 
 
 class ResumeRefusedError(UserError, ValueError):
     """`--resume RUN_ID` names a run that cannot be continued, or asks for another recipe than the run's."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a training run: it is KILLED in MLflow and can be continued; the message says how."""
 
 
 @dataclass(frozen=True)
@@ -226,16 +276,21 @@ def start_run(
     trained into, instead of leaving a second, half-finished run beside it.
     """
     experiment_id = ensure_experiment(experiment)
+    for message in fail_abandoned_runs():
+        get_run_logger().warning(message)
     client = _client()
+    owner = owner_tags()
     if resume is not None:
         run = resumable_run(resume, recipe)
-        client.set_tag(run.info.run_id, FLOW_RUN_TAG, tags[FLOW_RUN_TAG])  # on_crashed of this flow run finds it
+        # on_crashed of this flow run finds it; this process owns it now (set before RUNNING: never RUNNING unowned)
+        set_tags(run.info.run_id, {FLOW_RUN_TAG: tags[FLOW_RUN_TAG], **owner})
         client.update_run(run.info.run_id, status="RUNNING")
     elif earlier := runs_of_flow_run(experiment_id, tags[FLOW_RUN_TAG]):
         run = earlier[0]
+        set_tags(run.info.run_id, owner)
         client.update_run(run.info.run_id, status="RUNNING")
     else:  # a new run records the code it trains with; one taken back keeps what it recorded
-        tags = {**source_tags(), **tags}
+        tags = {**source_tags(), **tags, **owner}
         run = client.create_run(experiment_id, run_name=run_name, tags={key: str(v) for key, v in tags.items()})
     if FAILURE_TAG in run.data.tags:  # a failed run taken back: it is running again
         client.delete_tag(run.info.run_id, FAILURE_TAG)
@@ -265,6 +320,11 @@ def resumable_run(run_id: str, recipe: Recipe | None = None):
     if run.info.status not in RESUMABLE:
         raise ResumeRefusedError(
             f"--resume {run_id}: the run is {run.info.status}, not interrupted; train a new run instead."
+        )
+    if run.info.status == "RUNNING" and abandoned_because(run.data.tags) is None and HOST_TAG in run.data.tags:
+        raise ResumeRefusedError(
+            f"--resume {run_id}: the run is still being trained by process {run.data.tags[PID_TAG]} on "
+            f"{run.data.tags[HOST_TAG]}; wait for it, or stop it (Ctrl-C) and resume then."
         )
     if recipe is not None:
         refuse_changed_recipe(run, recipe)
@@ -316,6 +376,75 @@ def fail_orphaned_runs(experiment: str, flow_run_id: str) -> list[str]:
     return orphans
 
 
+def owner_tags() -> dict[str, str]:
+    """The tags naming this process as the one training a run, with a fresh heartbeat."""
+    me = ProcessIdentity.current()
+    heartbeat = str(int(time.time()))
+    return {HOST_TAG: me.host, PID_TAG: str(me.pid), PROCESS_START_TAG: me.started, HEARTBEAT_TAG: heartbeat}
+
+
+def abandoned_because(tags: Mapping[str, str], now: float | None = None) -> str | None:
+    """Why a RUNNING run's process is known to be gone, or None while it may still be training.
+
+    On the run's own host the process is looked up (PID and start time); a run from another host is given up when
+    its heartbeat is older than HEARTBEAT_TIMEOUT_SECONDS. A run without the tags (logged by another program, or
+    before they existed) is never judged.
+    """
+    if HOST_TAG not in tags or PID_TAG not in tags:
+        return None
+    owner = ProcessIdentity(host=tags[HOST_TAG], pid=int(tags[PID_TAG]), started=tags.get(PROCESS_START_TAG, ""))
+    if owner.on_this_host():
+        return None if owner.is_alive() else f"its process {owner.pid} on this host ({owner.host}) is gone"
+    silent = (time.time() if now is None else now) - float(tags.get(HEARTBEAT_TAG, 0))
+    if silent <= HEARTBEAT_TIMEOUT_SECONDS:
+        return None
+    return f"its process {owner.pid} on {owner.host} has sent no heartbeat for {round(silent / 60)} min"
+
+
+def fail_abandoned_runs() -> list[str]:
+    """Mark every RUNNING run whose process is gone FAILED, with the reason as its `pets.failure` tag.
+
+    Called as a command starts using the store; returns one line per run marked, for the command to show.
+    """
+    client = _client()
+    experiment_ids = [experiment.experiment_id for experiment in client.search_experiments()]
+    if not experiment_ids:
+        return []
+    messages = []
+    for run in client.search_runs(experiment_ids, filter_string="attributes.status = 'RUNNING'"):
+        reason = abandoned_because(run.data.tags)
+        if reason is None:
+            continue
+        end_run.fn(run.info.run_id, "FAILED", failure=f"abandoned: {reason}")
+        messages.append(
+            f"MLflow run {run.info.run_id} ({run.info.run_name}) was RUNNING but {reason}: marked FAILED. "
+            f"`pets train --resume {run.info.run_id}` continues it from its last complete epoch."
+        )
+    return messages
+
+
+class Heartbeat:
+    """Refresh a run's heartbeat tag every HEARTBEAT_SECONDS from a thread of its own, while the block runs."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{run_id[:8]}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stopped.wait(HEARTBEAT_SECONDS):
+            with suppress(Exception):  # a missed beat (a busy store) is made up by the next one
+                set_tags(self.run_id, {HEARTBEAT_TAG: int(time.time())})
+
+
 @task(cache_policy=NO_CACHE)
 def end_run(run_id: str, status: str = "FINISHED", failure: str | None = None) -> None:
     """Mark the run FINISHED, FAILED or KILLED: a run is never left RUNNING by a flow that stopped.
@@ -338,12 +467,16 @@ def training_run(
     """
     run = start_run(recipe.tracking.experiment, run_name, tags, recipe=recipe, resume=resume)
     try:
-        yield run
+        with Heartbeat(run.run_id):
+            yield run
+    except KeyboardInterrupt as error:
+        end_run(run.run_id, "KILLED")
+        raise RunInterrupted(
+            f"MLflow run {run.run_id} is KILLED, with every complete epoch kept: `pets train --resume {run.run_id}` "
+            "continues it from the last one."
+        ) from error
     except BaseException as error:
-        if isinstance(error, KeyboardInterrupt):
-            end_run(run.run_id, "KILLED")
-        else:
-            end_run(run.run_id, "FAILED", failure=f"{type(error).__name__}: {error}")
+        end_run(run.run_id, "FAILED", failure=f"{type(error).__name__}: {error}")
         raise
     end_run(run.run_id, "FINISHED")
 

@@ -46,7 +46,10 @@ REQUEST_FILE = "request.json"
 # killed every time (memory that never suffices) then fails instead of looping.
 STAGE_RETRIES = 2
 STAGE_RETRY_DELAY_SECONDS = 2
-STOP_GRACE_SECONDS = 10  # how long a stage process gets to stop on SIGINT before it is killed
+STOP_GRACE_SECONDS = 10  # how long a stage process that failed gets to exit by itself before it is stopped
+# How long a training stage process gets to stop between batches after SIGINT before it is killed: Ctrl-C must end
+# the whole command within 5 s, and the checkpoint of the last complete epoch is on disk already.
+INTERRUPT_GRACE_SECONDS = 3
 PROJECT_ROOT = str(Path(__file__).resolve().parents[1])  # where `python -m lib.train.stages` finds the lib package
 
 
@@ -157,9 +160,12 @@ class StageProcess:
         self.training = False
         environment = {**os.environ, "PYTHONPATH": os.pathsep.join([PROJECT_ROOT, os.environ.get("PYTHONPATH", "")])}
         command = [sys.executable, "-m", "lib.train.stages", SERVE, str(Path(folder).resolve()), str(os.getpid())]
+        # A session of its own: the terminal's Ctrl-C reaches the flow's process alone, which stops this one in
+        # order (`stop`); it dies with its parent by itself (lib.train.stages watches the PID it is given).
         self.process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=environment
-        )
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=environment,
+            start_new_session=True,
+        )  # fmt: skip
 
     @property
     def pid(self) -> int:
@@ -215,12 +221,12 @@ class StageProcess:
         """Make sure the process is gone and return its exit status.
 
         One that is training gets SIGINT first, so it stops between batches; an idle one has nothing to finish and
-        is terminated. Either is killed if it has not exited after STOP_GRACE_SECONDS.
+        is terminated. Either is killed if it has not exited after INTERRUPT_GRACE_SECONDS.
         """
         if self.alive():
             self.process.send_signal(signal.SIGINT if self.training else signal.SIGTERM)
             try:
-                self.process.wait(STOP_GRACE_SECONDS)
+                self.process.wait(INTERRUPT_GRACE_SECONDS)
             except subprocess.TimeoutExpired:
                 self.process.kill()
         returncode = self.process.wait()

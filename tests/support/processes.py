@@ -4,20 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-def stat_fields(pid: int) -> list[str] | None:
-    """The fields of /proc/PID/stat after the command name (state first), or None when the process is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rfind(")") + 2 :].split()  # the name, in parentheses, may itself hold spaces
-
-
-def start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks (field 22 of /proc/PID/stat), or None when it is gone or a zombie."""
-    fields = stat_fields(pid)
-    return None if fields is None or fields[0] in ("Z", "X") else fields[19]
+from lib.common.processes import start_ticks as start_time
+from lib.common.processes import stat_fields
 
 
 def parent_pid(pid: int) -> int | None:
