@@ -317,6 +317,7 @@ def find_learning_rate(manifest_path: str, vocab_path: str, out_dir: str, recipe
     Returns every suggestion, the one the recipe uses (valley, fastai 2.8's default) and the plot's path.
     """
     trainer = build_trainer(manifest_path, vocab_path, recipe)
+    get_run_logger().info("lr_find: sweeping learning rates over training batches of a fresh model")
     progress = ProgressArtifact("lr_find: batches of the LR sweep")
     with cpu_threads(recipe.runtime.threads):
         result = lr_find(trainer, methods=LR_FIND_METHODS, on_progress=progress)

@@ -1,11 +1,12 @@
 """Faults during training: a stage process killed outright (preemption, the OOM killer), the flow run's own process
-killed under a real worker, and Ctrl-C.
+killed under a real worker, and Ctrl-C (once, twice, in the data stage and the LR finder).
 
 Real processes and real signals: the training flow runs against a Prefect server (the test's, or one with a worker)
 and an MLflow sqlite store, and the test finds the stage process the way `ps` would (its command line in /proc)
 before signalling it.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -23,9 +24,11 @@ from flows.train import train
 from lib.data.synthetic import make_pets_dataset, pack_tgz
 from lib.serve.inference import read_export
 from lib.train.stages import fine_tune_stage, last_checkpoint
+from tasks import tracking
 from tests.flows.test_cli import invoke
 from tests.flows.test_train_flow import TINY, task_runs, tiny
-from tests.support.processes import parent_pid, stage_process_ids
+from tests.support.http_server import serve_directory
+from tests.support.processes import parent_pid, stage_process_ids, start_time
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -107,45 +110,129 @@ def test_a_stage_killed_mid_training_is_retried_by_prefect_and_resumes_to_the_un
     )
 
 
-def test_ctrl_c_stops_every_process_marks_the_run_killed_and_leaves_a_resumable_checkpoint(
-    archive, tmp_path, mlflow_uri
-):
-    from prefect.settings import PREFECT_API_URL
+INTERRUPT_SECONDS = 5  # Ctrl-C ends the command this fast, its processes and the MLflow run included (issue 17)
+STOPPING = "Stopping (Ctrl-C again quits at once) ...\n"  # what the command says as the first Ctrl-C arrives
 
-    out_dir = (tmp_path / "runs").resolve()
-    command = [sys.executable, "-m", "flows", "train", "--data-url", archive.as_uri(), "--arch", "resnet18"]
-    command += ["--no-pretrained", "--presize", "48", "--size", "32", "--bs", "8", "--no-fp16", "--workers", "0"]
-    command += ["--freeze-epochs", str(FREEZE_EPOCHS), "--epochs", str(EPOCHS), "--base-lr", "1e-3"]
-    command += ["--no-baseline", "--experiment", "pets-test", "--out-dir", str(out_dir)]
-    command += ["--cache-dir", str(tmp_path / "cache")]
-    environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "MLFLOW_TRACKING_URI": mlflow_uri}
-    # Its own process group, like a terminal's foreground job: Ctrl-C sends SIGINT to every process in it.
-    pets = subprocess.Popen(command, env=environment, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        checkpoint = wait_for_first_checkpoint(out_dir, "probe")
-        client = mlflow.MlflowClient(mlflow_uri)
+
+class PetsCommand:
+    """`pets train` in a process group of its own, as a terminal's foreground job: Ctrl-C reaches every process in
+    it. Runs against the temporary Prefect API the command starts itself, as on a user's machine."""
+
+    def __init__(self, tmp_path: Path, mlflow_uri: str, *options: str):
+        self.out_dir = (tmp_path / "runs").resolve()
+        command = [sys.executable, "-m", "flows", "train", "--arch", "resnet18", "--no-pretrained", "--presize", "48"]
+        command += ["--size", "32", "--bs", "8", "--no-fp16", "--workers", "0", "--freeze-epochs", str(FREEZE_EPOCHS)]
+        command += [
+            "--epochs",
+            str(EPOCHS),
+            "--no-baseline",
+            "--experiment",
+            "pets-test",
+            "--out-dir",
+            str(self.out_dir),
+        ]
+        command += ["--cache-dir", str(tmp_path / "cache"), *options]
+        environment = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+        environment["MLFLOW_TRACKING_URI"] = mlflow_uri
+        self.process = subprocess.Popen(
+            command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True)
+        self._reader.start()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for_line(self, text: str) -> None:
         deadline = time.monotonic() + WAIT_SECONDS
-        while not client.search_runs([client.get_experiment_by_name("pets-test").experiment_id])[0].data.metrics:
-            assert time.monotonic() < deadline, "the first probe epoch never reached MLflow"
-            time.sleep(0.05)
-        assert stage_process_ids(out_dir)  # the stage process is training the next epoch
-        os.killpg(pets.pid, signal.SIGINT)
-        _, errors = pets.communicate(timeout=120)
-    finally:
-        if pets.poll() is None:
-            os.killpg(pets.pid, signal.SIGKILL)
-            pets.wait()
-    assert pets.returncode != 0, errors.decode(errors="replace")[-2000:]
-    with pytest.raises(ProcessLookupError):
-        os.killpg(pets.pid, 0)  # nothing of the group is left running
-    assert stage_process_ids(out_dir) == []
+        while not any(text in line for line in self.lines):
+            assert self.process.poll() is None, f"pets train ended before {text!r}:\n{self.output[-3000:]}"
+            assert time.monotonic() < deadline, f"no {text!r} in {WAIT_SECONDS} s:\n{self.output[-3000:]}"
+            time.sleep(0.02)
 
+    def helpers(self) -> dict[int, str]:
+        """The processes the command started (the temporary Prefect API, the stage process), with their start."""
+        return {pid: start_time(pid) for pid in child_pids(self.process.pid)}
+
+    def ctrl_c(self) -> None:
+        os.killpg(self.process.pid, signal.SIGINT)
+
+    def wait(self, timeout: float) -> int:
+        code = self.process.wait(timeout)
+        self._reader.join(timeout=10)
+        return code
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def child_pids(parent: int) -> list[int]:
+    return [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and parent_pid(int(entry.name)) == parent
+    ]
+
+
+def wait_until_gone(processes: dict[int, str], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while survivors := [pid for pid, started in processes.items() if start_time(pid) == started]:
+        assert time.monotonic() < deadline, f"still running {seconds} s after the command: {survivors}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def pets_command(tmp_path, mlflow_uri):
+    started = []
+
+    def start(*options: str) -> PetsCommand:
+        started.append(PetsCommand(tmp_path, mlflow_uri, *options))
+        return started[-1]
+
+    yield start
+    for command in started:
+        command.close()
+
+
+def only_run(client):
     (run,) = client.search_runs([client.get_experiment_by_name("pets-test").experiment_id])
+    return run
+
+
+def test_ctrl_c_ends_the_command_within_seconds_marks_the_run_killed_and_says_how_to_resume(
+    archive, mlflow_uri, pets_command
+):
+    pets = pets_command("--data-url", archive.as_uri(), "--base-lr", "1e-3")
+    pets.wait_for_line("probe epoch 1/")  # the first epoch is checkpointed and logged; the next one trains
+    checkpoint = wait_for_first_checkpoint(pets.out_dir, "probe")
+    helpers = pets.helpers()
+    assert len(helpers) == 2 and stage_process_ids(pets.out_dir)  # the temporary Prefect API and the stage process
+    interrupted = time.monotonic()
+    pets.ctrl_c()
+    code = pets.wait(timeout=60)
+    seconds = time.monotonic() - interrupted
+    assert code == 130, pets.output[-3000:]
+    assert seconds < INTERRUPT_SECONDS, f"{seconds:.1f} s"
+    wait_until_gone(helpers, 0.5)  # stopped by the command on its way out, not left to notice it is gone
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pets.process.pid, 0)
+
+    client = mlflow.MlflowClient(mlflow_uri)
+    run = only_run(client)
     assert run.info.status == "KILLED"
     assert client.get_metric_history(run.info.run_id, "probe/valid_loss")  # what it had is kept
     assert client.search_registered_models() == []
+    after = pets.output.split(STOPPING, 1)[1]
+    assert "Traceback" not in after and "ConnectError" not in after and "Crash detected" not in after
+    (told,) = [line for line in after.splitlines() if line.strip()]  # one line, after the one saying it stops
+    assert told.startswith("Interrupted.") and f"`pets train --resume {run.info.run_id}`" in told
 
-    # The checkpoint is usable: `pets train --resume` continues the run from it, with the recipe the run logged.
+    # The checkpoint is usable: the run can be continued with the recipe it logged, and only with it.
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert state["plan"]["kind"] == "fine_tune" and state["epochs_done"] >= 1
     assert last_checkpoint(checkpoint.parents[1]) == checkpoint
@@ -153,18 +240,72 @@ def test_ctrl_c_stops_every_process_marks_the_run_killed_and_leaves_a_resumable_
     assert refused.exit_code == 2 and "Traceback" not in refused.output
     assert refused.output.count("Error:") == 1 and f"schedule.epochs {EPOCHS} -> {EPOCHS + 1}" in refused.output
 
-    resumed = invoke("train", "--resume", run.info.run_id, "--json")
+
+def test_a_second_ctrl_c_quits_at_once_and_the_next_command_fails_the_run_it_left_then_resumes_it(
+    archive, mlflow_uri, pets_command, caplog
+):
+    pets = pets_command("--data-url", archive.as_uri(), "--base-lr", "1e-3")
+    pets.wait_for_line("probe epoch 1/")
+    checkpoint = wait_for_first_checkpoint(pets.out_dir, "probe")
+    helpers = pets.helpers()
+    pets.ctrl_c()
+    pets.wait_for_line(STOPPING)
+    pets.ctrl_c()
+    assert pets.wait(timeout=10) == 130
+    assert "Interrupted again: quitting at once." in pets.output
+    wait_until_gone(helpers, 5)  # each notices its parent is gone (within a second) and stops
+    client = mlflow.MlflowClient(mlflow_uri)
+    left = only_run(client)
+    assert left.info.status == "RUNNING"  # nobody was left to end it: the next command does
+    assert torch.load(checkpoint, map_location="cpu", weights_only=True)["epochs_done"] >= 1
+
+    resumed = invoke("train", "--resume", left.info.run_id, "--json")
     assert resumed.exit_code == 0, resumed.output
-    assert json.loads(resumed.stdout.strip().splitlines()[-1])["run_id"] == run.info.run_id
-    (finished,) = client.search_runs([client.get_experiment_by_name("pets-test").experiment_id])
+    told = [record.getMessage() for record in caplog.records if f"MLflow run {left.info.run_id}" in record.getMessage()]
+    assert len(told) == 1 and "was RUNNING but its process" in told[0] and "is gone: marked FAILED" in told[0]
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["run_id"] == left.info.run_id
+    finished = only_run(client)
     assert finished.info.status == "FINISHED" and finished.data.tags["model_version"] == "1"
-    steps = [point.step for point in client.get_metric_history(run.info.run_id, "probe/valid_loss")]
+    assert tracking.FAILURE_TAG not in finished.data.tags  # taken back: the abandoned reason is gone
+    steps = [point.step for point in client.get_metric_history(left.info.run_id, "probe/valid_loss")]
     assert sorted(steps) == list(range(FREEZE_EPOCHS + EPOCHS))  # each epoch once: the restored ones not again
     history = json.loads((checkpoint.parents[1] / "history.json").read_text())
     assert len(history) == FREEZE_EPOCHS + EPOCHS
 
-    again = invoke("train", "--resume", run.info.run_id)
+    again = invoke("train", "--resume", left.info.run_id)
     assert again.exit_code == 2 and "is FINISHED, not interrupted" in again.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("during", ["download", "lr_find"])
+def test_ctrl_c_during_the_data_stage_or_the_lr_finder_ends_the_command_within_seconds(
+    archive, tmp_path, mlflow_uri, pets_command, during
+):
+    with contextlib.ExitStack() as stack:
+        if during == "download":  # a server that has not answered yet: the command waits in the download
+            server = stack.enter_context(serve_directory(archive.parent))
+            server.delay_seconds = WAIT_SECONDS
+            pets = pets_command("--data-url", server.url(archive.name), "--base-lr", "1e-3")
+            deadline = time.monotonic() + WAIT_SECONDS
+            while server.requests == 0:
+                assert time.monotonic() < deadline and pets.process.poll() is None, pets.output[-3000:]
+                time.sleep(0.02)
+        else:
+            pets = pets_command("--data-url", archive.as_uri())
+            pets.wait_for_line("lr_find: sweeping learning rates")
+        helpers = pets.helpers()
+        interrupted = time.monotonic()
+        pets.ctrl_c()
+        code = pets.wait(timeout=60)
+        seconds = time.monotonic() - interrupted
+    assert code == 130, pets.output[-3000:]
+    assert seconds < INTERRUPT_SECONDS, f"{seconds:.1f} s"
+    wait_until_gone(helpers, 0.5)
+    run = only_run(mlflow.MlflowClient(mlflow_uri))
+    assert run.info.status == "KILLED"
+    after = pets.output.split(STOPPING, 1)[1]
+    (told,) = [line for line in after.splitlines() if line.strip()]
+    assert told.startswith("Interrupted.") and f"`pets train --resume {run.info.run_id}`" in told
 
 
 def worker_done_with_crash(log: Path) -> bool:
