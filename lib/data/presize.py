@@ -100,7 +100,7 @@ class PresizeCache:
         self.presize = presize
         self.folder = Path(root) / f"presize-{presize}-{CACHE_FORMAT_VERSION}"
         self._folder = str(self.folder)
-        self._warned: set[str] = set()  # one warning per damaged entry, from any thread
+        self._warned: set[str] = set()  # damaged entries warned about and not stored since, from any thread
         self._lock = threading.Lock()
 
     def _stem(self, sha256: str) -> str:
@@ -177,7 +177,8 @@ class PresizeCache:
 
         def write_jpeg(path: Path) -> None:
             resized.save(path, format="JPEG", quality=CACHE_JPEG_QUALITY)
-            data = path.read_bytes()  # the bytes as written, from the page cache: what a reader will hash
+            with open(path, "rb") as file:  # the bytes as written, from the page cache: what a reader will hash
+                data = file.read()
             written.update(jpeg_bytes=len(data), jpeg_sha256=hashlib.sha256(data).hexdigest())
 
         try:
@@ -192,6 +193,8 @@ class PresizeCache:
                 f"Cannot write the presize cache at {self.folder}: {error}. Free space on that disk, or point "
                 "--cache-dir (or PETS_HOME) at a writable disk with room for the presized images."
             ) from error
+        with self._lock:
+            self._warned.discard(sha256)  # whole again: damage found later is news
         return target
 
     def rebuild(self, sha256: str, original: str | Path | None) -> Path:
