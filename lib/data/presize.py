@@ -11,9 +11,11 @@ facts and of the size and sha256 of the .jpg bytes. An entry that is missing a f
 whose .jpg differs from its record is rebuilt from its original, with one warning on the `lib.data.presize` logger
 naming it. The checks are split by cost: every lookup (each image of each warm run, in cleaning and in the presize
 stage) reads the small record and stats the .jpg, which catches missing, empty and truncated files and broken
-records; the sha256 and a full decode are checked where the .jpg bytes are read anyway, when loading them for
-training (`read_presized`), where hashing bytes already in memory costs about 1% of decoding them. Only a damaged
-entry whose original is gone (or changed) stops a run, with `DamagedCacheError`.
+records, for ~15 us an entry; the sha256 and a full decode are checked where the .jpg bytes are read anyway, when
+loading them for training (`read_presized`), where hashing bytes already in memory adds ~2% to decoding them (a
+460 px entry: 1.54 ms against 1.51 ms). A damaged entry stops a run only when its original is gone or has changed
+(`DamagedCacheError`). Processes that rebuild one entry at once (loader workers, two runs) write the same bytes, each
+by an atomic rename, so whichever rename lands last leaves a whole entry.
 """
 
 from __future__ import annotations
@@ -186,7 +188,7 @@ class PresizeCache:
             record = EntryRecord(**facts.as_dict(), **written)
             write_text_atomically(target.with_suffix(".json"), record.model_dump_json())
         except OSError as error:
-            for leftover in (target.with_suffix(".json"), target):  # a damaged record first, then its image
+            for leftover in (target.with_suffix(".json"), target):  # the record first: it marks an entry whole
                 with contextlib.suppress(OSError):  # a read-only cache: nothing was written under these names either
                     leftover.unlink(missing_ok=True)
             raise CacheWriteError(
