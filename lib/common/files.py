@@ -9,17 +9,33 @@ from pathlib import Path
 
 
 def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
-    """Call write(temporary_path) beside path, then rename the temporary file over path."""
+    """Call write(temporary_path) beside path, flush it to the disk, then rename the temporary file over path.
+
+    The fsync comes before the rename: without it a crash or a full disk can leave the new name pointing at data that
+    never reached the disk (a 0-byte file after a reboot, or an ENOSPC that only surfaces when the kernel writes
+    back). The folder itself is not fsynced: a rename lost in a crash leaves the old file (or none), never half a
+    new one. The temporary file is removed whatever fails.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Hidden and named after its target, should a crash leave it behind.
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         write(temporary)
+        sync_file(temporary)
         os.replace(temporary, path)  # atomic on POSIX within one filesystem
     finally:
         temporary.unlink(missing_ok=True)
     return path
+
+
+def sync_file(path: Path) -> None:
+    """Block until a written file's data is on the disk (os.fsync); a write error the kernel held back is raised."""
+    descriptor = os.open(path, os.O_RDONLY)  # the writer closed it, so its buffers are flushed to the kernel already
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def write_text_atomically(path: Path, text: str) -> Path:

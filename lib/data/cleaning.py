@@ -91,7 +91,8 @@ def clean_images(
         workers: Threads decoding in parallel; defaults to the CPUs this process may use.
         progress: Show a progress bar: on a terminal (None), always (True) or never (False).
         presize_cache: Where each image that decodes is presized while it is in memory, so no original is
-            decoded twice; images it already holds are kept without decoding them again.
+            decoded twice; images it already holds are kept without decoding them again, and a damaged entry is
+            rebuilt from its original (lib/data/presize.py says how entries are checked).
         digests: Remembered digests of unchanged files: with the presize cache, a warm re-run reads no original.
         on_progress: Called as `on_progress(done, total)` after each file that had to be read.
     """

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from lib.common.errors import InputError
-from lib.data.presize import presized_shape
+from lib.data.presize import presized_shape, read_presized
 from lib.recipe import CPU_CORES_PER_WORKER, DEFAULT_BATCH_SIZE, MAX_DEFAULT_WORKERS
 
 # fastai DataLoaders defaults (fastai 2.8.12 fastai/data/core.py): bs=64, val_bs=bs, shuffle+drop_last on train only.
@@ -58,15 +58,28 @@ def square_crop(image: Image.Image, size: int, fraction_x: float, fraction_y: fl
 class PresizedImages(Dataset):
     """Square crops of presized images, as uint8 CxSxS tensors, with their integer targets.
 
-    With `keep_decoded`, each image is decoded once and kept in memory as uint8, so later epochs only crop: decoding
-    was the largest cost of a CPU training epoch outside the model (BENCHMARKS.md). Loaders turn it on only when the
-    decoded set fits their memory budget and no worker process would hold a copy of its own.
+    Each image is read through `lib.data.presize.read_presized`: checked against its cache record, and rebuilt from
+    its original (`originals`, the manifest's `path` column) when damaged, so one bad cache file does not end an
+    epoch. With `keep_decoded`, each image is decoded once and kept in memory as uint8, so later epochs only crop:
+    decoding was the largest cost of a CPU training epoch outside the model (BENCHMARKS.md). Loaders turn it on only
+    when the decoded set fits their memory budget and no worker process would hold a copy of its own.
     """
 
-    def __init__(self, paths: Sequence[str], targets: Sequence[int], size: int, *, keep_decoded: bool = False):
+    def __init__(
+        self,
+        paths: Sequence[str],
+        targets: Sequence[int],
+        size: int,
+        *,
+        originals: Sequence[str] | None = None,
+        keep_decoded: bool = False,
+    ):
         if len(paths) != len(targets):
             raise ValueError(f"{len(paths)} paths but {len(targets)} targets")
+        if originals is not None and len(originals) != len(paths):
+            raise ValueError(f"{len(paths)} paths but {len(originals)} originals")
         self.paths = list(paths)
+        self.originals = None if originals is None else [str(original) for original in originals]
         self.targets = [int(t) for t in targets]
         self.size = size
         self.decoded: dict[int, torch.Tensor] | None = {} if keep_decoded else None
@@ -78,8 +91,8 @@ class PresizedImages(Dataset):
         """Return the whole presized image as uint8 CxHxW (from memory when it was decoded before)."""
         if self.decoded is not None and index in self.decoded:
             return self.decoded[index]
-        with Image.open(self.paths[index]) as cached:
-            pixels = pil_to_tensor(cached.convert("RGB"))
+        original = None if self.originals is None else self.originals[index]
+        pixels = pil_to_tensor(read_presized(self.paths[index], original))
         height, width = pixels.shape[1:]
         if min(height, width) < self.size:
             raise ValueError(
@@ -96,6 +109,18 @@ class PresizedImages(Dataset):
         height, width = pixels.shape[1:]
         left, top = crop_offset(width, self.size, fraction_x), crop_offset(height, self.size, fraction_y)
         return pixels[:, top : top + self.size, left : left + self.size], self.targets[index]
+
+
+def presized_images(manifest: pd.DataFrame, size: int, *, keep_decoded: bool = False) -> PresizedImages:
+    """PresizedImages over manifest rows (`presized_path`, `target`, and `path` for rebuilding damaged entries)."""
+    originals = manifest["path"].tolist() if "path" in manifest.columns else None
+    return PresizedImages(
+        manifest["presized_path"].tolist(),
+        manifest["target"].tolist(),
+        size,
+        originals=originals,
+        keep_decoded=keep_decoded,
+    )
 
 
 class CropSampler(Sampler[CropRequest]):
@@ -167,7 +192,7 @@ def make_loader(
     pin_memory: bool = False,
     keep_decoded: bool | None = None,
 ) -> DataLoader:
-    """Build a loader over manifest rows (needs `presized_path` and `target` columns).
+    """Build a loader over manifest rows (needs `presized_path` and `target` columns; `path` lets it heal the cache).
 
     Training loaders shuffle and drop the last incomplete batch, as fastai's do. `workers` defaults to
     `default_workers()` for the default device; `keep_decoded` to `keep_decoded_default` (see PresizedImages).
@@ -182,9 +207,7 @@ def make_loader(
     workers = default_workers() if workers is None else workers
     if keep_decoded is None:
         keep_decoded = keep_decoded_default(manifest, size, workers)
-    dataset = PresizedImages(
-        manifest["presized_path"].tolist(), manifest["target"].tolist(), size, keep_decoded=keep_decoded
-    )
+    dataset = presized_images(manifest, size, keep_decoded=keep_decoded)
     return DataLoader(
         dataset,
         batch_size=batch_size,

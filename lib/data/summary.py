@@ -18,7 +18,7 @@ from lib.common.files import write_atomically
 from lib.common.plots import pyplot, save_figure
 from lib.data.augment import BatchAugmentation
 from lib.data.images import open_rgb
-from lib.data.loading import PresizedImages, make_loader
+from lib.data.loading import make_loader, presized_images
 from lib.data.presize import presized_shape
 from lib.data.splitting import SplitManifest
 
@@ -139,7 +139,7 @@ def _batch_lines(manifest: pd.DataFrame, presize: int | None, batch_size: int) -
     if presize is None:
         images = [pil_to_tensor(open_rgb(path)) for path in train["path"]]
     else:
-        centre_crops = PresizedImages(train["presized_path"].tolist(), train["target"].tolist(), presize)
+        centre_crops = presized_images(train, presize)
         images = [centre_crops[(i, 0.5, 0.5)][0] for i in range(len(train))]
     _, message = collate_or_explain(images)
     return lines + [f"  {message}"]

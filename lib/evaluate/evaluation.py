@@ -15,7 +15,7 @@ import torch
 
 from lib.common.errors import InputError
 from lib.data.augment import aug_transforms
-from lib.data.loading import PresizedImages, default_workers, make_loader
+from lib.data.loading import default_workers, make_loader, presized_images
 from lib.evaluate.interpret import Predictions
 from lib.recipe import DEFAULT_BATCH_SIZE, DEFAULT_PRESIZE
 from lib.serve.inference import read_export
@@ -80,7 +80,7 @@ def validation_images(manifest: pd.DataFrame, indices: Sequence[int], *, presize
     `lib.evaluate.interpret.write_interpretation` asks for.
     """
     valid = manifest[manifest["split"] == "valid"]
-    dataset = PresizedImages(valid["presized_path"].tolist(), valid["target"].tolist(), presize)
+    dataset = presized_images(valid, presize)
     raw = torch.stack([dataset[(int(index), CENTRE, CENTRE)][0] for index in indices])
     augmentation = aug_transforms(size)
     with torch.inference_mode():

@@ -26,7 +26,6 @@ from typing import Any
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -35,6 +34,7 @@ from lib.common.errors import InputError, UserError
 from lib.common.progress import progress_bar
 from lib.data.augment import BatchAugmentation, aug_transforms
 from lib.data.loading import default_workers, epoch_seed, make_loaders
+from lib.data.presize import read_presized
 from lib.recipe import DEFAULT_BATCH_SIZE, DEFAULT_PRESIZE
 from lib.train.checkpoint import LAST_CHECKPOINT, load_checkpoint, save_checkpoint
 from lib.train.lr_finder import SmoothedLoss
@@ -517,8 +517,8 @@ def check_presize(manifest: pd.DataFrame, presize: int) -> None:
     """Fail early, in the main process, when the manifest's images were presized for another size."""
     if manifest.empty:
         raise InputError("The manifest has no images: run the data stage first (pets summary).")
-    with Image.open(manifest["presized_path"].iloc[0]) as first:
-        found = min(first.size)
+    first = manifest.iloc[0]
+    found = min(read_presized(first["presized_path"], first.get("path")).size)  # heals a damaged first entry too
     if found != presize:
         raise InputError(
             f"The manifest's images were presized to {found}px, but presize={presize} was asked for: pass "
