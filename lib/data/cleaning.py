@@ -11,7 +11,6 @@ import io
 import json
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from lib.common.files import write_text_atomically
+from lib.common.pools import thread_pool
 from lib.common.progress import ProgressCallback, progress_bar
 from lib.data import images
 from lib.data.digests import FileDigests, stamp_of
@@ -101,7 +101,7 @@ def clean_images(
     # Threads suffice: Pillow releases the GIL while decoding and hashlib while hashing. Pillow's own bomb
     # warning is raised as an error in the workers (the filter is process-wide), so open_rgb turns it into
     # too_large instead of printing it.
-    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=workers) as pool:
+    with warnings.catch_warnings(), thread_pool(workers) as pool:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         # map keeps the input order
         # Unchanged files the cache holds are settled here, with a stat each; the others are read in the pool.

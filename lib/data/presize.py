@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -38,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lib.common.errors import UserError
 from lib.common.files import write_atomically, write_text_atomically
+from lib.common.pools import thread_pool
 from lib.common.progress import ProgressCallback, progress_bar
 from lib.data.images import ImageFacts, open_rgb_with_facts
 from lib.recipe import DEFAULT_PRESIZE
@@ -337,7 +337,7 @@ def presize_images(
     missing = {
         digest: Path(path) for path, digest in zip(manifest["path"], digests, strict=True) if not cache.holds(digest)
     }
-    with ThreadPoolExecutor(max_workers=workers or len(os.sched_getaffinity(0))) as pool:
+    with thread_pool(workers or len(os.sched_getaffinity(0))) as pool:
         jobs = pool.map(lambda item: cache.rebuild(*item), missing.items())
         bar = progress_bar(jobs, show=progress, total=len(missing), desc=f"presize {presize}px", unit="img")
         for done, _ in enumerate(bar, start=1):
