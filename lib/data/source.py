@@ -362,7 +362,7 @@ def _tar_member_bytes(member: tarfile.TarInfo) -> int:
     """
     if member.sparse is None:
         return member.size
-    return max(member.size, *(offset + size for offset, size in member.sparse))
+    return max([member.size, *(offset + size for offset, size in member.sparse)])
 
 
 def _strict_data_filter(member: tarfile.TarInfo, dest_path: str) -> tarfile.TarInfo:

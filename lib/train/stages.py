@@ -10,8 +10,8 @@ The training flow starts one `--serve` process ahead of its first stage, so the 
 library are loaded while the data stage runs, and sends it every stage in turn (tasks/training.py). For each request
 the process builds the trainer from the presized manifest, resumes from the stage's `checkpoints/last.pt` when an
 earlier attempt left one (from `previous.pt`, an epoch earlier, when `last.pt` is damaged), runs `fine_tune`, and
-writes the model, `history.json` and `loss_curves.png` into the stage
-folder. It talks to its parent through its standard output, one JSON object per line:
+writes the model, `history.json` and `loss_curves.png` into the stage folder. It talks to its parent through its
+standard output, one JSON object per line:
 
     {"epoch": {...EpochStats...}, "step": 3}     after every epoch (step: the epoch's index within the stage)
     {"result": {...}}                             once, when the stage is done (a `--serve` process then waits)
