@@ -46,7 +46,9 @@ def data_stage(data: DataSettings, *, cache_dir: str | None, out_dir: str) -> di
     # Absolute paths: manifests written here stay valid whatever the working directory of a later reader.
     cache_dir = str(Path(cache_dir or default_cache_dir()).resolve())
     out_dir = str(Path(out_dir).resolve())
-    images_dir = download_dataset(data_url, data.dir, cache_dir, data.sha256)
+    images_dir = download_dataset(
+        data_url, data.dir, cache_dir, data.sha256, data.max_archive_bytes, data.max_archive_members
+    )
     source = "--data-dir" if data.dir else "--data-url"  # what an error about the images names
     labelled = label_images(images_dir, data.label_pattern, data.skip_unmatched, out_dir, source)
     cleaned = clean_images(labelled["manifest"], cache_dir, data.presize)

@@ -35,6 +35,10 @@ DEFAULT_PRESIZE = 460  # fastbook ch. 5: item_tfms=Resize(460)
 DEFAULT_SIZE = 224  # fastbook ch. 5: batch_tfms=aug_transforms(size=224, min_scale=0.75)
 DEFAULT_MIN_SCALE = 0.75
 DEFAULT_BATCH_SIZE = 64  # fastai 2.8.12 fastai/data/core.py: DataLoaders bs=64, val_bs=bs
+# An archive is refused, before its data is read, past either limit (lib/data/source.py: a zip or tar bomb). The
+# Oxford-IIIT Pet archive is ~0.8 GB holding ~15k members: 25x and 13x margins.
+DEFAULT_MAX_ARCHIVE_BYTES = 20 * 10**9
+DEFAULT_MAX_ARCHIVE_MEMBERS = 200_000
 MAX_DEFAULT_WORKERS = 16  # fastai 2.8.12 fastai/data/load.py: num_workers = min(16, defaults.cpus)
 # Training on the CPU, the model's threads use every core and loader workers only take cores from it. The warm loader
 # delivers ~15x what a CPU-trained resnet18 consumes (BENCHMARKS.md), so one worker per 8 cores keeps up.
@@ -78,6 +82,17 @@ class DataSettings(Section):
         None, description="Local folder of images, used instead of downloading.", json_schema_extra=_option("data_dir")
     )
     sha256: str | None = Field(None, description="Expected sha256 of the downloaded archive.")
+    max_archive_bytes: int = Field(
+        DEFAULT_MAX_ARCHIVE_BYTES,
+        ge=1,
+        description="Largest total size in bytes of an archive's files once extracted (against zip bombs); a larger "
+        "archive is refused.",
+    )
+    max_archive_members: int = Field(
+        DEFAULT_MAX_ARCHIVE_MEMBERS,
+        ge=1,
+        description="Most members (files, folders, links) an archive may hold; one with more is refused.",
+    )
     label_pattern: str = Field(
         DEFAULT_LABEL_PATTERN, description="Regex searched in each file name; its first group is the label."
     )

@@ -19,6 +19,7 @@ from lib.data import cleaning, labelling, presize, splitting, summary, synthetic
 from lib.data.augment import AugmentSettings, aug_transforms
 from lib.data.digests import DIGESTS_FILE, FileDigests
 from lib.data.source import cached_archive_digest, resolve_data_source
+from lib.recipe import DEFAULT_MAX_ARCHIVE_BYTES, DEFAULT_MAX_ARCHIVE_MEMBERS
 from tasks.progress import ProgressArtifact
 
 MANIFEST_FILE = "manifest.csv"
@@ -54,13 +55,26 @@ def _download_cache_key(context, parameters) -> str:
     retry_condition_fn=_is_transient,
     cache_key_fn=_download_cache_key,
 )
-def download_dataset(data_url: str | None, data_dir: str | None, cache_dir: str, sha256: str | None = None) -> str:
-    """Download and extract the dataset archive (or take a local folder) and return its images folder."""
+def download_dataset(
+    data_url: str | None,
+    data_dir: str | None,
+    cache_dir: str,
+    sha256: str | None = None,
+    max_archive_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES,
+    max_archive_members: int = DEFAULT_MAX_ARCHIVE_MEMBERS,
+) -> str:
+    """Download and extract the dataset archive (or take a local folder) and return its images folder.
+
+    An archive whose files add up to more than max_archive_bytes, or with more than max_archive_members members, is
+    refused before it is extracted.
+    """
     images_dir = resolve_data_source(
         data_url=data_url,
         data_dir=Path(data_dir) if data_dir else None,
         cache_dir=Path(cache_dir),
         sha256=sha256,
+        max_bytes=max_archive_bytes,
+        max_members=max_archive_members,
     )
     return str(images_dir)
 

@@ -32,6 +32,7 @@ from lib.common.numbers import significant
 from lib.evaluate.evaluation import validation_images, validation_predictions
 from lib.evaluate.interpret import write_interpretation
 from lib.recipe import Recipe
+from lib.train.checkpoint import previous_checkpoint
 from lib.train.lr_finder import lr_find, plot_lr_find
 from lib.train.stages import SERVE, build_trainer, cpu_threads, last_checkpoint, release_device_memory
 from lib.train.trainer import EpochStats
@@ -141,8 +142,9 @@ def fine_tune_classifier(
         "lr_mult": lr_mult,
     }
     request_path = write_text_atomically(stage_dir / REQUEST_FILE, json.dumps(request, indent=1) + "\n")
-    if last_checkpoint(stage_dir).is_file():
-        print(f"{stage}: resuming from {last_checkpoint(stage_dir)} (an earlier attempt was interrupted).")
+    last = last_checkpoint(stage_dir)
+    if last.is_file() or previous_checkpoint(last).is_file():  # the stage process says which one it resumes from
+        print(f"{stage}: resuming from the checkpoints in {last.parent} (an earlier attempt was interrupted).")
     result = run_stage_process(request_path, _progress_reporter(run_id, stage, freeze_epochs + epochs))
     if result["resumed_epochs"]:
         print(f"{stage}: resumed after {result['resumed_epochs']} complete epochs of an interrupted attempt.")

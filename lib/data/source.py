@@ -27,6 +27,7 @@ from lib.common.download import (
     file_sha256,
 )
 from lib.common.errors import InputError, MissingInputError, NotAFolderError, UserError
+from lib.recipe import DEFAULT_MAX_ARCHIVE_BYTES, DEFAULT_MAX_ARCHIVE_MEMBERS
 
 # fastai URLs.PETS, the archive fastbook chapter 5 downloads with untar_data.
 PETS_URL = "https://s3.amazonaws.com/fast-ai-imageclas/oxford-iiit-pet.tgz"
@@ -47,6 +48,10 @@ _FIX = (
 
 class UnsafeArchiveError(UserError, ValueError):
     """An archive member would land outside the destination folder or is a link."""
+
+
+class ArchiveTooLargeError(UnsafeArchiveError):
+    """An archive holds more members, or would extract more bytes, than the limits allow (a zip or tar bomb)."""
 
 
 def download_archive(
@@ -83,10 +88,20 @@ def download_archive(
     return target
 
 
-def extract_archive(archive: Path, dest_dir: Path) -> Path:
+def extract_archive(
+    archive: Path,
+    dest_dir: Path,
+    *,
+    max_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES,
+    max_members: int = DEFAULT_MAX_ARCHIVE_MEMBERS,
+) -> Path:
     """Extract a .tgz, .tar.gz, .tar or .zip archive into dest_dir, once, and return dest_dir.
 
+    The members' sizes and number are checked from their headers before their data is read: the files may add up to
+    `max_bytes` and the archive may hold `max_members` members (files, folders and links).
+
     Raises:
+        ArchiveTooLargeError: The members add up to more than max_bytes, or there are more than max_members.
         UnsafeArchiveError: A member would be written outside dest_dir, or is a link in a zip file.
         FileExistsError: dest_dir holds files that no earlier extraction put there.
         ValueError: The suffix is not supported or the archive cannot be read.
@@ -100,7 +115,7 @@ def extract_archive(archive: Path, dest_dir: Path) -> Path:
     dest_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest_dir.name}.partial-", dir=dest_dir.parent))
     try:
-        extract(archive, staging)
+        extract(archive, staging, _Budget(archive, max_bytes=max_bytes, max_members=max_members))
         _write_json(staging / _EXTRACTED_MARKER, {"archive": archive.name, "sha256": digest})
         _move_into_place(staging, dest_dir)
     finally:
@@ -108,8 +123,16 @@ def extract_archive(archive: Path, dest_dir: Path) -> Path:
     return dest_dir
 
 
-def fetch_dataset(url: str, cache_dir: Path, *, sha256: str | None = None, progress: bool | None = None) -> Path:
-    """Download and extract the archive at url and return the extracted folder.
+def fetch_dataset(
+    url: str,
+    cache_dir: Path,
+    *,
+    sha256: str | None = None,
+    progress: bool | None = None,
+    max_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES,
+    max_members: int = DEFAULT_MAX_ARCHIVE_MEMBERS,
+) -> Path:
+    """Download and extract the archive at url and return the extracted folder (limits: see `extract_archive`).
 
     Runs sharing a cache take turns per archive: the second one waits for the first, then finds the archive complete
     and extracted, so it is transferred once and nobody reads a half-written `.part` file or staging folder.
@@ -118,7 +141,8 @@ def fetch_dataset(url: str, cache_dir: Path, *, sha256: str | None = None, progr
     _archive_kind(target)  # fail before a long download, not after it
     with download_lock(target):
         archive = download_archive(url, cache_dir, sha256=sha256, progress=progress)
-        return extract_archive(archive, Path(cache_dir) / "extracted" / _archive_stem(archive))
+        dest_dir = Path(cache_dir) / "extracted" / _archive_stem(archive)
+        return extract_archive(archive, dest_dir, max_bytes=max_bytes, max_members=max_members)
 
 
 def cached_archive_digest(url: str, cache_dir: Path) -> str | None:
@@ -159,8 +183,12 @@ def resolve_data_source(
     cache_dir: Path,
     sha256: str | None = None,
     progress: bool | None = None,
+    max_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES,
+    max_members: int = DEFAULT_MAX_ARCHIVE_MEMBERS,
 ) -> Path:
     """Return the images folder from either a local folder (used as is) or an archive URL to fetch.
+
+    max_bytes and max_members limit what the archive may extract (`extract_archive`).
 
     Raises:
         ValueError: Neither or both of data_url and data_dir are given.
@@ -175,7 +203,10 @@ def resolve_data_source(
         )
     if data_dir is not None:
         return find_images_dir(_existing_dir(Path(data_dir)))
-    return find_images_dir(fetch_dataset(data_url, cache_dir, sha256=sha256, progress=progress))
+    extracted = fetch_dataset(
+        data_url, cache_dir, sha256=sha256, progress=progress, max_bytes=max_bytes, max_members=max_members
+    )
+    return find_images_dir(extracted)
 
 
 # Downloading.
@@ -267,13 +298,47 @@ def _move_into_place(staging: Path, dest_dir: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
-def _extract_tar(archive: Path, dest_dir: Path) -> None:
-    """Extract a tar archive with the "data" filter, which refuses members that escape dest_dir."""
+class _Budget:
+    """What an archive may still extract: each member is counted, with its size, before its data is read."""
+
+    def __init__(self, archive: Path, *, max_bytes: int, max_members: int):
+        self.archive, self.max_bytes, self.max_members = archive, max_bytes, max_members
+        self.members = self.bytes = 0
+
+    def add(self, name: str, size: int) -> None:
+        """Count one member; raise ArchiveTooLargeError when it crosses a limit."""
+        self.members += 1
+        self.bytes += size
+        if self.members > self.max_members:
+            crossed = f"it holds more than {self.max_members:,} members"
+            option, setting = "--max-archive-members", "data.max_archive_members"
+        elif self.bytes > self.max_bytes:
+            crossed = f"its files add up to more than {self.max_bytes:,} bytes (member {name!r} crosses it)"
+            option, setting = "--max-archive-bytes", "data.max_archive_bytes"
+        else:
+            return
+        raise ArchiveTooLargeError(
+            f"Refusing to extract {self.archive}: {crossed}, the limit against zip and tar bombs. If you trust it, "
+            f"raise {option} (recipe: {setting})."
+        )
+
+
+def _extract_tar(archive: Path, dest_dir: Path, budget: _Budget) -> None:
+    """Extract a tar archive with the "data" filter, which refuses members that escape dest_dir, within budget."""
     if not hasattr(tarfile, "data_filter"):
         raise RuntimeError("Safe tar extraction needs Python 3.11.4 or newer (tarfile extraction filters).")
+
+    def checked(member: tarfile.TarInfo, dest_path: str) -> tarfile.TarInfo:
+        safe = _strict_data_filter(member, dest_path)
+        # extractall reads the members one header at a time and calls the filter on each before it reads the data
+        # (CPython 3.12 Lib/tarfile.py, TarFile.extractall and _get_extract_tarinfo): a member past a limit is never
+        # written, nor are any after it.
+        budget.add(member.name, _tar_member_bytes(member))
+        return safe
+
     try:
         with tarfile.open(archive) as tar:  # mode "r:*" detects the compression
-            tar.extractall(dest_dir, filter=_strict_data_filter)
+            tar.extractall(dest_dir, filter=checked)
     except tarfile.FilterError as error:
         raise UnsafeArchiveError(
             f"Refusing to extract {archive}: member {error.tarinfo.name!r} is unsafe ({error}). {_UNSAFE_FIX}"
@@ -289,6 +354,17 @@ def _extract_tar(archive: Path, dest_dir: Path) -> None:
         ) from error
 
 
+def _tar_member_bytes(member: tarfile.TarInfo) -> int:
+    """How large extracting a tar member can make its file: its size, or for a sparse one the end of its last region.
+
+    TarFile.makefile copies `size` bytes, or for a sparse member writes each (offset, size) region of its map and then
+    truncates to `size` (CPython 3.12 Lib/tarfile.py): a map reaching past `size` would write that much first.
+    """
+    if member.sparse is None:
+        return member.size
+    return max([member.size, *(offset + size for offset, size in member.sparse)])
+
+
 def _strict_data_filter(member: tarfile.TarInfo, dest_path: str) -> tarfile.TarInfo:
     """Apply tarfile's "data" filter, also refusing absolute names, which it silently makes relative."""
     if member.name.startswith("/"):
@@ -296,13 +372,21 @@ def _strict_data_filter(member: tarfile.TarInfo, dest_path: str) -> tarfile.TarI
     return tarfile.data_filter(member, dest_path)
 
 
-def _extract_zip(archive: Path, dest_dir: Path) -> None:
-    """Extract a zip archive after checking every member, so an unsafe one stops it before any write."""
+def _extract_zip(archive: Path, dest_dir: Path, budget: _Budget) -> None:
+    """Extract a zip archive after checking every member, so an unsafe one, or too many bytes, stop it before any
+    write."""
     try:
         with zipfile.ZipFile(archive) as zip_file:
-            for info in zip_file.infolist():
+            members = zip_file.infolist()
+            for info in members:
                 _check_zip_member(archive, info)
-            zip_file.extractall(dest_dir)
+                budget.add(info.filename, info.file_size)
+            # Extracting a member never writes more than the file_size of its ZipInfo: ZipExtFile starts `_left` at
+            # it and cuts each decompressed chunk to `data[:self._left]` (CPython 3.12 Lib/zipfile/__init__.py,
+            # ZipExtFile.__init__ and _read1); a stream that holds more fails its CRC check. So the sum above bounds
+            # what is written. The ZipInfo objects are passed, not names, so each written member is the one checked
+            # (a name the archive repeats would otherwise resolve to its last entry every time).
+            zip_file.extractall(dest_dir, members=members)
     except zipfile.BadZipFile as error:
         raise InputError(
             f"Cannot read {archive} as a zip archive ({error}); delete it and download it again."
@@ -323,7 +407,7 @@ def _check_zip_member(archive: Path, info: zipfile.ZipInfo) -> None:
     raise UnsafeArchiveError(f"Refusing to extract {archive}: member {info.filename!r} {problem}. {_UNSAFE_FIX}")
 
 
-_EXTRACTORS: dict[str, Callable[[Path, Path], None]] = {"tar": _extract_tar, "zip": _extract_zip}
+_EXTRACTORS: dict[str, Callable[[Path, Path, _Budget], None]] = {"tar": _extract_tar, "zip": _extract_zip}
 
 
 # Folders and small files.

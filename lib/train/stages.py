@@ -9,8 +9,9 @@
 The training flow starts one `--serve` process ahead of its first stage, so the interpreter, torch and the plotting
 library are loaded while the data stage runs, and sends it every stage in turn (tasks/training.py). For each request
 the process builds the trainer from the presized manifest, resumes from the stage's `checkpoints/last.pt` when an
-earlier attempt left one, runs `fine_tune`, and writes the model, `history.json` and `loss_curves.png` into the stage
-folder. It talks to its parent through its standard output, one JSON object per line:
+earlier attempt left one (from `previous.pt`, an epoch earlier, when `last.pt` is damaged), runs `fine_tune`, and
+writes the model, `history.json` and `loss_curves.png` into the stage folder. It talks to its parent through its
+standard output, one JSON object per line:
 
     {"epoch": {...EpochStats...}, "step": 3}     after every epoch (step: the epoch's index within the stage)
     {"result": {...}}                             once, when the stage is done (a `--serve` process then waits)
@@ -44,7 +45,7 @@ from lib.common.plots import pyplot
 from lib.evaluate.interpret import plot_losses
 from lib.recipe import Recipe
 from lib.serve.inference import export_classifier
-from lib.train.checkpoint import LAST_CHECKPOINT
+from lib.train.checkpoint import LAST_CHECKPOINT, previous_checkpoint
 from lib.train.model import count_parameters
 from lib.train.trainer import EpochStats, NonFiniteLossError, Trainer, best_epoch, vision_trainer
 
@@ -61,6 +62,7 @@ def build_trainer(
     *,
     checkpoint_dir: Path | None = None,
     on_epoch_end: Callable[[EpochStats], None] | None = None,
+    on_resume: Callable[[str], None] | None = None,
 ) -> Trainer:
     """Build the vision trainer of the recipe; the model's random parts are seeded, so stages start alike."""
     manifest = pd.read_csv(manifest_path)
@@ -85,6 +87,7 @@ def build_trainer(
             precision=recipe.precision,
             checkpoint_dir=checkpoint_dir,
             on_epoch_end=on_epoch_end,
+            on_resume=on_resume,
         )
 
 
@@ -122,19 +125,20 @@ def last_checkpoint(stage_dir: Path) -> Path:
 
 
 def fine_tune_stage(request: Mapping[str, Any], on_epoch_end: Callable[[EpochStats, int], None] | None = None) -> dict:
-    """Fine-tune a fresh model the fastai way, resuming from the stage's `last.pt` if there is one; export it.
+    """Fine-tune a fresh model the fastai way, resuming from the stage's checkpoint if there is one; export it.
 
     `request` holds the manifest and vocab paths, the recipe (as JSON), the stage folder and `epochs`, `base_lr`,
     `freeze_epochs`, `lr_mult`. `on_epoch_end(row, step)` gets every epoch of the stage once, with its index within the
     stage, as soon as it is known: those restored from the checkpoint first, so a listener that missed some (its
     process died with the stage's) can fill them in. Returns the exported model's path, the history file, the
     loss-curve plot, the stage's numbers and `resumed_epochs`, the epochs an earlier attempt had finished (0 for a
-    fresh start).
+    fresh start). Which checkpoint it resumed from, and any damaged one it moved aside, is one line on stderr.
     """
     stage_dir = Path(request["stage_dir"])
     recipe = Recipe.model_validate(request["recipe"])
     checkpoint = last_checkpoint(stage_dir)
-    resume_from = checkpoint if checkpoint.is_file() else None
+    # A crash between save_checkpoint's two renames leaves only previous.pt: the trainer resumes from it then.
+    resume_from = checkpoint if checkpoint.is_file() or previous_checkpoint(checkpoint).is_file() else None
     trained = 0  # epochs this call trains (the rest of the history was restored from the checkpoint)
     reported = 0  # rows of the trainer's history (restored ones included) handed to on_epoch_end so far
 
@@ -151,11 +155,10 @@ def fine_tune_stage(request: Mapping[str, Any], on_epoch_end: Callable[[EpochSta
         report_history()
 
     trainer = build_trainer(
-        request["manifest_path"], request["vocab_path"], recipe, checkpoint_dir=checkpoint.parent, on_epoch_end=report
-    )
+        request["manifest_path"], request["vocab_path"], recipe, checkpoint_dir=checkpoint.parent, on_epoch_end=report,
+        on_resume=lambda line: print(f"{stage_dir.name}: {line}", file=sys.stderr),
+    )  # fmt: skip
     trainer.epoch_table = False  # whoever started the stage gets each epoch through on_epoch_end and shows it
-    if resume_from:
-        print(f"Resuming the {stage_dir.name} stage from {resume_from}.", file=sys.stderr)
     epochs, freeze_epochs = request["epochs"], request["freeze_epochs"]
     try:
         with cpu_threads(recipe.runtime.threads):

@@ -2,13 +2,14 @@
 
 A `Trainer` owns a model split into fastai's three parameter groups, an AdamW optimizer equal to fastai's Adam, the
 batch augmentation and the mixed-precision policy. Every epoch trains, measures the validation loss and error rate and
-writes a checkpoint; its stats leave through one plain callable, `on_epoch_end(stats)`, so the Prefect flow and MLflow
-logging sit outside lib/. What is not fitting uses the Trainer's public parts from elsewhere: the LR finder
-(lib/train/lr_finder.py) drives `train_step`, and the loss-curve plot (lib/evaluate/interpret.py) reads
-`smoothed_losses` and `valid_points`.
+writes a checkpoint (`last.pt`, the one before kept as `previous.pt`: lib/train/checkpoint.py); its stats leave
+through one plain callable, `on_epoch_end(stats)`, so the Prefect flow and MLflow logging sit outside lib/. What is not
+fitting uses the Trainer's public parts from elsewhere: the LR finder (lib/train/lr_finder.py) drives `train_step`,
+and the loss-curve plot (lib/evaluate/interpret.py) reads `smoothed_losses` and `valid_points`.
 
 Reproducibility: the batch order, the crops, the augmentation and dropout of epoch k depend only on (seed, k). A run
-resumed from the checkpoint of epoch k therefore continues exactly as the uninterrupted run would have.
+resumed from the checkpoint of epoch k therefore continues exactly as the uninterrupted run would have; one resumed
+from `previous.pt` (its `last.pt` damaged) repeats an epoch and ends the same.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from lib.data.augment import BatchAugmentation, aug_transforms
 from lib.data.loading import default_workers, epoch_seed, make_loaders
 from lib.data.presize import read_presized
 from lib.recipe import DEFAULT_BATCH_SIZE, DEFAULT_PRESIZE
-from lib.train.checkpoint import LAST_CHECKPOINT, load_checkpoint, save_checkpoint
+from lib.train.checkpoint import LAST_CHECKPOINT, previous_checkpoint, resume_checkpoint, save_checkpoint
 from lib.train.lr_finder import SmoothedLoss
 from lib.train.model import create_model, freeze_to, no_weight_decay, parameter_groups
 from lib.train.precision import Precision, resolve_precision, use_channels_last
@@ -51,6 +52,11 @@ ADAM_EPS = 1e-5  # fastai Adam eps (torch's default is 1e-8)
 LOSS_READBACK_BATCHES = 8
 
 EpochCallback = Callable[["EpochStats"], None]
+# What `_save_progress` writes besides the checkpoint's format and plan: a checkpoint lacking one is damaged.
+PROGRESS_KEYS = (
+    "phase_index", "epochs_done", "epochs_run", "model", "optimizer", "scaler", "smoother", "history",
+    "smoothed_losses", "valid_points",
+)  # fmt: skip
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -132,6 +138,7 @@ class Trainer:
         seed: int | None = None,
         checkpoint_dir: Path | None = None,
         on_epoch_end: EpochCallback | None = None,
+        on_resume: Callable[[str], None] | None = None,
         progress: bool | None = None,
         epoch_table: bool = True,
         compile: bool = False,
@@ -153,6 +160,8 @@ class Trainer:
         self.seed = secrets.randbits(62) if seed is None else seed
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.on_epoch_end = on_epoch_end
+        # Told in one line which checkpoint a resumed fit continues from, and any damaged one it moved aside.
+        self.on_resume = on_resume or (lambda line: tqdm.write(line, file=sys.stderr))
         self.progress = progress  # per-batch bars: on a terminal (None), always (True) or never (False)
         self.epoch_table = epoch_table  # each epoch as a row of fastai's table on stderr
         self.optimizer = make_optimizer(self.model, weight_decay=weight_decay, fused=self.device.type == "cuda")
@@ -216,7 +225,8 @@ class Trainer:
             base_lr: Peak LR of the frozen phase's head; the unfrozen phase peaks at half of it.
             div_final: One-cycle final divisor for both phases.
             moms: One-cycle momentum (Adam beta1) schedule for both phases.
-            resume_from: A `last.pt` checkpoint written by this same call, to continue from.
+            resume_from: A `last.pt` checkpoint written by this same call, to continue from (its `previous.pt`
+                when it is damaged or absent; the start when both are damaged).
             **phase_settings: freeze_epochs, lr_mult, pct_start and div of `lib.train.schedule.fine_tune_phases`.
         """
         phases = fine_tune_phases(epochs, base_lr=base_lr, **phase_settings)
@@ -232,7 +242,7 @@ class Trainer:
         moms: tuple[float, float, float],
     ) -> list[EpochStats]:
         plan = self._plan(kind, phases, div_final=div_final, moms=moms)
-        state = load_checkpoint(resume_from, plan=plan) if resume_from else None
+        state = self._resume(resume_from, plan) if resume_from else None
         if state is not None:
             self._restore_progress(state)
         done_phase, done_epochs = (state["phase_index"], state["epochs_done"]) if state else (-1, 0)
@@ -422,6 +432,16 @@ class Trainer:
         return loss_sum / count, torch.stack(correct).sum().item() / count
 
     # -- checkpoints ------------------------------------------------------------------------------------------
+    def _resume(self, resume_from: Path, plan: dict[str, Any]) -> dict[str, Any] | None:
+        found = resume_checkpoint(resume_from, plan=plan, keys=PROGRESS_KEYS)
+        if found.state is None:
+            outcome = "training from the start"
+        else:  # beside a damaged file, its folder is named already
+            source = found.path.name if found.damaged else found.path
+            outcome = f"resuming from {source} (after epoch {found.state['epochs_run']})"
+        self.on_resume("; ".join([*found.damaged, outcome]) + ".")
+        return found.state
+
     def _save_progress(
         self, plan: dict[str, Any], phase_index: int, epochs_done: int, scaler: torch.amp.GradScaler, smoother
     ) -> None:
@@ -440,7 +460,8 @@ class Trainer:
             "smoothed_losses": self.smoothed_losses,
             "valid_points": self.valid_points,
         }
-        save_checkpoint(self.checkpoint_dir / LAST_CHECKPOINT, state)
+        last = self.checkpoint_dir / LAST_CHECKPOINT
+        save_checkpoint(last, state, keep_previous=previous_checkpoint(last))
 
     def _restore_progress(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])

@@ -158,6 +158,19 @@ def test_pets_summary_cli_names_a_missing_folder_and_exits_2(tmp_path):
     assert result.stderr == f"Error: --data-dir {missing} does not exist: pass the folder that holds the images\n"
 
 
+def test_pets_summary_refuses_an_archive_past_the_members_limit_it_was_given_in_one_line(archive, tmp_path):
+    cache = tmp_path / "cache"
+    options = ["--data-url", archive.resolve().as_uri(), "--cache-dir", str(cache), "--out-dir", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, ["summary", *options, "--max-archive-members", "5"])
+
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        f"Error: Refusing to extract {cache / 'downloads' / archive.name}: it holds more than 5 members, the limit "
+        "against zip and tar bombs. If you trust it, raise --max-archive-members (recipe: data.max_archive_members).\n"
+    )
+    assert list((cache / "extracted").iterdir()) == []
+
+
 def test_skipped_unmatched_files_are_reported_in_the_summary(tmp_path):
     images = make_pets_dataset(tmp_path / "pets", breeds=2, images_per_breed=4, max_side=120)
     (images / "IMG_0001.jpeg").write_bytes((images / "Abyssinian_1.jpg").read_bytes())

@@ -3,6 +3,7 @@
 They run against a real HTTP server on 127.0.0.1, with archives made by the tests.
 """
 
+import gzip
 import hashlib
 import io
 import json
@@ -11,6 +12,7 @@ import random
 import shutil
 import stat
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import pytest
 
 from lib.common.download import ChecksumMismatchError, DownloadError, download_file, file_name, redact_url
 from lib.data.source import (
+    ArchiveTooLargeError,
     UnsafeArchiveError,
     cached_archive_digest,
     download_archive,
@@ -26,6 +29,7 @@ from lib.data.source import (
     find_images_dir,
     resolve_data_source,
 )
+from lib.recipe import Recipe
 from tests.support.http_server import refused_port, serve_directory, silent_port
 
 # Random bytes do not compress, so "cut off halfway" means halfway through the .tgz too.
@@ -447,6 +451,98 @@ def test_folder_not_made_by_an_extraction_is_not_overwritten(tmp_path):
         extract_archive(archive, dest)
 
     assert (dest / "precious.txt").read_text() == "keep"
+
+
+# Limits: zip and tar bombs.
+GIB = 1 << 30
+
+
+def zeros_tgz(path: Path, name: str, size: int, *, chunk: int = 1 << 20) -> Path:
+    """A .tgz holding one member of `size` zero bytes, written without ever holding or writing `size` bytes.
+
+    A gzip file may be several gzip members back to back, read as one stream (RFC 1952 section 2.2; Python's gzip
+    module reads them all), so the member's data is one compressed chunk of zeros (about 1 kB per MiB) repeated.
+    """
+    assert size % chunk == 0
+    info = tarfile.TarInfo(name)
+    info.size = size
+    zeros = gzip.compress(bytes(chunk))
+    with path.open("wb") as out:
+        out.write(gzip.compress(info.tobuf()))
+        for _ in range(size // chunk):
+            out.write(zeros)
+        out.write(gzip.compress(bytes(2 * tarfile.BLOCKSIZE)))  # the end-of-archive blocks
+    return path
+
+
+def assert_refused_leaving_nothing(archive: Path, dest: Path, match: str, **limits) -> str:
+    with pytest.raises(ArchiveTooLargeError, match=match) as caught:
+        extract_archive(archive, dest, **limits)
+    message = str(caught.value)
+    assert "\n" not in message and archive.name in message
+    assert list(dest.parent.iterdir()) == []  # no staging folder, no partial destination
+    return message
+
+
+def test_a_tar_bomb_is_refused_from_its_header_before_its_data_is_read(tmp_path):
+    bomb = zeros_tgz(tmp_path / "bomb.tgz", "zeros.bin", 2 * GIB)
+    assert bomb.stat().st_size < 3_000_000
+    with tarfile.open(bomb) as tar:  # a real archive: its member says 2 GiB
+        assert tar.next().size == 2 * GIB
+    (tmp_path / "out").mkdir()
+
+    started = time.monotonic()
+    message = assert_refused_leaving_nothing(
+        bomb, tmp_path / "out" / "bomb", r"more than 1,073,741,824 bytes \(member 'zeros.bin'", max_bytes=GIB
+    )
+
+    assert time.monotonic() - started < 10  # extracting it takes ~25 s: the header alone decided
+    assert message.endswith("raise --max-archive-bytes (recipe: data.max_archive_bytes).")
+
+
+@pytest.mark.parametrize("name", ["big.tgz", "big.zip"])
+def test_members_adding_up_past_the_byte_limit_are_refused(tmp_path, name):
+    files = {"a.bin": bytes(600_000), "b.bin": bytes(600_000)}
+    archive = (make_zip if name.endswith(".zip") else make_tar)(tmp_path / name, files)
+    (tmp_path / "out").mkdir()
+
+    assert_refused_leaving_nothing(
+        archive, tmp_path / "out" / "big", r"more than 1,000,000 bytes \(member 'b.bin'", max_bytes=1_000_000
+    )
+
+
+@pytest.mark.parametrize("name", ["many.tar", "many.zip"])
+def test_an_archive_with_more_members_than_the_limit_is_refused(tmp_path, name):
+    files = {f"images/cat_{index}.jpg": b"x" for index in range(21)}
+    archive = (make_zip if name.endswith(".zip") else make_tar)(tmp_path / name, files)
+    (tmp_path / "out").mkdir()
+
+    message = assert_refused_leaving_nothing(archive, tmp_path / "out" / "many", "more than 20 members", max_members=20)
+
+    assert message.endswith("raise --max-archive-members (recipe: data.max_archive_members).")
+
+
+@pytest.mark.parametrize("name", ["pets.tgz", "pets.zip"])
+def test_an_archive_exactly_at_both_limits_is_extracted(tmp_path, name):
+    archive = (make_zip if name.endswith(".zip") else make_tar)(tmp_path / name, PET_FILES)
+    total = sum(len(data) for data in PET_FILES.values())
+
+    dest = extract_archive(archive, tmp_path / "out", max_bytes=total, max_members=len(PET_FILES))
+
+    assert tree(dest) == PET_FILES
+
+
+def test_the_recipe_limits_reach_the_extraction_through_resolve_data_source(tmp_path, cache_dir):
+    archive = make_tar(tmp_path / "pets.tgz", PET_FILES)
+    data = Recipe().updated({"max_archive_members": len(PET_FILES) - 1}).data
+
+    with pytest.raises(ArchiveTooLargeError, match=f"more than {len(PET_FILES) - 1} members"):
+        resolve_data_source(
+            data_url=str(archive), data_dir=None, cache_dir=cache_dir, max_bytes=data.max_archive_bytes,
+            max_members=data.max_archive_members,
+        )  # fmt: skip
+
+    assert list((cache_dir / "extracted").iterdir()) == []
 
 
 # Finding the images.
