@@ -9,9 +9,11 @@ the command imports torch and the flows. Its socket is bound and listening befor
 that asks sooner waits in the socket's queue until the server answers, and no other process can take the port
 meanwhile.
 
-It listens on 127.0.0.1 only. It runs in a session of its own, so Ctrl-C reaches the command but not the server:
-the flow still reports its final state, then the command stops the server. A server whose command died (killed
-outright) exits within a second. With PREFECT_API_URL set (a real server, deployments, workers) nothing is started.
+Commands started together share the database in PREFECT_HOME: their servers start one at a time (a file lock
+there), so a new database is created and migrated once. It listens on 127.0.0.1 only. It runs in a session of its
+own, so Ctrl-C reaches the command but not the server: the flow still reports its final state, then the command
+stops the server. A server whose command died (killed outright) exits within a second. With PREFECT_API_URL set (a
+real server, deployments, workers) nothing is started.
 
     python -m flows.prefect_api FD PID    the server process itself, serving on the listening socket FD it
                                           inherited, while the command PID runs
@@ -117,8 +119,38 @@ def serve(fd: int, parent: int) -> None:
     listening = socket.socket(fileno=fd)
     # ephemeral: the UI and the services only a long-running server needs (scheduler, late runs, ...) stay off
     app = create_app(ephemeral=True, final=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="on")).run(sockets=[listening])
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="on"))
+    _start_one_at_a_time(server)
+    server.run(sockets=[listening])
     gc.freeze()  # nothing is left to free: skip the exit-time collection of Prefect's server modules
+
+
+STARTUP_LOCK = "temporary-api-startup.lock"  # in PREFECT_HOME, beside the database the servers share
+
+
+def _start_one_at_a_time(server) -> None:
+    """Hold a file lock in PREFECT_HOME from now until the server has started (its lifespan has run).
+
+    The app's startup migrates the database and registers block types (Prefect 3.9 server/api/server.py
+    `lifespan`), under a lock of this process only (server/database/alembic_commands.py `ALEMBIC_LOCK`): several
+    commands started at once on a new PREFECT_HOME would migrate the same sqlite file together and some of their
+    servers die. The commands' requests wait in their sockets' queues meanwhile. A server that dies while it starts
+    lets go of the lock with its process.
+    """
+    from filelock import FileLock
+    from prefect.settings import PREFECT_HOME
+
+    home = Path(PREFECT_HOME.value())
+    home.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(home / STARTUP_LOCK), thread_local=False)  # released by the thread below
+    lock.acquire()
+
+    def release_once_started() -> None:
+        while not (server.started or server.should_exit):
+            time.sleep(0.02)
+        lock.release()
+
+    threading.Thread(target=release_once_started, name="startup-lock", daemon=True).start()
 
 
 def _stop_with_parent(parent: int) -> None:

@@ -111,6 +111,11 @@ def test_a_stage_killed_mid_training_is_retried_by_prefect_and_resumes_to_the_un
 
 
 INTERRUPT_SECONDS = 5  # Ctrl-C ends the command this fast, its processes and the MLflow run included (issue 17)
+TINY_OPTIONS = [
+    "--arch", "resnet18", "--no-pretrained", "--presize", "48", "--size", "32", "--bs", "8", "--no-fp16",
+    "--workers", "0", "--threads", "1", "--freeze-epochs", str(FREEZE_EPOCHS), "--no-baseline",
+    "--experiment", "pets-test",
+]  # fmt: skip
 STOPPING = "Stopping (Ctrl-C again quits at once) ...\n"  # what the command says as the first Ctrl-C arrives
 
 
@@ -120,18 +125,8 @@ class PetsCommand:
 
     def __init__(self, tmp_path: Path, mlflow_uri: str, *options: str):
         self.out_dir = (tmp_path / "runs").resolve()
-        command = [sys.executable, "-m", "flows", "train", "--arch", "resnet18", "--no-pretrained", "--presize", "48"]
-        command += ["--size", "32", "--bs", "8", "--no-fp16", "--workers", "0", "--freeze-epochs", str(FREEZE_EPOCHS)]
-        command += [
-            "--epochs",
-            str(EPOCHS),
-            "--no-baseline",
-            "--experiment",
-            "pets-test",
-            "--out-dir",
-            str(self.out_dir),
-        ]
-        command += ["--cache-dir", str(tmp_path / "cache"), *options]
+        command = [sys.executable, "-m", "flows", "train", *TINY_OPTIONS, "--epochs", str(EPOCHS)]
+        command += ["--out-dir", str(self.out_dir), "--cache-dir", str(tmp_path / "cache"), *options]
         environment = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
         environment["MLFLOW_TRACKING_URI"] = mlflow_uri
         self.process = subprocess.Popen(
@@ -306,6 +301,46 @@ def test_ctrl_c_during_the_data_stage_or_the_lr_finder_ends_the_command_within_s
     after = pets.output.split(STOPPING, 1)[1]
     (told,) = [line for line in after.splitlines() if line.strip()]
     assert told.startswith("Interrupted.") and f"`pets train --resume {run.info.run_id}`" in told
+
+
+CONCURRENT_RUNS = 4
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_four_pets_train_started_at_once_on_new_stores_all_finish_with_their_own_model_versions(archive, tmp_path):
+    """A new MLflow sqlite store and a new Prefect home, raced by four commands (each with its temporary API)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    (tmp_path / "mlflow").mkdir()
+    environment = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    environment.update(MLFLOW_TRACKING_URI=uri, PREFECT_HOME=str(tmp_path / "prefect-home"))
+    commands = []
+    for index in range(CONCURRENT_RUNS):
+        command = [sys.executable, "-m", "flows", "train", "--data-url", archive.as_uri(), *TINY_OPTIONS]
+        command += ["--epochs", "1", "--base-lr", "1e-3"]
+        command += ["--out-dir", str(tmp_path / f"runs-{index}"), "--cache-dir", str(tmp_path / "cache"), "--json"]
+        commands.append(command)
+    racers = [
+        subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for command in commands
+    ]
+    try:
+        outcomes = [racer.communicate(timeout=800) for racer in racers]
+    finally:
+        for racer in racers:
+            racer.kill()
+    assert [racer.returncode for racer in racers] == [0] * CONCURRENT_RUNS, "\n".join(e[-2000:] for _, e in outcomes)
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outcomes]
+    assert sorted(int(result["model_version"]) for result in results) == list(range(1, CONCURRENT_RUNS + 1))
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("pets-test").experiment_id])
+    assert sorted(run.info.run_id for run in runs) == sorted(result["run_id"] for result in results)
+    for run in runs:  # complete: finished, every epoch, the model
+        assert run.info.status == "FINISHED" and run.data.metrics["error_rate"] >= 0
+        steps = [point.step for point in client.get_metric_history(run.info.run_id, "probe/valid_loss")]
+        assert sorted(steps) == list(range(FREEZE_EPOCHS + 1))
+    versions = client.search_model_versions("name = 'pets-classifier'")
+    assert sorted(version.run_id for version in versions) == sorted(run.info.run_id for run in runs)
 
 
 def worker_done_with_crash(log: Path) -> bool:
