@@ -334,7 +334,9 @@ def resumable_run(run_id: str, recipe: Recipe | None = None):
 def refuse_changed_recipe(run, recipe: Recipe) -> None:
     """Refuse to continue `run` with a recipe other than the one its params record, naming each difference."""
     asked = {key: describe(value) for key, value in recorded(recipe).params().items()}
-    logged = {key: run.data.params.get(key) for key in asked}
+    defaults = {key: describe(value) for key, value in Recipe().params().items()}
+    # A setting added after the run was logged is not in its params: the run trained with what is now its default.
+    logged = {key: run.data.params.get(key, defaults[key]) for key in asked}
     changed = [f"{key} {logged[key]} -> {asked[key]}" for key in asked if logged[key] != asked[key]]
     if changed:
         raise ResumeRefusedError(

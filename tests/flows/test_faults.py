@@ -155,6 +155,17 @@ class PetsCommand:
     def ctrl_c(self) -> None:
         os.killpg(self.process.pid, signal.SIGINT)
 
+    def stop_with_ctrl_c(self) -> None:
+        """Press Ctrl-C once: the command must exit 130 within INTERRUPT_SECONDS, its processes stopped on the way."""
+        helpers = self.helpers()
+        interrupted = time.monotonic()
+        self.ctrl_c()
+        code = self.wait(timeout=60)
+        seconds = time.monotonic() - interrupted
+        assert code == 130, self.output[-3000:]
+        assert seconds < INTERRUPT_SECONDS, f"{seconds:.1f} s"
+        wait_until_gone(helpers, 0.5)  # stopped by the command on its way out, not left to notice it is gone
+
     def wait(self, timeout: float) -> int:
         code = self.process.wait(timeout)
         self._reader.join(timeout=10)
@@ -205,15 +216,8 @@ def test_ctrl_c_ends_the_command_within_seconds_marks_the_run_killed_and_says_ho
     pets = pets_command("--data-url", archive.as_uri(), "--base-lr", "1e-3")
     pets.wait_for_line("probe epoch 1/")  # the first epoch is checkpointed and logged; the next one trains
     checkpoint = wait_for_first_checkpoint(pets.out_dir, "probe")
-    helpers = pets.helpers()
-    assert len(helpers) == 2 and stage_process_ids(pets.out_dir)  # the temporary Prefect API and the stage process
-    interrupted = time.monotonic()
-    pets.ctrl_c()
-    code = pets.wait(timeout=60)
-    seconds = time.monotonic() - interrupted
-    assert code == 130, pets.output[-3000:]
-    assert seconds < INTERRUPT_SECONDS, f"{seconds:.1f} s"
-    wait_until_gone(helpers, 0.5)  # stopped by the command on its way out, not left to notice it is gone
+    assert len(pets.helpers()) == 2 and stage_process_ids(pets.out_dir)  # the temporary Prefect API, the stage process
+    pets.stop_with_ctrl_c()
     with pytest.raises(ProcessLookupError):
         os.killpg(pets.process.pid, 0)
 
@@ -288,14 +292,7 @@ def test_ctrl_c_during_the_data_stage_or_the_lr_finder_ends_the_command_within_s
         else:
             pets = pets_command("--data-url", archive.as_uri())
             pets.wait_for_line("lr_find: sweeping learning rates")
-        helpers = pets.helpers()
-        interrupted = time.monotonic()
-        pets.ctrl_c()
-        code = pets.wait(timeout=60)
-        seconds = time.monotonic() - interrupted
-    assert code == 130, pets.output[-3000:]
-    assert seconds < INTERRUPT_SECONDS, f"{seconds:.1f} s"
-    wait_until_gone(helpers, 0.5)
+        pets.stop_with_ctrl_c()
     run = only_run(mlflow.MlflowClient(mlflow_uri))
     assert run.info.status == "KILLED"
     after = pets.output.split(STOPPING, 1)[1]

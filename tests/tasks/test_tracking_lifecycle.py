@@ -187,3 +187,13 @@ def test_the_classifier_is_logged_as_the_runs_model_and_registered(mlflow_uri, t
     served_example = np.asarray(serving_input["inputs"], dtype=np.uint8)
     assert served_example.shape == (2, 40, 40, 3)
     assert np.allclose(np.asarray(served.predict(served_example)), logits[:2], atol=1e-5)
+
+
+def test_a_run_logged_before_a_setting_existed_resumes_with_that_settings_default(mlflow_uri):
+    run = tracking.start_run("lifecycle", "old", tags("flow-30"), recipe=RECIPE)
+    newer = "data.max_archive_bytes"  # as if the run had been logged by a version without this setting
+    tracking.log_params(run.run_id, {key: value for key, value in RECIPE.params().items() if key != newer})
+    tracking.end_run(run.run_id, "KILLED")
+    assert tracking.resumable_run(run.run_id, RECIPE).info.run_id == run.run_id
+    with pytest.raises(tracking.ResumeRefusedError, match=rf"{newer} 20000000000 -> 5\b"):
+        tracking.resumable_run(run.run_id, RECIPE.updated({"max_archive_bytes": 5}))
