@@ -73,6 +73,7 @@ def test_resume_takes_back_an_interrupted_run_with_its_recipe_and_refuses_anythi
     client = mlflow.MlflowClient(mlflow_uri)
     assert client.get_run(run.run_id).data.tags[tracking.FLOW_RUN_TAG] == "flow-21"  # its on_crashed finds it
 
+    tracking.end_run(run.run_id, "KILLED")  # interrupted again (a RUNNING run this process trains is not resumable)
     with pytest.raises(tracking.ResumeRefusedError, match=r"data.bs 8 -> 16"):
         tracking.resumable_run(run.run_id, RECIPE.updated({"bs": 16}))
     tracking.end_run(run.run_id, "FINISHED")
