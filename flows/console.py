@@ -24,7 +24,8 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import typer
@@ -136,9 +137,18 @@ class Interruptions:
         os.write(sys.stderr.fileno(), b"\nStopping (Ctrl-C again quits at once) ...\n")
         raise KeyboardInterrupt
 
-    def install(self) -> None:
-        if threading.current_thread() is threading.main_thread():  # signal handlers belong to the main thread
-            signal.signal(signal.SIGINT, self.handle)
+    @contextmanager
+    def handled(self) -> Iterator[None]:
+        """Handle SIGINT this way while the block runs (a command); the handler before it is put back after."""
+        if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+            yield
+            return
+        self.count = 0
+        previous = signal.signal(signal.SIGINT, self.handle)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 INTERRUPTIONS = Interruptions()
@@ -163,9 +173,9 @@ class Commands(TyperGroup):
     ) -> Any:
         if not standalone_mode:  # a caller that handles the exceptions itself
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        INTERRUPTIONS.install()
         try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with INTERRUPTIONS.handled():
+                code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except typer.TyperException as error:  # typer 0.29's own click exceptions derive from it
             if type(error).__name__ == "NoArgsIsHelpError":  # `pets` alone: the help is printed already
                 sys.exit(error.exit_code)
