@@ -18,7 +18,7 @@ from lib.common.download import DownloadError
 from lib.data import cleaning, labelling, presize, splitting, summary, synthetic
 from lib.data.augment import AugmentSettings, aug_transforms
 from lib.data.digests import DIGESTS_FILE, FileDigests
-from lib.data.source import cached_archive_digest, resolve_data_source
+from lib.data.source import ArchiveLimits, cached_archive_digest, resolve_data_source
 from lib.recipe import DEFAULT_MAX_ARCHIVE_BYTES, DEFAULT_MAX_ARCHIVE_MEMBERS
 from tasks.progress import ProgressArtifact
 
@@ -73,8 +73,7 @@ def download_dataset(
         data_dir=Path(data_dir) if data_dir else None,
         cache_dir=Path(cache_dir),
         sha256=sha256,
-        max_bytes=max_archive_bytes,
-        max_members=max_archive_members,
+        limits=ArchiveLimits(max_bytes=max_archive_bytes, max_members=max_archive_members),
     )
     return str(images_dir)
 

@@ -16,6 +16,7 @@ import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from lib.common.download import (
@@ -48,6 +49,15 @@ _FIX = (
 
 class UnsafeArchiveError(UserError, ValueError):
     """An archive member would land outside the destination folder or is a link."""
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """What an archive may extract, against zip and tar bombs: its files' total size and its number of members
+    (files, folders and links), both read from the members' headers before their data is."""
+
+    max_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES
+    max_members: int = DEFAULT_MAX_ARCHIVE_MEMBERS
 
 
 class ArchiveTooLargeError(UnsafeArchiveError):
@@ -88,20 +98,13 @@ def download_archive(
     return target
 
 
-def extract_archive(
-    archive: Path,
-    dest_dir: Path,
-    *,
-    max_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES,
-    max_members: int = DEFAULT_MAX_ARCHIVE_MEMBERS,
-) -> Path:
+def extract_archive(archive: Path, dest_dir: Path, *, limits: ArchiveLimits = ArchiveLimits()) -> Path:
     """Extract a .tgz, .tar.gz, .tar or .zip archive into dest_dir, once, and return dest_dir.
 
-    The members' sizes and number are checked from their headers before their data is read: the files may add up to
-    `max_bytes` and the archive may hold `max_members` members (files, folders and links).
+    The members' sizes and number are checked against `limits` from their headers, before their data is read.
 
     Raises:
-        ArchiveTooLargeError: The members add up to more than max_bytes, or there are more than max_members.
+        ArchiveTooLargeError: The members add up to more than limits.max_bytes, or are more than limits.max_members.
         UnsafeArchiveError: A member would be written outside dest_dir, or is a link in a zip file.
         FileExistsError: dest_dir holds files that no earlier extraction put there.
         ValueError: The suffix is not supported or the archive cannot be read.
@@ -115,7 +118,7 @@ def extract_archive(
     dest_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest_dir.name}.partial-", dir=dest_dir.parent))
     try:
-        extract(archive, staging, _Budget(archive, max_bytes=max_bytes, max_members=max_members))
+        extract(archive, staging, _Budget(archive, limits))
         _write_json(staging / _EXTRACTED_MARKER, {"archive": archive.name, "sha256": digest})
         _move_into_place(staging, dest_dir)
     finally:
@@ -129,10 +132,9 @@ def fetch_dataset(
     *,
     sha256: str | None = None,
     progress: bool | None = None,
-    max_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES,
-    max_members: int = DEFAULT_MAX_ARCHIVE_MEMBERS,
+    limits: ArchiveLimits = ArchiveLimits(),
 ) -> Path:
-    """Download and extract the archive at url and return the extracted folder (limits: see `extract_archive`).
+    """Download and extract the archive at url, within `limits`, and return the extracted folder.
 
     Runs sharing a cache take turns per archive: the second one waits for the first, then finds the archive complete
     and extracted, so it is transferred once and nobody reads a half-written `.part` file or staging folder.
@@ -142,7 +144,7 @@ def fetch_dataset(
     with download_lock(target):
         archive = download_archive(url, cache_dir, sha256=sha256, progress=progress)
         dest_dir = Path(cache_dir) / "extracted" / _archive_stem(archive)
-        return extract_archive(archive, dest_dir, max_bytes=max_bytes, max_members=max_members)
+        return extract_archive(archive, dest_dir, limits=limits)
 
 
 def cached_archive_digest(url: str, cache_dir: Path) -> str | None:
@@ -183,12 +185,9 @@ def resolve_data_source(
     cache_dir: Path,
     sha256: str | None = None,
     progress: bool | None = None,
-    max_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES,
-    max_members: int = DEFAULT_MAX_ARCHIVE_MEMBERS,
+    limits: ArchiveLimits = ArchiveLimits(),
 ) -> Path:
-    """Return the images folder from either a local folder (used as is) or an archive URL to fetch.
-
-    max_bytes and max_members limit what the archive may extract (`extract_archive`).
+    """Return the images folder from either a local folder (used as is) or an archive URL to fetch within `limits`.
 
     Raises:
         ValueError: Neither or both of data_url and data_dir are given.
@@ -203,10 +202,7 @@ def resolve_data_source(
         )
     if data_dir is not None:
         return find_images_dir(_existing_dir(Path(data_dir)))
-    extracted = fetch_dataset(
-        data_url, cache_dir, sha256=sha256, progress=progress, max_bytes=max_bytes, max_members=max_members
-    )
-    return find_images_dir(extracted)
+    return find_images_dir(fetch_dataset(data_url, cache_dir, sha256=sha256, progress=progress, limits=limits))
 
 
 # Downloading.
@@ -301,8 +297,8 @@ def _move_into_place(staging: Path, dest_dir: Path) -> None:
 class _Budget:
     """What an archive may still extract: each member is counted, with its size, before its data is read."""
 
-    def __init__(self, archive: Path, *, max_bytes: int, max_members: int):
-        self.archive, self.max_bytes, self.max_members = archive, max_bytes, max_members
+    def __init__(self, archive: Path, limits: ArchiveLimits):
+        self.archive, self.max_bytes, self.max_members = archive, limits.max_bytes, limits.max_members
         self.members = self.bytes = 0
 
     def add(self, name: str, size: int) -> None:

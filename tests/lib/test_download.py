@@ -20,6 +20,7 @@ import pytest
 
 from lib.common.download import ChecksumMismatchError, DownloadError, download_file, file_name, redact_url
 from lib.data.source import (
+    ArchiveLimits,
     ArchiveTooLargeError,
     UnsafeArchiveError,
     cached_archive_digest,
@@ -493,7 +494,10 @@ def test_a_tar_bomb_is_refused_from_its_header_before_its_data_is_read(tmp_path)
 
     started = time.monotonic()
     message = assert_refused_leaving_nothing(
-        bomb, tmp_path / "out" / "bomb", r"more than 1,073,741,824 bytes \(member 'zeros.bin'", max_bytes=GIB
+        bomb,
+        tmp_path / "out" / "bomb",
+        r"more than 1,073,741,824 bytes \(member 'zeros.bin'",
+        limits=ArchiveLimits(max_bytes=GIB),
     )
 
     assert time.monotonic() - started < 10  # extracting it takes ~25 s: the header alone decided
@@ -507,7 +511,10 @@ def test_members_adding_up_past_the_byte_limit_are_refused(tmp_path, name):
     (tmp_path / "out").mkdir()
 
     assert_refused_leaving_nothing(
-        archive, tmp_path / "out" / "big", r"more than 1,000,000 bytes \(member 'b.bin'", max_bytes=1_000_000
+        archive,
+        tmp_path / "out" / "big",
+        r"more than 1,000,000 bytes \(member 'b.bin'",
+        limits=ArchiveLimits(max_bytes=1_000_000),
     )
 
 
@@ -517,7 +524,9 @@ def test_an_archive_with_more_members_than_the_limit_is_refused(tmp_path, name):
     archive = (make_zip if name.endswith(".zip") else make_tar)(tmp_path / name, files)
     (tmp_path / "out").mkdir()
 
-    message = assert_refused_leaving_nothing(archive, tmp_path / "out" / "many", "more than 20 members", max_members=20)
+    message = assert_refused_leaving_nothing(
+        archive, tmp_path / "out" / "many", "more than 20 members", limits=ArchiveLimits(max_members=20)
+    )
 
     assert message.endswith("raise --max-archive-members (recipe: data.max_archive_members).")
 
@@ -527,7 +536,7 @@ def test_an_archive_exactly_at_both_limits_is_extracted(tmp_path, name):
     archive = (make_zip if name.endswith(".zip") else make_tar)(tmp_path / name, PET_FILES)
     total = sum(len(data) for data in PET_FILES.values())
 
-    dest = extract_archive(archive, tmp_path / "out", max_bytes=total, max_members=len(PET_FILES))
+    dest = extract_archive(archive, tmp_path / "out", limits=ArchiveLimits(total, len(PET_FILES)))
 
     assert tree(dest) == PET_FILES
 
@@ -537,10 +546,8 @@ def test_the_recipe_limits_reach_the_extraction_through_resolve_data_source(tmp_
     data = Recipe().updated({"max_archive_members": len(PET_FILES) - 1}).data
 
     with pytest.raises(ArchiveTooLargeError, match=f"more than {len(PET_FILES) - 1} members"):
-        resolve_data_source(
-            data_url=str(archive), data_dir=None, cache_dir=cache_dir, max_bytes=data.max_archive_bytes,
-            max_members=data.max_archive_members,
-        )  # fmt: skip
+        limits = ArchiveLimits(data.max_archive_bytes, data.max_archive_members)
+        resolve_data_source(data_url=str(archive), data_dir=None, cache_dir=cache_dir, limits=limits)
 
     assert list((cache_dir / "extracted").iterdir()) == []
 
