@@ -12,7 +12,8 @@ meanwhile.
 Commands started together share the database in PREFECT_HOME: their servers start one at a time (a file lock
 there), so a new database is created and migrated once. It listens on 127.0.0.1 only. It runs in a session of its
 own, so Ctrl-C reaches the command but not the server: the flow still reports its final state, then the command
-stops the server. A server whose command died (killed outright) exits within a second. With PREFECT_API_URL set (a
+stops the server. A server whose command died (killed outright) exits within a second; a command whose server
+died ends at once with one line. With PREFECT_API_URL set (a
 real server, deployments, workers) nothing is started.
 
     python -m flows.prefect_api FD PID    the server process itself, serving on the listening socket FD it
@@ -36,6 +37,8 @@ from pathlib import Path
 HOST = "127.0.0.1"  # loopback only, as Prefect's own temporary server: the API has no authentication
 STOP_SECONDS = 5  # the wait Prefect 3.9's SubprocessASGIServer.stop allows before it kills its server
 PARENT_CHECK_SECONDS = 1.0
+SERVER_CHECK_SECONDS = 0.5
+SERVER_DIED_EXIT = 1  # not the user's input: the status of a command that failed for another reason
 PROJECT_ROOT = str(Path(__file__).resolve().parents[1])  # where `python -m flows.prefect_api` finds the flows package
 
 
@@ -60,9 +63,35 @@ class TemporaryAPI:
             env=environment,
             start_new_session=True,
         )
+        self.stopping = threading.Event()
+
+    def watch(self) -> None:
+        """End the command at once, with one line, if the server dies while the command runs (the OOM killer, a
+        `kill -9`): Prefect's client would otherwise retry the dead server for minutes, silent on the console.
+
+        The processes the command started stop by themselves when it is gone, and the next `pets train` marks the
+        MLflow run it leaves RUNNING as FAILED.
+        """
+
+        def exit_with_server() -> None:
+            while not self.stopping.wait(SERVER_CHECK_SECONDS):
+                code = self.process.poll()
+                if code is not None:
+                    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+                    sys.stdout.flush()
+                    os.write(
+                        sys.stderr.fileno(),
+                        f"Error: the temporary Prefect API (process {self.process.pid}) died ({how}) while the command "
+                        "ran; run it again (`pets train --resume RUN_ID` continues a training run), or set "
+                        "PREFECT_API_URL to a Prefect server.\n".encode(),
+                    )
+                    os._exit(SERVER_DIED_EXIT)
+
+        threading.Thread(target=exit_with_server, name="temporary-api-watch", daemon=True).start()
 
     def stop(self) -> int:
         """Stop the server (SIGTERM, then SIGKILL after STOP_SECONDS) and return its exit status."""
+        self.stopping.set()
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -87,6 +116,7 @@ def temporary_api() -> Iterator[str | None]:
         yield None  # a configured server, or none allowed: Prefect's own behaviour
         return
     api = TemporaryAPI()
+    api.watch()
     ensure_logging_setup()  # `import prefect` alone leaves logging as it is: the flows set it up later
     get_logger().info(f"Starting a temporary Prefect API on {api.url} (PREFECT_API_URL names a server to use instead)")
     try:

@@ -232,7 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout = sys.stderr
 
     def send(message: dict) -> None:
-        channel.write(json.dumps(message) + "\n")
+        try:
+            channel.write(json.dumps(message) + "\n")
+        except BrokenPipeError:  # the parent is gone (killed, or quit at a second Ctrl-C): nobody is left to tell
+            os._exit(1)
 
     if serving:
         return serve(Path(arguments[1]), send, sys.stdin)

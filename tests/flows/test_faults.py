@@ -300,6 +300,23 @@ def test_ctrl_c_during_the_data_stage_or_the_lr_finder_ends_the_command_within_s
     assert told.startswith("Interrupted.") and f"`pets train --resume {run.info.run_id}`" in told
 
 
+@pytest.mark.slow
+def test_a_command_whose_temporary_prefect_api_dies_ends_at_once_with_one_line(archive, mlflow_uri, pets_command):
+    pets = pets_command("--data-url", archive.as_uri(), "--base-lr", "1e-3")
+    pets.wait_for_line("probe epoch 1/")
+    helpers = pets.helpers()
+    (api,) = [pid for pid in helpers if "flows.prefect_api" in Path(f"/proc/{pid}/cmdline").read_text()]
+    os.kill(api, signal.SIGKILL)  # the OOM killer's choice, say
+    assert pets.wait(timeout=30) == 1, pets.output[-3000:]  # before: silent retries of the dead API for minutes
+    (told,) = [line for line in pets.output.splitlines() if "Error:" in line]
+    assert f"the temporary Prefect API (process {api}) died (killed by SIGKILL)" in told
+    assert "Traceback" not in pets.output
+    wait_until_gone(helpers, 5)  # the stage process stops when the command is gone
+    run = only_run(mlflow.MlflowClient(mlflow_uri))
+    assert run.info.status == "RUNNING"  # until the next command looks: its process is gone
+    assert [run.info.run_id in message for message in tracking.fail_abandoned_runs()] == [True]
+
+
 CONCURRENT_RUNS = 4
 
 
