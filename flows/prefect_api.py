@@ -13,8 +13,7 @@ Commands started together share the database in PREFECT_HOME: their servers star
 there), so a new database is created and migrated once. It listens on 127.0.0.1 only. It runs in a session of its
 own, so Ctrl-C reaches the command but not the server: the flow still reports its final state, then the command
 stops the server. A server whose command died (killed outright) exits within a second; a command whose server
-died ends at once with one line. With PREFECT_API_URL set (a
-real server, deployments, workers) nothing is started.
+died ends at once with one line. With PREFECT_API_URL set (a real server, deployments, workers) nothing is started.
 
     python -m flows.prefect_api FD PID    the server process itself, serving on the listening socket FD it
                                           inherited, while the command PID runs
@@ -34,9 +33,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from lib.common.processes import signal_self_when_orphaned
+
 HOST = "127.0.0.1"  # loopback only, as Prefect's own temporary server: the API has no authentication
 STOP_SECONDS = 5  # the wait Prefect 3.9's SubprocessASGIServer.stop allows before it kills its server
-PARENT_CHECK_SECONDS = 1.0
 SERVER_CHECK_SECONDS = 0.5
 SERVER_DIED_EXIT = 1  # not the user's input: the status of a command that failed for another reason
 PROJECT_ROOT = str(Path(__file__).resolve().parents[1])  # where `python -m flows.prefect_api` finds the flows package
@@ -186,16 +186,9 @@ def _start_one_at_a_time(server) -> None:
 def _stop_with_parent(parent: int) -> None:
     """Stop when the command that started this server is gone (killed outright): never serve on as an orphan.
 
-    The command's PID comes from the command itself: if it died before this process started, its parent is
-    already another one.
+    SIGTERM: uvicorn's own graceful stop, or the default exit while the server still boots.
     """
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_CHECK_SECONDS)
-        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's own graceful stop, or the default exit while it boots
-
-    threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()
+    signal_self_when_orphaned(parent, signal.SIGTERM, name="stop-with-parent")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Which process a run belongs to, told so that another process can later say whether it is still there.
+"""Which process a run belongs to, told so that another process can later say whether it is still there; and
+helper processes that end with the process that started them.
 
 A PID alone is not enough: once a process is gone the system reuses its number. On Linux the process's start time
 (field 22 of /proc/PID/stat, in clock ticks since boot; proc(5)) tells a live process from a later one with the same
@@ -8,7 +9,10 @@ PID. Elsewhere only the PID is compared.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,3 +58,22 @@ class ProcessIdentity:
         except PermissionError:  # another user's process with that PID: it exists
             return True
         return True
+
+
+PARENT_CHECK_SECONDS = 1.0
+
+
+def signal_self_when_orphaned(parent: int, signum: signal.Signals, *, name: str) -> None:
+    """Send this process `signum` once `parent`, the process that started it, is gone (killed outright).
+
+    A process whose parent dies is re-parented, so a changed parent PID is the signal (PR_SET_PDEATHSIG would
+    follow the parent's thread instead). The parent's PID is passed in: a parent that died before this process
+    looked would already show as another one. The watch runs in a daemon thread named `name`.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os.kill(os.getpid(), signum)
+
+    threading.Thread(target=watch, name=name, daemon=True).start()

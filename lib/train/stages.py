@@ -28,8 +28,6 @@ import json
 import os
 import signal
 import sys
-import threading
-import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -42,6 +40,7 @@ import torch
 from lib.common.errors import UserError, debug_requested
 from lib.common.files import write_text_atomically
 from lib.common.plots import pyplot
+from lib.common.processes import signal_self_when_orphaned
 from lib.evaluate.interpret import plot_losses
 from lib.recipe import Recipe
 from lib.serve.inference import export_classifier
@@ -277,22 +276,12 @@ def run_request(request_path: Path, send: Callable[[dict], None]) -> bool:
     return True
 
 
-PARENT_CHECK_SECONDS = 1.0
-
-
 def _exit_with_parent(parent: int) -> None:
     """Die when the process that started this one dies (killed, preempted): never train on as an orphan.
 
-    An orphan would hold the GPU and race the retry that resumes the stage. Once its parent is gone a process is
-    re-parented, so a changed parent PID is the signal (PR_SET_PDEATHSIG would follow the parent's thread instead).
+    An orphan would hold the GPU and race the retry that resumes the stage.
     """
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_CHECK_SECONDS)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+    signal_self_when_orphaned(parent, signal.SIGKILL, name="exit-with-parent")
 
 
 def _interrupted() -> None:
