@@ -298,18 +298,18 @@ class _Budget:
     """What an archive may still extract: each member is counted, with its size, before its data is read."""
 
     def __init__(self, archive: Path, limits: ArchiveLimits):
-        self.archive, self.max_bytes, self.max_members = archive, limits.max_bytes, limits.max_members
+        self.archive, self.limits = archive, limits
         self.members = self.bytes = 0
 
     def add(self, name: str, size: int) -> None:
         """Count one member; raise ArchiveTooLargeError when it crosses a limit."""
         self.members += 1
         self.bytes += size
-        if self.members > self.max_members:
-            crossed = f"it holds more than {self.max_members:,} members"
+        if self.members > self.limits.max_members:
+            crossed = f"it holds more than {self.limits.max_members:,} members"
             option, setting = "--max-archive-members", "data.max_archive_members"
-        elif self.bytes > self.max_bytes:
-            crossed = f"its files add up to more than {self.max_bytes:,} bytes (member {name!r} crosses it)"
+        elif self.bytes > self.limits.max_bytes:
+            crossed = f"its files add up to more than {self.limits.max_bytes:,} bytes (member {name!r} crosses it)"
             option, setting = "--max-archive-bytes", "data.max_archive_bytes"
         else:
             return
