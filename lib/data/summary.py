@@ -30,8 +30,8 @@ SHOW_BATCH_CACHE = "show-batch-v1"  # bump when the grid's drawing changes, so o
 INCHES_PER_IMAGE = 3  # fastai show_batch: figsize from 3 inches per image
 MAX_VOCAB_SHOWN = 40
 # Past 60 classes the chart keeps the 60 with the fewest images: they are the ones to act on (too few to learn from
-# or to validate with), a fixed cap keeps class names readable without a figure taller than a screen can scroll
-# sensibly, and the data summary's text table lists every class anyway.
+# or to validate with), a fixed cap keeps the names readable in a figure at most ~20 inches tall, and the data
+# summary's text table lists every class anyway.
 MAX_CLASSES_PLOTTED = 60
 INCHES_PER_CLASS = 0.3  # two bars and a 9-point name per class
 CLASS_COUNTS_DPI = 100

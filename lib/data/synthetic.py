@@ -137,10 +137,10 @@ def make_pets_dataset(
 
 
 def shape_extras(images_per_class: int, *, camera_names: bool = False) -> dict[str, ShapeExtra]:
-    """Return the files written by extras=True, by name relative to the folder of the first class's last picture.
+    """Return the files written by extras=True, by name relative to the folder of `<first class>_<images_per_class>`.
 
-    That folder holds the first class's training pictures: `<class>/`, `images/`, `train/<class>/` or
-    `<class>/batch<1|2>/`, by layout. The resource fork and the hidden thumbnail are named after its last picture.
+    That folder, the one of the first class's last training picture, is `<class>/`, `images/`, `train/<class>/` or
+    `<class>/batch<1|2>/`, by layout. The resource fork and the hidden thumbnail are named after that picture.
     """
     stems = [_shape_stem(0, number, 1, camera_names) for number in range(_FIRST_EXTRA_NUMBER, _FIRST_EXTRA_NUMBER + 5)]
     last = _shape_stem(0, images_per_class, 1, camera_names)
