@@ -1,4 +1,4 @@
-"""The `DataBlock.summary` analogue and a show_batch image grid."""
+"""The `DataBlock.summary` analogue, a show_batch image grid and a bar chart of images per class."""
 
 from __future__ import annotations
 
@@ -29,6 +29,12 @@ SHOW_BATCH_MAX = 9  # fastai show_batch: max_n=9
 SHOW_BATCH_CACHE = "show-batch-v1"  # bump when the grid's drawing changes, so old grids are drawn again
 INCHES_PER_IMAGE = 3  # fastai show_batch: figsize from 3 inches per image
 MAX_VOCAB_SHOWN = 40
+# Past 60 classes the chart keeps the 60 with the fewest images: they are the ones to act on (too few to learn from
+# or to validate with), a fixed cap keeps the names readable in a figure at most ~20 inches tall, and the data
+# summary's text table lists every class anyway.
+MAX_CLASSES_PLOTTED = 60
+INCHES_PER_CLASS = 0.3  # two bars and a 9-point name per class
+CLASS_COUNTS_DPI = 100
 
 
 def collate_or_explain(images: list[torch.Tensor]) -> tuple[torch.Tensor | None, str]:
@@ -102,12 +108,50 @@ def _vocab_lines(split: SplitManifest, label_pattern: str) -> list[str]:
     return lines
 
 
+def _class_count_table(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Images per class (rows, sorted by name) and split (columns train and valid, zero where a class has none)."""
+    return pd.crosstab(manifest["label"], manifest["split"]).reindex(columns=["train", "valid"], fill_value=0)
+
+
 def _class_count_lines(manifest: pd.DataFrame) -> list[str]:
-    table = pd.crosstab(manifest["label"], manifest["split"]).reindex(columns=["train", "valid"], fill_value=0)
+    table = _class_count_table(manifest)
     width = max(len(label) for label in table.index)
     lines = ["Items per class (train / valid):"]
     lines += [f"  {label:<{width}}  {row.train:>5}  {row.valid:>5}" for label, row in table.iterrows()]
     return lines
+
+
+def class_count_figure(manifest: pd.DataFrame) -> Figure:
+    """Build a horizontal bar chart of train and valid images per class, classes top to bottom by name.
+
+    The figure grows INCHES_PER_CLASS per class; above MAX_CLASSES_PLOTTED classes it shows the ones with the fewest
+    images (ties by name) and says so in the title. Each bar carries its count.
+    """
+    table = _class_count_table(manifest)
+    title = "Images per class"
+    if len(table) > MAX_CLASSES_PLOTTED:
+        smallest = sorted(table.index, key=lambda label: (int(table.loc[label].sum()), label))[:MAX_CLASSES_PLOTTED]
+        title += f" (the {MAX_CLASSES_PLOTTED} smallest of {len(table)} classes)"
+        table = table.loc[sorted(smallest)]
+    figure, axis = pyplot().subplots(figsize=(8, 1.6 + INCHES_PER_CLASS * len(table)), layout="constrained")
+    bar_height = 0.4
+    for offset, split_name in ((-bar_height / 2, "train"), (bar_height / 2, "valid")):
+        positions = [row + offset for row in range(len(table))]
+        bars = axis.barh(positions, table[split_name].tolist(), height=bar_height, label=split_name)
+        axis.bar_label(bars, padding=2, fontsize=8)
+    axis.set_yticks(range(len(table)), [str(label) for label in table.index], fontsize=9)
+    axis.set_ylim(len(table) - 0.5, -0.5)  # the first class on top, as in the vocabulary
+    axis.margins(x=0.08)  # room for the count after the longest bar
+    axis.xaxis.get_major_locator().set_params(integer=True)  # image counts: no 2.5 ticks
+    axis.set_xlabel("images")
+    axis.set_title(title)
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, never over them
+    return figure
+
+
+def plot_class_counts(manifest: pd.DataFrame, out_path: Path) -> Path:
+    """Save class_count_figure(manifest) as a PNG and return its path."""
+    return save_figure(class_count_figure(manifest), out_path, dpi=CLASS_COUNTS_DPI)
 
 
 def _sample_lines(split: SplitManifest, label_pattern: str, presize: int | None) -> list[str]:

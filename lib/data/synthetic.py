@@ -1,4 +1,4 @@
-"""Make a small pets-like dataset: Oxford-IIIT Pet file names and layout, synthetic pictures.
+"""Make small synthetic datasets: a pets-like one (Oxford-IIIT Pet file names and layout) and coloured shapes.
 
 Each breed gets a visual signature that a small CNN learns from scratch in about a minute on a CPU: a hue, a
 pattern (plain, horizontal stripes, vertical stripes or checks) and a body shape. Every picture jitters the
@@ -6,9 +6,14 @@ position, size and colour of that body and the background, and adds noise, so a 
 signature rather than memorise pictures. The signatures survive the chapter-5 augmentations (random crops of
 75% area, horizontal flips, small rotations, resizing to 64-128 px): stripes are horizontal or vertical
 only, because a flip would turn a 45-degree stripe into a 135-degree one.
+
+The shapes dataset is the "own data" case: one shape in one bright colour per class, written in every layout a
+user's own pictures come in (class folders, a CSV of labels, train/valid/test folders, nested folders), optionally
+with the files real folders hold beside the pictures (other formats and extensions, hidden and junk files).
 """
 
 import colorsys
+import csv
 import gzip
 import io
 import os
@@ -51,6 +56,30 @@ _SHAPES = ("ellipse", "box", "diamond")
 _HUE_SLOTS = 10  # 10 hues x 4 patterns = 40 distinct signatures >= 37 breeds
 _STRIPE_PERIOD = 0.5  # in body half-widths: four stripe periods across the body
 _MAX_ASPECT = 1.7  # width/height spans 1/1.7..1.7 (~0.6..1.7), like the real photos
+
+
+# Shapes: each class is one shape in one bright colour (a hue on the HSV wheel), so colour alone tells the classes
+# apart; the shape is a second cue. Red, green and blue first, then the colours halfway between them.
+SHAPE_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross", "ring")
+_SHAPE_HUES = {"circle": 0.0, "square": 1 / 3, "triangle": 2 / 3, "diamond": 1 / 6, "cross": 5 / 6, "ring": 0.5}
+SHAPE_LAYOUTS: tuple[str, ...] = ("folder", "csv", "csv_valid", "split", "nested")
+SHAPE_LABELS_CSV = "labels.csv"  # written at the data root by the csv layouts
+_FIRST_EXTRA_NUMBER = 9001  # extras are numbered far above any normal picture, as the pets' broken files are
+# The first bytes of the junk files extras=True writes: an AppleDouble header (magic 0x00051607, version 0x00020000,
+# RFC 1740 section 3.1) as macOS writes in `._<name>` files on volumes without resource forks, and a .DS_Store
+# header (a 1, then the magic "Bud1" of the Finder's buddy allocator).
+_APPLE_DOUBLE = bytes.fromhex("00051607 00020000") + b"Mac OS X        " + bytes(64)
+_DS_STORE = bytes.fromhex("00000001") + b"Bud1" + bytes(64)
+
+
+@dataclass(frozen=True)
+class ShapeExtra:
+    """One file that make_shapes_dataset(extras=True) writes beside the first class's pictures."""
+
+    what: str  # what the file stands for among a user's own pictures
+    image_format: str | None = None  # the Pillow format of a picture; None for a file that is no picture at all
+    is_item: bool = False  # a picture of the first class that a label source should list
+    junk: bytes = b""  # the bytes of a file that is no picture
 
 
 @dataclass(frozen=True)
@@ -105,6 +134,98 @@ def make_pets_dataset(
     if broken:
         _write_broken_files(images_dir, seed=seed, min_side=min_side, max_side=max_side)
     return images_dir
+
+
+def shape_extras(images_per_class: int, *, camera_names: bool = False) -> dict[str, ShapeExtra]:
+    """Return the files written by extras=True, by name relative to the folder of `<first class>_<images_per_class>`.
+
+    That folder, the one of the first class's last training picture, is `<class>/`, `images/`, `train/<class>/` or
+    `<class>/batch<1|2>/`, by layout. The resource fork and the hidden thumbnail are named after that picture.
+    """
+    stems = [_shape_stem(0, number, 1, camera_names) for number in range(_FIRST_EXTRA_NUMBER, _FIRST_EXTRA_NUMBER + 5)]
+    last = _shape_stem(0, images_per_class, 1, camera_names)
+    return {
+        f"{stems[0]}.JPG": ShapeExtra("JPEG with an upper-case extension", "JPEG", True),
+        f"{stems[1]}.jpeg": ShapeExtra("JPEG with the long extension", "JPEG", True),
+        f"{stems[2]}.png": ShapeExtra("PNG", "PNG", True),
+        f"{stems[3]}.webp": ShapeExtra("WebP", "WEBP", True),
+        f"{stems[4]}.gif": ShapeExtra("GIF", "GIF", True),
+        "café noir 1.JPG": ShapeExtra("JPEG named with non-ASCII characters and spaces", "JPEG", True),
+        f"._{last}.jpg": ShapeExtra("macOS resource fork (AppleDouble), not a picture", junk=_APPLE_DOUBLE),
+        f".thumbnails/{last}.jpg": ShapeExtra("picture inside a hidden folder", "JPEG"),
+        ".DS_Store": ShapeExtra("hidden macOS Finder file", junk=_DS_STORE),
+        "notes.txt": ShapeExtra("text file", junk=b"Shapes photographed on Saturday.\n"),
+    }
+
+
+def make_shapes_dataset(
+    root: Path,
+    *,
+    layout: str = "folder",
+    classes: int = 3,
+    images_per_class: int = 12,
+    seed: int = 0,
+    side: int = 64,
+    valid_name: str = "valid",
+    valid_fraction: float = 0.25,
+    test_images: int = 0,
+    camera_names: bool = False,
+    extras: bool = False,
+) -> Path:
+    """Write `side` x `side` JPEGs of coloured shapes, one class per shape, and return the data root (`root`).
+
+    Layouts:
+        folder: `<class>/<name>`.
+        csv: `images/<name>` and `labels.csv` with the columns fname (relative to root) and label.
+        csv_valid: as csv, plus a column is_valid, True for the first valid_fraction of each class.
+        split: `train/<class>/<name>`, `<valid_name>/<class>/<name>` with the first valid_fraction of each class,
+            and with test_images > 0 also `test/<class>/<name>` with that many more pictures per class.
+        nested: `<class>/batch1/<name>` for odd picture numbers, `<class>/batch2/<name>` for even ones.
+
+    Names are `<class>_<n>.jpg` with n from 1 in each class, or with camera_names `IMG_<4-digit counter>.jpg`,
+    the counter running across the whole dataset. extras=True adds the files of shape_extras(); labels.csv lists
+    the pictures among them (as training pictures of the first class) but no junk.
+    """
+    if layout not in SHAPE_LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(SHAPE_LAYOUTS)}, got {layout!r}")
+    if not 1 <= classes <= len(SHAPE_CLASSES):
+        raise ValueError(f"classes must be between 1 and {len(SHAPE_CLASSES)}, got {classes}")
+    if test_images and layout != "split":
+        raise ValueError(f"test_images needs layout='split', got layout={layout!r}")
+    per_class = images_per_class + test_images
+    if images_per_class < 1 or test_images < 0 or classes * per_class >= _FIRST_EXTRA_NUMBER:
+        raise ValueError(f"need images_per_class >= 1, test_images >= 0 and fewer than {_FIRST_EXTRA_NUMBER} in all")
+    if valid_name in ("", "train", "test") or "/" in valid_name:
+        raise ValueError(f"valid_name must be a folder name other than train and test, got {valid_name!r}")
+    valid_count = _valid_count(images_per_class, valid_fraction) if layout in ("csv_valid", "split") else 0
+    root = Path(root)
+    rows = []
+    for class_index, class_name in enumerate(SHAPE_CLASSES[:classes]):
+        for number in range(1, per_class + 1):
+            part = "test" if number > images_per_class else "valid" if number <= valid_count else "train"
+            name = _shape_stem(class_index, number, per_class, camera_names) + ".jpg"
+            relative = _shape_path(layout, class_name, number, part, name, valid_name=valid_name)
+            _save_shape(root / relative, "JPEG", class_index, number, seed=seed, side=side)
+            rows.append((relative, class_name, part == "valid"))
+    if extras:
+        first_class = _shape_path(layout, SHAPE_CLASSES[0], images_per_class, "train", "", valid_name=valid_name)
+        extras_dir = first_class.rstrip("/")  # the folder of the first class's last (training) picture
+        for offset, (name, extra) in enumerate(shape_extras(images_per_class, camera_names=camera_names).items()):
+            if extra.image_format is None:
+                (root / extras_dir / name).write_bytes(extra.junk)
+                continue
+            # A picture of its own, drawn from a number no normal picture has.
+            _save_shape(
+                root / extras_dir / name, extra.image_format, 0, _FIRST_EXTRA_NUMBER + offset, seed=seed, side=side
+            )
+            if extra.is_item:
+                rows.append((f"{extras_dir}/{name}", SHAPE_CLASSES[0], False))
+    if layout in ("csv", "csv_valid"):
+        with open(root / SHAPE_LABELS_CSV, "w", newline="", encoding="utf-8") as table:
+            writer = csv.writer(table, lineterminator="\n")
+            writer.writerow(["fname", "label", "is_valid"] if layout == "csv_valid" else ["fname", "label"])
+            writer.writerows(row if layout == "csv_valid" else row[:2] for row in rows)
+    return root
 
 
 def pack_tgz(images_dir: Path, archive: Path, *, top_level: str = "oxford-iiit-pet") -> Path:
@@ -204,6 +325,67 @@ def _markings(pattern: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     if pattern == "checks":
         return across ^ down
     return np.zeros((v.shape[0], u.shape[1]), dtype=bool)
+
+
+def _valid_count(images_per_class: int, valid_fraction: float) -> int:
+    """Validation pictures per class: valid_fraction of them rounded, but at least one and never all."""
+    if not 0 < valid_fraction < 1 or images_per_class < 2:
+        raise ValueError(
+            f"need 0 < valid_fraction < 1 and 2+ images per class, got {valid_fraction}, {images_per_class}"
+        )
+    return min(max(round(valid_fraction * images_per_class), 1), images_per_class - 1)
+
+
+def _shape_stem(class_index: int, number: int, per_class: int, camera_names: bool) -> str:
+    """File name without extension: `<class>_<number>`, or a camera's `IMG_<counter>` unique across classes."""
+    if camera_names:
+        return f"IMG_{class_index * per_class + number:04d}"
+    return f"{SHAPE_CLASSES[class_index]}_{number}"
+
+
+def _shape_path(layout: str, class_name: str, number: int, part: str, name: str, *, valid_name: str) -> str:
+    """Where a picture goes, relative to the data root, in a layout."""
+    if layout == "folder":
+        return f"{class_name}/{name}"
+    if layout in ("csv", "csv_valid"):
+        return f"images/{name}"
+    if layout == "split":
+        return f"{valid_name if part == 'valid' else part}/{class_name}/{name}"
+    return f"{class_name}/batch{2 - number % 2}/{name}"
+
+
+def _save_shape(path: Path, image_format: str, class_index: int, number: int, *, seed: int, side: int) -> None:
+    """Draw one picture of a class and save it in a Pillow format, creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture = Image.fromarray(_draw_shape(class_index, number, seed=seed, side=side))
+    options = {"JPEG": {"quality": _JPEG_QUALITY}, "WEBP": {"lossless": True}}.get(image_format, {})
+    picture.save(path, image_format, **options)
+
+
+# Each mask takes body coordinates u (right) and v (down), in which the shape spans about -1..1.
+_SHAPE_MASKS = {
+    "circle": lambda u, v: u**2 + v**2 <= 1,
+    "square": lambda u, v: np.maximum(np.abs(u), np.abs(v)) <= 0.85,
+    "triangle": lambda u, v: (v <= 0.8) & (np.abs(u) <= 0.6 * (v + 0.9)),  # apex up, base 2 wide
+    "diamond": lambda u, v: np.abs(u) + np.abs(v) <= 1.15,
+    "cross": lambda u, v: (np.minimum(np.abs(u), np.abs(v)) <= 0.3) & (np.maximum(np.abs(u), np.abs(v)) <= 0.95),
+    "ring": lambda u, v: (u**2 + v**2 <= 1) & (u**2 + v**2 >= 0.55**2),
+}
+
+
+def _draw_shape(class_index: int, number: int, *, seed: int, side: int) -> np.ndarray:
+    """Draw picture `number` of a shape class as a (side, side, 3) uint8 array."""
+    rng = np.random.default_rng((seed, class_index, number))  # one generator per picture, as for the pets
+    xs = np.arange(side, dtype=np.float32)[None, :] + 0.5
+    ys = np.arange(side, dtype=np.float32)[:, None] + 0.5
+    canvas = _background(rng, xs / side, ys / side)
+    centre_x, centre_y = rng.uniform(0.38, 0.62, size=2) * side
+    radius = rng.uniform(0.26, 0.36) * side
+    class_name = SHAPE_CLASSES[class_index]
+    mask = _SHAPE_MASKS[class_name]((xs - centre_x) / radius, (ys - centre_y) / radius)
+    canvas[mask] = _hsv_to_rgb(_SHAPE_HUES[class_name] + rng.normal(0, 0.015), rng.uniform(0.8, 1), rng.uniform(0.8, 1))
+    canvas += rng.standard_normal(canvas.shape, dtype=np.float32) * rng.uniform(2.0, 8.0)
+    return np.clip(canvas, 0, 255).astype(np.uint8)
 
 
 def _hsv_to_rgb(hue: float, saturation: float, value: float) -> np.ndarray:

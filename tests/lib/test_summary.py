@@ -1,6 +1,7 @@
 import hashlib
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -8,7 +9,17 @@ from lib.data.augment import aug_transforms
 from lib.data.labelling import DEFAULT_LABEL_PATTERN, label_images
 from lib.data.presize import presize_images
 from lib.data.splitting import split_manifest
-from lib.data.summary import collate_or_explain, data_summary, show_batch, show_training_batch
+from lib.data.summary import (
+    CLASS_COUNTS_DPI,
+    INCHES_PER_CLASS,
+    MAX_CLASSES_PLOTTED,
+    class_count_figure,
+    collate_or_explain,
+    data_summary,
+    plot_class_counts,
+    show_batch,
+    show_training_batch,
+)
 from tests.support.images import write_image
 
 PRESIZE = 40
@@ -121,3 +132,76 @@ def test_show_batch_grid_is_drawn_once_per_cache_and_again_when_its_inputs_chang
         split, tmp_path / "three.png", size=PRESIZE, seed=2, augmentation=augmentation, cache_dir=tmp_path
     )
     assert len(drawn) == 2  # another seed shows another batch
+
+
+def _counts_manifest(classes: int) -> pd.DataFrame:
+    """Class c<i> has i % 23 + 2 training and i % 5 validation images (some have none), listed in shuffled order."""
+    rows = []
+    for i in range(classes):
+        rows += [(f"c{i:03d}", "train")] * (i % 23 + 2) + [(f"c{i:03d}", "valid")] * (i % 5)
+    return pd.DataFrame(rows, columns=["label", "split"]).sample(frac=1, random_state=0)
+
+
+def _drawn_counts(figure) -> dict[str, dict[str, int]]:
+    """The bar lengths by split and class name, read back from the figure's artists."""
+    axis = figure.axes[0]
+    names = [tick.get_text() for tick in axis.get_yticklabels()]
+    drawn = {}
+    for bars, split_name in zip(axis.containers, ("train", "valid"), strict=True):
+        assert bars.get_label() == split_name
+        drawn[split_name] = dict(zip(names, (int(bar.get_width()) for bar in bars), strict=True))
+    return drawn
+
+
+@pytest.fixture
+def count_figure():
+    """class_count_figure, with every figure it built closed after the test (pyplot keeps figures open)."""
+    from lib.common.plots import pyplot
+
+    built = []
+    yield lambda manifest: built.append(class_count_figure(manifest)) or built[-1]
+    for figure in built:
+        pyplot().close(figure)
+
+
+def test_class_count_bars_are_the_images_per_class_and_split(count_figure):
+    manifest = _counts_manifest(7)
+    figure = count_figure(manifest)
+    expected = pd.crosstab(manifest["label"], manifest["split"])
+    assert _drawn_counts(figure) == {s: expected[s].to_dict() for s in ("train", "valid")}
+    axis = figure.axes[0]
+    assert [tick.get_text() for tick in axis.get_yticklabels()] == [f"c{i:03d}" for i in range(7)]
+    assert axis.get_ylim()[0] > axis.get_ylim()[1]  # the first class at the top
+    assert axis.get_title() == "Images per class"
+    assert [text.get_text() for text in axis.get_legend().get_texts()] == ["train", "valid"]
+    labels = [text.get_text() for text in axis.texts]  # each bar's count written beside it
+    assert labels == [str(n) for s in ("train", "valid") for n in expected[s]]
+
+
+def test_a_split_with_no_images_of_a_class_draws_zero_length_bars(count_figure):
+    manifest = pd.DataFrame({"label": ["a", "a", "b"], "split": ["train", "train", "train"]})
+    assert _drawn_counts(count_figure(manifest)) == {"train": {"a": 2, "b": 1}, "valid": {"a": 0, "b": 0}}
+
+
+def test_class_count_figure_grows_with_the_classes_and_keeps_the_smallest_past_the_cap(count_figure):
+    heights = {n: count_figure(_counts_manifest(n)).get_figheight() for n in (5, 40, MAX_CLASSES_PLOTTED)}
+    assert heights[40] - heights[5] == pytest.approx(35 * INCHES_PER_CLASS)
+    manifest = _counts_manifest(MAX_CLASSES_PLOTTED + 20)
+    figure = count_figure(manifest)
+    assert figure.get_figheight() == pytest.approx(heights[MAX_CLASSES_PLOTTED])
+    totals = manifest["label"].value_counts()
+    smallest = sorted(totals.index, key=lambda label: (totals[label], label))[:MAX_CLASSES_PLOTTED]
+    drawn = _drawn_counts(figure)["train"]
+    assert list(drawn) == sorted(smallest)
+    assert max(totals[label] for label in drawn) <= min(totals[label] for label in totals.index if label not in drawn)
+    assert figure.axes[0].get_title() == f"Images per class (the {MAX_CLASSES_PLOTTED} smallest of 80 classes)"
+
+
+def test_plot_class_counts_writes_a_png_of_the_figure_size(tmp_path, count_figure):
+    manifest = _counts_manifest(12)
+    path = plot_class_counts(manifest, tmp_path / "plots" / "class_counts.png")
+    assert path == tmp_path / "plots" / "class_counts.png"
+    width, height = count_figure(manifest).get_size_inches()
+    with Image.open(path) as picture:
+        assert picture.format == "PNG"
+        assert picture.size == (round(width * CLASS_COUNTS_DPI), round(height * CLASS_COUNTS_DPI))
