@@ -24,7 +24,8 @@ def prepare_data(recipe: Recipe = Recipe()) -> dict:
     """Prepare the images for training, in recipe order (only the recipe's data and runtime settings are read).
 
     1. download the archive (cached, retried) or take a local folder;
-    2. label the images from their file names;
+    2. label the images (a regex, class folders, a CSV or split folders; data.labels), and refuse labels that cannot
+       train a classifier (lib/data/label_gate.py);
     3. clean: exclude files that do not decode; each one that does is presized into the shared cache while decoded;
     4. split into training and validation sets;
     5. presize: collect the cached images (and presize any still missing);
@@ -49,8 +50,8 @@ def data_stage(data: DataSettings, *, cache_dir: str | None, out_dir: str) -> di
     images_dir = download_dataset(
         data_url, data.dir, cache_dir, data.sha256, data.max_archive_bytes, data.max_archive_members
     )
-    source = "--data-dir" if data.dir else "--data-url"  # what an error about the images names
-    labelled = label_images(images_dir, data.label_pattern, data.skip_unmatched, out_dir, source)
+    option = "--data-dir" if data.dir else "--data-url"  # what an error about the images names
+    labelled = label_images(images_dir, data, out_dir, cache_dir, option)
     cleaned = clean_images(labelled["manifest"], cache_dir, data.presize)
     split = split_dataset(cleaned["manifest"], data.valid_pct, data.seed)
     presized = presize_images(split["manifest"], cache_dir, data.presize)
@@ -58,10 +59,11 @@ def data_stage(data: DataSettings, *, cache_dir: str | None, out_dir: str) -> di
         presized["manifest"],
         split["vocab"],
         source=images_dir,
-        label_pattern=data.label_pattern,
+        labels_line=labelled["labels_line"],
+        labeller=labelled["labeller"],
         size=data.presize,
         found=labelled["found"],
-        unmatched=labelled["unmatched"],
+        left_out_path=labelled["left_out"],
         seed=data.seed,
         cache_dir=cache_dir,
     )
@@ -72,6 +74,9 @@ def data_stage(data: DataSettings, *, cache_dir: str | None, out_dir: str) -> di
         "vocab": split["vocab"],
         "classes": split["classes"],
         "cleaning_report": cleaned["report"],
+        "left_out": labelled["left_out"],
+        "label_source": labelled["label_source"],
+        "labels_csv": labelled["labels_csv"],
         **summarized,
         "sizes": {"train": split["train"], "valid": split["valid"]},
         "cache_hits": presized["cache_hits"],

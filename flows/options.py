@@ -26,6 +26,7 @@ from pydantic.fields import FieldInfo
 from lib.recipe import OPTIONS, SECTIONS, Recipe, RecipeError, describe_error, fields, option_name
 
 PATH_OPTIONS = ("data_dir", "out_dir", "cache_dir")  # made absolute: a flow may run in another working directory
+PATH_OR_URL_OPTIONS = ("labels_csv",)  # made absolute when the path exists here; a URL is kept as it is
 RECIPE_PANEL = "Recipe"
 CONTEXT = "recipe_context"  # the command's click context (typer passes it): which options were given
 
@@ -122,6 +123,8 @@ def _setting_parameter(option: str, section: str, name: str) -> inspect.Paramete
     default = info.default
     if isinstance(kind, type) and issubclass(kind, enum.Enum) and default is not None:
         default = kind(default)
+    if isinstance(default, tuple):  # a list setting is typed comma-separated (`--valid-folders val,dev`)
+        default = ",".join(default)
     help_text = info.description + _range(info)
     typer_option = typer.Option(
         *declarations,
@@ -146,6 +149,8 @@ def _cli_type(option: str, info: FieldInfo) -> Any:
         return enum.Enum(option.title().replace("_", ""), {value: value for value in values}, type=str)
     if option in PATH_OPTIONS:
         return Path
+    if typing.get_origin(annotation) is tuple:
+        return str  # the recipe splits it at commas
     return annotation
 
 
@@ -170,4 +175,8 @@ def _plain(option: str, value: Any) -> Any:
         return value.value
     if option in PATH_OPTIONS and value is not None:
         return str(Path(value).expanduser().resolve())
+    if option in PATH_OR_URL_OPTIONS and value is not None and "://" not in value:
+        found = Path(value).expanduser()
+        # One that is not here may be a file inside the dataset: the data stage looks for it under the data root.
+        return str(found.resolve()) if found.exists() else value
     return value

@@ -15,7 +15,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.logging.loggers import flow_run_logger
 
 from flows.data import data_stage
-from lib.common.download import file_name, redact_url
+from lib.common.download import file_name, file_sha256, redact_url
 from lib.common.numbers import significant
 from lib.common.paths import default_output_dir
 from lib.data.digests import dataset_version
@@ -180,8 +180,13 @@ def _log_data(run: tracking.TrainingRun, data: dict) -> str:
     digest = tracking.log_dataset(run.run_id, data["manifest"], source=source)
     version = dataset_version(pd.read_csv(data["manifest"]))
     facts = {"classes": data["classes"], "train_size": data["sizes"]["train"], "valid_size": data["sizes"]["valid"]}
-    tracking.log_params(run.run_id, {"dataset_digest": digest, "data_version": version, **facts})
+    facts["data.label_source"] = data["label_source"]  # what `--labels auto` chose (the recipe's data.labels says auto)
     data_files = [data["manifest"], data["vocab"], data["cleaning_report"], data["summary"], data["show_batch"]]
+    data_files += [data["class_counts"], data["left_out"]]
+    if data["labels_csv"]:  # the labels themselves, and their digest: the CSV is part of the data's lineage
+        facts["labels_csv_sha256"] = file_sha256(Path(data["labels_csv"]))
+        data_files.append(data["labels_csv"])
+    tracking.log_params(run.run_id, {"dataset_digest": digest, "data_version": version, **facts})
     tracking.log_files(run.run_id, data_files, "data")
     return version
 

@@ -29,6 +29,15 @@ Architecture = Literal[ARCHITECTURES]  # an enum in Prefect's form; a bad name i
 DEFAULT_ARCHS = ("resnet50", "resnet101")  # fastbook ch. 5: resnet50, then "try a deeper model"
 
 DEFAULT_LABEL_PATTERN = r"(.+)_\d+.jpg$"  # fastbook ch. 5: RegexLabeller(pat=r'(.+)_\d+.jpg$')
+# Where labels come from (lib/data/labelling.py); `auto` picks one of the others from the data's layout.
+LABEL_SOURCES = ("regex", "folder", "csv", "split-folders")
+LabelSource = Literal["auto", *LABEL_SOURCES]
+# fastai 2.8.12 data/transforms.py: ColReader's columns as Kaggle's train.csv names them; ColSplitter's 'is_valid'
+DEFAULT_FNAME_COL, DEFAULT_LABEL_COL, DEFAULT_VALID_COL = "fname", "label", "is_valid"
+# fastai's GrandparentSplitter(train_name='train', valid_name='valid'); `val` is ImageNet's and PyTorch's
+# transfer-learning tutorial's, `validation` Hugging Face imagefolder's.
+DEFAULT_TRAIN_FOLDER, DEFAULT_VALID_FOLDERS, DEFAULT_TEST_FOLDER = "train", ("valid", "val", "validation"), "test"
+DEFAULT_MAX_UNLABELLED = 0.05  # more than 5% of the images without a label means the labelling is wrong, not the data
 DEFAULT_VALID_PCT = 0.2  # fastai 2.8.12 fastai/data/transforms.py: RandomSplitter(valid_pct=0.2, seed=None)
 DEFAULT_SEED = 42  # fastbook ch. 5 passes seed=42 to RandomSplitter
 DEFAULT_PRESIZE = 460  # fastbook ch. 5: item_tfms=Resize(460)
@@ -93,10 +102,51 @@ class DataSettings(Section):
         ge=1,
         description="Most members (files, folders, links) an archive may hold; one with more is refused.",
     )
-    label_pattern: str = Field(
-        DEFAULT_LABEL_PATTERN, description="Regex searched in each file name; its first group is the label."
+    labels: LabelSource = Field(
+        "auto",
+        description="Where labels come from: regex (over each image's path under the data root), folder (its class "
+        "folder), csv (--labels-csv), split-folders (train/ and valid/ holding class folders), or auto: split "
+        "folders, else class folders, else the regex; a --labels-csv given always wins.",
     )
-    skip_unmatched: bool = Field(False, description="Report and leave out files the label pattern does not match.")
+    label_pattern: str = Field(
+        DEFAULT_LABEL_PATTERN,
+        description="With --labels regex: searched in each image's path relative to the data root (a file name for "
+        "images at the root); its first group is the label.",
+    )
+    labels_csv: str | None = Field(
+        None,
+        description="A CSV of file names and labels (a path, a path under the data root, or an http(s):// URL); "
+        "naming one makes --labels auto use it.",
+    )
+    fname_col: str = Field(
+        DEFAULT_FNAME_COL, min_length=1, description="The CSV's column of file names, relative to the data root."
+    )
+    label_col: str = Field(DEFAULT_LABEL_COL, min_length=1, description="The CSV's column of labels.")
+    valid_col: str = Field(
+        DEFAULT_VALID_COL,
+        min_length=1,
+        description="The CSV's optional boolean column that puts a row in validation; without it the split is random.",
+    )
+    train_folder: str = Field(
+        DEFAULT_TRAIN_FOLDER, min_length=1, description="With split folders: the folder of training images."
+    )
+    valid_folders: tuple[str, ...] = Field(
+        DEFAULT_VALID_FOLDERS,
+        min_length=1,
+        description="With split folders: the names recognised for the validation folder (comma-separated).",
+    )
+    test_folder: str = Field(
+        DEFAULT_TEST_FOLDER,
+        min_length=1,
+        description="With split folders: a folder of test images, counted and left out of training.",
+    )
+    max_unlabelled: float = Field(
+        DEFAULT_MAX_UNLABELLED,
+        ge=0,
+        le=1,
+        description="Largest fraction of the images (or CSV rows) that may go without a label: they are listed and "
+        "left out; more refuses the data.",
+    )
     valid_pct: float = Field(
         DEFAULT_VALID_PCT, gt=0, lt=1, description="Fraction of the images held out for validation."
     )
@@ -131,6 +181,21 @@ class DataSettings(Section):
             raise ValueError(f"'{pattern}' needs a group, e.g. '(.+)_\\d+.jpg$': its first group is the label")
         return pattern
 
+    @model_validator(mode="before")
+    @classmethod
+    def _retired(cls, settings: Any) -> Any:
+        """Accept recipe files written before a setting was retired: `skip_unmatched` became max_unlabelled."""
+        if isinstance(settings, dict) and "skip_unmatched" in settings:
+            settings = {key: value for key, value in settings.items() if key != "skip_unmatched"}
+        return settings
+
+    @field_validator("valid_folders", mode="before")
+    @classmethod
+    def _comma_separated(cls, names: Any) -> Any:
+        if isinstance(names, str):
+            names = [name.strip() for name in names.split(",") if name.strip()]
+        return names
+
     @field_validator("sha256")
     @classmethod
     def _a_sha256(cls, digest: str | None) -> str | None:
@@ -142,6 +207,8 @@ class DataSettings(Section):
     def _one_source(self) -> DataSettings:
         if self.url and self.dir:
             raise ValueError("give --data-url or --data-dir, not both")
+        if self.labels == "csv" and not self.labels_csv:
+            raise ValueError("--labels csv needs --labels-csv FILE: the CSV of file names and labels (or its URL)")
         return self
 
     def check_trainable(self) -> None:

@@ -15,16 +15,15 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from lib.common.download import DownloadError
-from lib.data import cleaning, labelling, presize, splitting, summary, synthetic
+from lib.data import cleaning, label_gate, labelling, presize, splitting, summary, synthetic
 from lib.data.augment import AugmentSettings, aug_transforms
 from lib.data.digests import DIGESTS_FILE, FileDigests
-from lib.data.source import ArchiveLimits, cached_archive_digest, resolve_data_source
-from lib.recipe import DEFAULT_MAX_ARCHIVE_BYTES, DEFAULT_MAX_ARCHIVE_MEMBERS
+from lib.data.source import ArchiveLimits, cached_archive_digest, resolve_data_source, resolve_labels_csv
+from lib.recipe import DEFAULT_MAX_ARCHIVE_BYTES, DEFAULT_MAX_ARCHIVE_MEMBERS, DataSettings
 from tasks.progress import ProgressArtifact
 
 MANIFEST_FILE = "manifest.csv"
-UNMATCHED_FILE = "unmatched.txt"
-VALID_ONLY_FILE = "valid_only.csv"
+LEFT_OUT_FILE = "left_out.csv"  # what labelling left out or skipped, with why (path, reason)
 
 
 def _is_transient(task, task_run, state) -> bool:
@@ -79,26 +78,38 @@ def download_dataset(
 
 
 @task(cache_policy=NO_CACHE)
-def label_images(images_dir: str, pattern: str, skip_unmatched: bool, out_dir: str, source: str = "--data-dir") -> dict:
-    """Label the images from their file names and write the manifest; `source` is the option that chose them."""
-    labelled = labelling.label_images(Path(images_dir), pattern=pattern, skip_unmatched=skip_unmatched, source=source)
+def label_images(images_dir: str, data: DataSettings, out_dir: str, cache_dir: str, option: str = "--data-dir") -> dict:
+    """Label the images with the recipe's label source, write the manifest and what was left out, and refuse labels
+    that cannot train a classifier (lib/data/label_gate.py); `option` is the one that chose the images."""
+    logger = get_run_logger()
+    root = Path(images_dir)
+    csv_path = resolve_labels_csv(data.labels_csv, root, Path(cache_dir)) if data.labels_csv else None
+    labelled = labelling.label_images(root, data, csv_path=csv_path, option=option)
+    logger.info(labelled.describe(data))
+    for note in labelled.notes:
+        logger.warning(note)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST_FILE
     labelled.manifest.to_csv(manifest_path, index=False)
-    (out / UNMATCHED_FILE).unlink(missing_ok=True)  # never leave an earlier run's list in a reused folder
-    if labelled.unmatched:
-        (out / UNMATCHED_FILE).write_text("\n".join(labelled.unmatched) + "\n")
-        get_run_logger().warning(
-            "Skipped %d files whose names do not match %r; they are listed in %s",
-            len(labelled.unmatched),
-            pattern,
-            out / UNMATCHED_FILE,
-        )
+    left_out = pd.concat([labelled.unlabelled, labelled.left_out, labelled.skipped], ignore_index=True)
+    left_out.to_csv(out / LEFT_OUT_FILE, index=False)  # every run writes it: a reused folder keeps no old list
+    if not labelled.unlabelled.empty:
+        unlabelled, candidates = labelled.labelling_share
+        logger.warning(
+            "%d of %d images got no label and are left out (within --max-unlabelled %g); they are listed in %s",
+            unlabelled, candidates, data.max_unlabelled, out / LEFT_OUT_FILE,
+        )  # fmt: skip
+    label_gate.check_labels(labelled, data)
     return {
         "manifest": str(manifest_path),
-        "found": len(labelled.manifest) + len(labelled.unmatched),
-        "unmatched": len(labelled.unmatched),
+        "left_out": str(out / LEFT_OUT_FILE),
+        "labeller": labelled.labeller(data),
+        "labels_csv": str(csv_path) if csv_path else None,
+        "label_source": labelled.source,
+        "labels_line": labelled.describe(data),
+        "found": len(labelled.manifest) + len(labelled.unlabelled) + len(labelled.left_out),
+        "unlabelled": len(labelled.unlabelled),
     }
 
 
@@ -124,25 +135,17 @@ def clean_images(manifest_path: str, cache_dir: str, size: int) -> dict:
 @task(cache_policy=NO_CACHE)
 def split_dataset(manifest_path: str, valid_pct: float, seed: int | None) -> dict:
     """Split the manifest into training and validation sets and write the vocabulary."""
-    split = splitting.split_manifest(pd.read_csv(manifest_path), valid_pct=valid_pct, seed=seed)
+    manifest = pd.read_csv(manifest_path)
+    split = splitting.split_manifest(manifest, valid_pct=valid_pct, seed=seed)
+    label_gate.check_split(split, fixed=splitting.FIXED_SPLIT_COLUMN in manifest.columns)
     out = Path(manifest_path).parent
     split.manifest.to_csv(out / "split.csv", index=False)
-    (out / "vocab.json").write_text(json.dumps(list(split.vocab), indent=1) + "\n")
-    (out / VALID_ONLY_FILE).unlink(missing_ok=True)  # never leave an earlier run's list in a reused folder
-    if not split.valid_only.empty:
-        split.valid_only.to_csv(out / VALID_ONLY_FILE, index=False)
-        get_run_logger().warning(
-            "%d validation items have labels absent from training (%s) and were left out; see %s",
-            len(split.valid_only),
-            ", ".join(sorted(set(split.valid_only["label"]))),
-            out / VALID_ONLY_FILE,
-        )
+    (out / "vocab.json").write_text(json.dumps(list(split.vocab), indent=1, ensure_ascii=False) + "\n", "utf-8")
     return {
         "manifest": str(out / "split.csv"),
         "vocab": str(out / "vocab.json"),
         "classes": len(split.vocab),
         **split.sizes(),
-        "valid_only": len(split.valid_only),
     }
 
 
@@ -162,14 +165,15 @@ def summarize_data(
     vocab_path: str,
     *,
     source: str,
-    label_pattern: str,
+    labels_line: str,
+    labeller: str,
     size: int,
     found: int,
-    unmatched: int,
+    left_out_path: str,
     seed: int | None,
     cache_dir: str | None = None,
 ) -> dict:
-    """Write the DataBlock.summary analogue and a show_batch grid beside the manifest (drawn once per cache)."""
+    """Write the DataBlock.summary analogue, the per-class bar plot and a show_batch grid beside the manifest."""
     out = Path(manifest_path).parent
     split = _read_split(manifest_path, vocab_path)
     excluded_path = out / cleaning.EXCLUDED_NAME
@@ -177,15 +181,21 @@ def summarize_data(
     text = summary.data_summary(
         split,
         source=source,
-        label_pattern=label_pattern,
+        labels=labels_line,
+        labeller=labeller,
         presize=size,
         found=found,
-        unmatched=unmatched,
+        left_out=pd.read_csv(left_out_path),
         excluded=excluded,
     )
     summary_path = out / "summary.txt"
-    summary_path.write_text(text)
-    create_markdown_artifact(f"```\n{text}```", key="data-summary", description="DataBlock.summary analogue")
+    summary_path.write_text(text, "utf-8")
+    counts_path = summary.plot_class_counts(split.manifest, out / "class_counts.png")
+    create_markdown_artifact(
+        f"```\n{text}```\nPer-class bar plot: {counts_path}",
+        key="data-summary",
+        description="DataBlock.summary analogue",
+    )
     # Shown as training will see it: fastai's aug_transforms at the book's 224 px (never above the presize).
     augmentation = aug_transforms(min(AugmentSettings().size, size))
     grid_path = summary.show_training_batch(
@@ -196,15 +206,13 @@ def summarize_data(
         augmentation=augmentation,
         cache_dir=Path(cache_dir) if cache_dir else None,
     )
-    return {"summary": str(summary_path), "show_batch": str(grid_path)}
+    return {"summary": str(summary_path), "show_batch": str(grid_path), "class_counts": str(counts_path)}
 
 
 def _read_split(manifest_path: str, vocab_path: str) -> splitting.SplitManifest:
     manifest = pd.read_csv(manifest_path)
-    vocab = tuple(json.loads(Path(vocab_path).read_text()))
-    valid_only_path = Path(manifest_path).parent / VALID_ONLY_FILE
-    valid_only = pd.read_csv(valid_only_path) if valid_only_path.is_file() else manifest.iloc[:0]
-    return splitting.SplitManifest(manifest=manifest, vocab=vocab, valid_only=valid_only)
+    vocab = tuple(json.loads(Path(vocab_path).read_text("utf-8")))
+    return splitting.SplitManifest(manifest=manifest, vocab=vocab, valid_only=manifest.iloc[:0])  # the gate refused any
 
 
 @task(cache_policy=NO_CACHE)

@@ -7,6 +7,7 @@ renamed into place at the end).
 """
 
 import gzip
+import hashlib
 import json
 import re
 import shutil
@@ -203,6 +204,28 @@ def resolve_data_source(
     if data_dir is not None:
         return find_images_dir(_existing_dir(Path(data_dir)))
     return find_images_dir(fetch_dataset(data_url, cache_dir, sha256=sha256, progress=progress, limits=limits))
+
+
+def resolve_labels_csv(spec: str, root: Path, cache_dir: Path) -> Path:
+    """Return the labels CSV on this machine: downloaded afresh from a URL (a fixed label is then seen at once; it is
+    small), an absolute path as it is, a relative one under the data root (a CSV that came inside the archive).
+
+    Raises:
+        MissingInputError: a path that is not a file.
+        DownloadError: the URL cannot be fetched.
+    """
+    if "://" in spec:
+        digest = hashlib.sha256(spec.encode()).hexdigest()[:16]  # one folder per URL: two URLs may share a name
+        target = Path(cache_dir) / "labels" / digest / file_name(spec)
+        with download_lock(target):
+            download_file(spec, target, progress=False, fix="Check --labels-csv, or give the CSV's path instead.")
+        return target
+    path = Path(spec).expanduser()
+    path = path if path.is_absolute() else Path(root) / path
+    if not path.is_file():
+        where = "" if Path(spec).expanduser().is_absolute() else f" (a relative path is looked for under {root})"
+        raise MissingInputError(f"--labels-csv {spec}: no such file{where}; give the CSV's path or URL.")
+    return path
 
 
 # Downloading.

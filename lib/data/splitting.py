@@ -12,6 +12,7 @@ from lib.common.errors import InputError
 from lib.recipe import DEFAULT_SEED, DEFAULT_VALID_PCT
 
 # fastbook ch. 5: RandomSplitter(valid_pct=0.2, seed=42)
+FIXED_SPLIT_COLUMN = "is_valid"  # fastai 2.8.12 fastai/data/transforms.py: ColSplitter(col='is_valid')
 
 
 @dataclass(frozen=True)
@@ -49,12 +50,18 @@ def split_manifest(
 ) -> SplitManifest:
     """Add split and target columns; build the vocabulary from the training split.
 
+    A manifest with an `is_valid` column (a CSV's valid column, split folders) keeps the split it gives, as fastai's
+    ColSplitter and GrandparentSplitter; any other is split at random (`random_split`).
+
     Validation rows whose label never occurs in training cannot be scored by a model that lacks the class: they are
     removed from the manifest and returned in `valid_only` so callers can report them.
     """
-    train_idx, valid_idx = random_split(len(manifest), valid_pct=valid_pct, seed=seed)
-    split = pd.Series("train", index=range(len(manifest)))
-    split.iloc[valid_idx] = "valid"
+    if FIXED_SPLIT_COLUMN in manifest.columns:
+        split = manifest[FIXED_SPLIT_COLUMN].map({True: "valid", False: "train"}).reset_index(drop=True)
+    else:
+        train_idx, valid_idx = random_split(len(manifest), valid_pct=valid_pct, seed=seed)
+        split = pd.Series("train", index=range(len(manifest)))
+        split.iloc[valid_idx] = "valid"
     result = manifest.reset_index(drop=True).assign(split=split.to_numpy())
     # fastai Categorize: sorted unique training labels, Python string order (upper-case cat breeds first).
     vocab = tuple(sorted(set(result.loc[result["split"] == "train", "label"])))

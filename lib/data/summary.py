@@ -54,10 +54,11 @@ def data_summary(
     split: SplitManifest,
     *,
     source: str,
-    label_pattern: str,
+    labels: str,
+    labeller: str,
     presize: int | None,
     found: int,
-    unmatched: int = 0,
+    left_out: pd.DataFrame | None = None,
     excluded: pd.DataFrame | None = None,
     batch_size: int = 4,
 ) -> str:
@@ -66,46 +67,36 @@ def data_summary(
     Args:
         split: the split manifest; needs `presized_path` unless presize is None.
         source: where the items were collected from.
-        label_pattern: the regular expression that labelled them.
+        labels: the line saying which label source labelled them and why (`LabelledImages.describe`).
+        labeller: the label function as the sample trace names it, e.g. `regex('(.+)_\\d+.jpg$')`.
         presize: short side of the presized images, or None to trace the originals (whose batch cannot collate).
-        found: number of image files found before cleaning.
-        unmatched: how many of them the label pattern did not match and were skipped.
+        found: number of image files found.
+        left_out: what labelling left out or skipped, with a `reason` column (lib/data/labelling.py).
         excluded: rows removed by cleaning, with a `reason` column.
         batch_size: items in the traced batch (fastai's summary uses 4).
     """
-    lines = [f"Collecting items from {source}", f"Found {found} items"]
-    if unmatched:
-        lines.append(f"Skipped {unmatched} items whose file names do not match the label pattern (unmatched.txt)")
-    lines += _cleaning_lines(excluded)
+    lines = [f"Collecting items from {source}", f"Found {found} items", labels]
+    lines += _reason_lines("Left out while labelling", left_out, "left_out.csv")
+    lines += _reason_lines("Cleaning excluded", excluded, "excluded.csv")
     sizes = split.sizes()
     lines.append(f"2 datasets of sizes {sizes['train']},{sizes['valid']}")
-    lines += _vocab_lines(split, label_pattern)
+    lines += _vocab_lines(split)
     lines += _class_count_lines(split.manifest)
-    lines += _sample_lines(split, label_pattern, presize)
+    lines += _sample_lines(split, labeller, presize)
     lines += _batch_lines(split.manifest, presize, batch_size)
     return "\n".join(lines) + "\n"
 
 
-def _cleaning_lines(excluded: pd.DataFrame | None) -> list[str]:
-    if excluded is None or excluded.empty:
-        return ["Cleaning excluded no files"]
-    counts = excluded["reason"].value_counts().sort_index()
-    return [f"Cleaning excluded {len(excluded)} files: " + ", ".join(f"{r} {n}" for r, n in counts.items())]
+def _reason_lines(what: str, rows: pd.DataFrame | None, listed_in: str) -> list[str]:
+    if rows is None or rows.empty:
+        return [f"{what}: no files"]
+    counts = rows["reason"].value_counts().sort_index()
+    return [f"{what} {len(rows)} files ({listed_in}): " + ", ".join(f"{r} {n}" for r, n in counts.items())]
 
 
-def _vocab_lines(split: SplitManifest, label_pattern: str) -> list[str]:
+def _vocab_lines(split: SplitManifest) -> list[str]:
     shown = list(split.vocab[:MAX_VOCAB_SHOWN]) + (["..."] if len(split.vocab) > MAX_VOCAB_SHOWN else [])
-    lines = [
-        f"Labels from file names with the pattern {label_pattern}",
-        f"Vocabulary ({len(split.vocab)} classes): {shown}",
-    ]
-    if not split.valid_only.empty:
-        only = sorted(set(split.valid_only["label"]))
-        lines.append(
-            f"Warning: {len(split.valid_only)} validation items have labels absent from training and were left out: "
-            f"{only}"
-        )
-    return lines
+    return [f"Vocabulary ({len(split.vocab)} classes): {shown}"]
 
 
 def _class_count_table(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -154,12 +145,12 @@ def plot_class_counts(manifest: pd.DataFrame, out_path: Path) -> Path:
     return save_figure(class_count_figure(manifest), out_path, dpi=CLASS_COUNTS_DPI)
 
 
-def _sample_lines(split: SplitManifest, label_pattern: str, presize: int | None) -> list[str]:
+def _sample_lines(split: SplitManifest, labeller: str, presize: int | None) -> list[str]:
     row = split.manifest[split.manifest["split"] == "train"].iloc[0]
-    lines = ["Building one sample", "  Pipeline: label_from_filename -> vocabulary index"]
+    lines = ["Building one sample", f"  Pipeline: {labeller} -> vocabulary index"]
     lines += [
         f"    starting from {row['path']}",
-        f"    applying label_from_filename({label_pattern!r}) gives {row['label']}",
+        f"    applying {labeller} gives {row['label']}",
         f"    applying vocabulary index gives {int(row['target'])}",
         "  Pipeline: open_rgb -> presize -> crop" if presize else "  Pipeline: open_rgb -> to_tensor",
         f"    starting from {row['path']}",

@@ -1,4 +1,3 @@
-import time
 from pathlib import Path
 
 import pytest
@@ -262,17 +261,14 @@ def test_a_blank_line_above_the_header_is_refused(tmp_path):
     assert refusal(path) == f"Labels CSV {path} starts with a blank line: delete the lines above its header."
 
 
-def test_a_hundred_thousand_rows_take_well_under_a_second(tmp_path):
+def test_a_hundred_thousand_rows_are_read_whole(tmp_path):
     body = "".join(
         f"breed_{i % 37}/img {i}.jpg,breed_{i % 37},{'True' if i % 5 == 0 else 'False'}\n" for i in range(100_000)
     )
     path = write(tmp_path, "fname,label,is_valid\n" + body)
 
-    start = time.perf_counter()
     rows = read_labels_csv(path)
-    elapsed = time.perf_counter() - start
 
     assert len(rows.table) == 100_000
     assert rows.table["is_valid"].sum() == 20_000
     assert rows.table["row"].iloc[-1] == 100_001
-    assert elapsed < 1.0
