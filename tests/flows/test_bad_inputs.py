@@ -1,8 +1,8 @@
 """A corpus of bad inputs through the data flow: each one is excluded and reported, converted, or named in an error.
 
 The corpus is generated here (no committed binaries): the synthetic pets with their broken files and odd modes,
-plus an animated GIF, an EXIF-rotated picture, a decompression bomb and a 16-bit PNG under .jpg names, a breed with a
-single picture, and file names the label regex does not match.
+plus an animated GIF, an EXIF-rotated picture, a decompression bomb and a 16-bit PNG under .jpg names, a breed with
+two pictures, and file names the label regex does not match.
 """
 
 import json
@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from flows.data import prepare_data
+from lib.data.label_gate import LabelGateError
 from lib.data.labelling import NoImagesError
 from lib.data.synthetic import BROKEN_FILES, ODD_MODES, make_pets_dataset
 from lib.recipe import Recipe
@@ -23,7 +24,7 @@ BOMB = "Bengal_950.jpg"  # 10,000 x 10,000 pixels: over Pillow's decompression-b
 ANIMATED = "Bengal_951.jpg"  # a two-frame GIF under a .jpg name
 ROTATED = "Bengal_952.jpg"  # 60 x 30 stored, EXIF orientation 6: 30 x 60 upright
 SIXTEEN_BIT = "Bengal_953.jpg"  # a 16-bit grayscale PNG under a .jpg name
-LONELY = "pug_1.jpg"  # the only picture of its breed
+PAIR = ("pug_1.jpg", "pug_2.jpg")  # the two pictures of their breed: the fewest a class may have
 UNMATCHED = ("IMG0001.jpg", "holiday photo.jpg")  # no "_<digits>.jpg" at the end
 
 
@@ -39,7 +40,8 @@ def corpus(tmp_path_factory):
     exif[0x0112] = 6  # rotate 90 degrees to display
     Image.new("RGB", (60, 30), (10, 120, 200)).save(images / ROTATED, "JPEG", exif=exif)
     Image.new("I;16", (50, 50), 40_000).save(images / SIXTEEN_BIT, "PNG")
-    Image.new("RGB", (64, 64), (90, 90, 90)).save(images / LONELY, "JPEG")
+    for name in PAIR:
+        Image.new("RGB", (64, 64), (90, 90, 90)).save(images / name, "JPEG")
     for name in UNMATCHED:
         (images / name).write_bytes((images / "Abyssinian_1.jpg").read_bytes())
     return images
@@ -47,13 +49,16 @@ def corpus(tmp_path_factory):
 
 def test_the_corpus_runs_through_with_every_bad_file_reported_and_every_oddity_converted(corpus, tmp_path):
     recipe = Recipe().updated(
-        {"data_dir": str(corpus), "skip_unmatched": True, "presize": PRESIZE,
+        {"data_dir": str(corpus), "max_unlabelled": 0.1, "presize": PRESIZE,
          "out_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache")}
     )  # fmt: skip
     result = prepare_data(recipe)
 
     out = tmp_path / "out"
-    assert sorted((out / "unmatched.txt").read_text().split("\n")[:-1]) == sorted(str(corpus / n) for n in UNMATCHED)
+    left_out = pd.read_csv(out / "left_out.csv")
+    assert sorted(left_out["path"]) == sorted(str(corpus / n) for n in UNMATCHED) and set(left_out["reason"]) == {
+        "no_match"
+    }
     report = json.loads((out / "cleaning_report.json").read_text())
     excluded = {row["path"].rsplit("/", 1)[-1]: row["reason"] for row in report["excluded"]}
     assert excluded == {**BROKEN_FILES, BOMB: "too_large"}  # each with its reason, none fatal
@@ -61,18 +66,29 @@ def test_the_corpus_runs_through_with_every_bad_file_reported_and_every_oddity_c
     kept = pd.read_csv(out / "cleaned.csv").set_index(pd.read_csv(out / "cleaned.csv")["path"].str.rsplit("/").str[-1])
     assert kept.loc[ANIMATED, "mode"] == "P" and kept.loc[SIXTEEN_BIT, "converted"]  # first frame; 16 bit to RGB
     assert (kept.loc[ROTATED, "width"], kept.loc[ROTATED, "height"]) == (30, 60)  # EXIF orientation honoured
-    assert len(kept) == 3 * 8 + len(ODD_MODES) + 4  # the pets, the odd modes, GIF, rotated, 16-bit, lonely pug
+    assert len(kept) == 3 * 8 + len(ODD_MODES) + 5  # the pets, the odd modes, GIF, rotated, 16-bit, two pugs
 
     presized = pd.read_csv(result["manifest"])
     for path in presized["presized_path"]:
         with Image.open(path) as image:
             assert image.mode == "RGB" and min(image.size) == PRESIZE
-    vocab = json.loads((out / "vocab.json").read_text())
-    # The single pug lands in training (it joins the vocabulary) or in validation (reported, left out): never lost.
-    if "pug" not in vocab:
-        assert "pug" in (out / "valid_only.csv").read_text()
-    else:
-        assert (presized["label"] == "pug").sum() == 1
+    assert "pug" in json.loads((out / "vocab.json").read_text()) and (presized["label"] == "pug").sum() == 2
+
+
+def test_a_breed_with_one_picture_stops_the_flow_before_cleaning_naming_it(corpus, tmp_path):
+    (tmp_path / "images").mkdir()
+    for path in corpus.iterdir():
+        if path.name != PAIR[1]:
+            (tmp_path / "images" / path.name).symlink_to(path)
+    recipe = Recipe().updated({"data_dir": str(tmp_path / "images"), "max_unlabelled": 0.1})
+    state = prepare_data(
+        recipe.updated({"cache_dir": str(tmp_path / "cache"), "out_dir": str(tmp_path / "out")}), return_state=True
+    )
+
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, LabelGateError)
+    assert str(error).startswith("1 class has fewer than 2 images: 'pug' (1: pug_1.jpg)")
+    assert not (tmp_path / "out" / "cleaned.csv").exists()  # refused before any image was decoded
 
 
 def test_an_empty_folder_and_a_folder_without_images_are_named_with_the_fix(tmp_path):

@@ -75,7 +75,7 @@ def test_unmatched_file_names_fail_the_flow_with_the_fix(tmp_path):
     state = prepare_data(recipe, return_state=True)
 
     assert state.is_failed()
-    with pytest.raises(ValueError, match=r"1 of 7 file names do not match .*--skip-unmatched"):
+    with pytest.raises(ValueError, match=r"1 of 7 images \(14%\) got no label, more than --max-unlabelled 0.05"):
         state.result()
 
 
@@ -136,8 +136,10 @@ def test_cli_help_tells_every_command_and_flag():
     for flag in (
         "--data-url",
         "--data-dir",
+        "--labels",
         "--label-pattern",
-        "--skip-unmatched",
+        "--labels-csv",
+        "--max-unlabelled",
         "--valid-pct",
         "--seed",
         "--presize",
@@ -171,18 +173,19 @@ def test_pets_summary_refuses_an_archive_past_the_members_limit_it_was_given_in_
     assert list((cache / "extracted").iterdir()) == []
 
 
-def test_skipped_unmatched_files_are_reported_in_the_summary(tmp_path):
+def test_unmatched_files_within_the_unlabelled_share_are_left_out_and_reported(tmp_path):
     images = make_pets_dataset(tmp_path / "pets", breeds=2, images_per_breed=4, max_side=120)
     (images / "IMG_0001.jpeg").write_bytes((images / "Abyssinian_1.jpg").read_bytes())
 
     recipe = data_recipe(
-        data_dir=str(images), skip_unmatched=True, out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "c")
+        data_dir=str(images), max_unlabelled=0.2, out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "c")
     )
     result = prepare_data(recipe)
 
     text = (tmp_path / "out" / "summary.txt").read_text()
-    assert "Found 9 items" in text and "Skipped 1 items whose file names do not match" in text
-    assert (tmp_path / "out" / "unmatched.txt").read_text().strip() == str(images / "IMG_0001.jpeg")
+    assert "Found 9 items" in text and "Left out while labelling 1 files (left_out.csv): no_match 1" in text
+    left_out = pd.read_csv(tmp_path / "out" / "left_out.csv")
+    assert left_out.to_dict("list") == {"path": [str(images / "IMG_0001.jpeg")], "reason": ["no_match"]}
     assert result["sizes"]["train"] + result["sizes"]["valid"] == 8
 
 

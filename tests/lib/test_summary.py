@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from lib.data.augment import aug_transforms
-from lib.data.labelling import DEFAULT_LABEL_PATTERN, label_images
+from lib.data.labelling import label_images
 from lib.data.presize import presize_images
 from lib.data.splitting import split_manifest
 from lib.data.summary import (
@@ -39,18 +39,22 @@ def split(tmp_path_factory):
     return type(result)(manifest=presized, vocab=result.vocab, valid_only=result.valid_only)
 
 
+LABELLER = "regex('(.+)_\\\\d+.jpg$')"
+
+
 def test_summary_traces_items_labels_split_sample_and_batch(split):
-    text = data_summary(split, source="/data/images", label_pattern=DEFAULT_LABEL_PATTERN, presize=PRESIZE, found=24)
+    labels = "Labels from regex '(.+)_\\\\d+.jpg$' over each image's path under the data root: auto: ..."
+    text = data_summary(split, source="/data/images", labels=labels, labeller=LABELLER, presize=PRESIZE, found=24)
 
     assert "Collecting items from /data/images" in text
-    assert "Found 24 items" in text
+    assert "Found 24 items" in text and labels in text
     assert "2 datasets of sizes 18,6" in text
     assert "Vocabulary (3 classes): ['Bengal', 'beagle', 'pug']" in text
     counts = split.manifest.groupby(["label", "split"]).size()
     assert f"  pug     {counts['pug', 'train']:>5}  {counts['pug', 'valid']:>5}" in text
     first = split.manifest[split.manifest["split"] == "train"].iloc[0]
     assert f"starting from {first['path']}" in text
-    assert f"applying label_from_filename('(.+)_\\\\d+.jpg$') gives {first['label']}" in text
+    assert f"applying {LABELLER} gives {first['label']}" in text
     with Image.open(first["path"]) as original:
         assert f"applying open_rgb gives RGB image {original.width}x{original.height}" in text
     assert f"applying crop({PRESIZE}) gives uint8 tensor 3x{PRESIZE}x{PRESIZE}" in text
@@ -58,7 +62,7 @@ def test_summary_traces_items_labels_split_sample_and_batch(split):
 
 
 def test_summary_without_presize_explains_why_the_batch_cannot_collate(split):
-    text = data_summary(split, source="/d", label_pattern=DEFAULT_LABEL_PATTERN, presize=None, found=24)
+    text = data_summary(split, source="/d", labels="", labeller=LABELLER, presize=None, found=24)
     assert "Error! It's not possible to collate your items in a batch" in text
     shapes = set()
     for path in split.manifest[split.manifest["split"] == "train"].head(4)["path"]:
@@ -76,15 +80,17 @@ def test_collate_or_explain():
     assert batch is None and "3x4x4, 3x5x4" in message
 
 
-def test_summary_reports_cleaning_and_valid_only_labels(split):
-    import pandas as pd
-
+def test_summary_reports_what_labelling_and_cleaning_left_out(split):
     excluded = pd.DataFrame({"path": ["a", "b", "c"], "reason": ["empty", "truncated", "empty"]})
-    valid_only = split.manifest.head(1).assign(label="rare")
-    reported = type(split)(manifest=split.manifest, vocab=split.vocab, valid_only=valid_only)
-    text = data_summary(reported, source="/d", label_pattern="x", presize=PRESIZE, found=27, excluded=excluded)
-    assert "Cleaning excluded 3 files: empty 2, truncated 1" in text
-    assert "1 validation items have labels absent from training" in text and "rare" in text
+    left_out = pd.DataFrame({"path": ["._a.jpg", ".git", "n.txt", "x.jpg"]})
+    left_out["reason"] = ["resource_fork", "hidden", "not_image", "resource_fork"]
+    text = data_summary(
+        split, source="/d", labels="", labeller="x", presize=PRESIZE, found=27, left_out=left_out, excluded=excluded
+    )
+    assert "Cleaning excluded 3 files (excluded.csv): empty 2, truncated 1" in text
+    assert "Left out while labelling 4 files (left_out.csv): hidden 1, not_image 1, resource_fork 2" in text
+    clean = data_summary(split, source="/d", labels="", labeller="x", presize=PRESIZE, found=24)
+    assert "Cleaning excluded: no files" in clean and "Left out while labelling: no files" in clean
 
 
 def test_show_batch_draws_a_titled_grid(split, tmp_path):
