@@ -24,7 +24,7 @@ import typer
 
 from flows import console
 from flows.defaults import DEMO_BREEDS, DEMO_EPOCHS, DEMO_EXPERIMENT, DEMO_IMAGES_PER_BREED
-from flows.options import RecipeRequest, recipe_options
+from flows.options import RecipeRequest, recipe_options, setting_type
 from flows.prefect_api import temporary_api
 from lib.common.errors import DEBUG_VARIABLE, UserError
 from lib.common.numbers import significant
@@ -54,6 +54,7 @@ def _split_archs(archs: str) -> list[str]:
 
 
 # -- options of several commands (the recipe's own options come from flows/options.py) --------------------------------
+LabelSources = setting_type("labels")
 Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on the last line.")]
 
 
@@ -286,12 +287,19 @@ def announce_dataset(
         ),
     ],
     name: Annotated[str, typer.Option(help="Dataset name: the event's resource is pets.dataset.<name>.")] = "pets",
+    labels: Annotated[
+        LabelSources, typer.Option(help="Where the archive's labels come from (the recipe's --labels).")
+    ] = LabelSources.auto,
+    labels_csv: Annotated[
+        str | None,
+        typer.Option(help="The labels CSV: a URL, or a path inside the archive (the recipe's --labels-csv)."),
+    ] = None,
 ) -> None:
     """Emit `pets.dataset.published` to the Prefect server at PREFECT_API_URL: the compare deployment trains on it."""
     from flows.events import DATASET_PUBLISHED, announce_dataset
 
     try:
-        event_id = announce_dataset(data_url, name)
+        event_id = announce_dataset(data_url, name, labels=labels.value, labels_csv=labels_csv)
     except RuntimeError as error:
         _fail(str(error))
     typer.echo(f"Sent {DATASET_PUBLISHED} for pets.dataset.{name} ({data_url}); event id {event_id}.")

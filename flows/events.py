@@ -7,10 +7,11 @@ DATASET_RESOURCE = "pets.dataset.{name}"  # matched by the trigger's `pets.datas
 DRAIN_SECONDS = 30
 
 
-def announce_dataset(data_url: str, name: str = "pets") -> str:
+def announce_dataset(data_url: str, name: str = "pets", *, labels: str = "auto", labels_csv: str | None = None) -> str:
     """Emit `pets.dataset.published` for a dataset archive to the Prefect server; return the event's id.
 
-    The compare deployment's trigger trains on the payload's `data_url`. Events only reach automations on a running
+    The compare deployment's trigger trains on the payload's `data_url`, labelled as `labels` says (the recipe's
+    data.labels) from `labels_csv` if given (data.labels_csv). Events only reach automations on a running
     server, so PREFECT_API_URL must point at one (without it Prefect would start a throwaway local server).
     """
     from prefect.events import emit_event
@@ -26,7 +27,8 @@ def announce_dataset(data_url: str, name: str = "pets") -> str:
     event = emit_event(
         event=DATASET_PUBLISHED,
         resource={"prefect.resource.id": DATASET_RESOURCE.format(name=name)},
-        payload={"data_url": data_url},
+        # Every key always present: the trigger's templates render a missing one as an empty string.
+        payload={"data_url": data_url, "labels": labels, "labels_csv": labels_csv or ""},
     )
     if event is None:
         raise RuntimeError(f"Prefect did not send the event to {api_url}; its log above says why.")

@@ -138,6 +138,13 @@ def _setting_parameter(option: str, section: str, name: str) -> inspect.Paramete
     )
 
 
+def setting_type(option: str) -> Any:
+    """The type a recipe setting is parsed as on the command line (a choice of a Literal's values is an enum), for
+    a command's own option that takes the same values (`pets announce-dataset --labels`)."""
+    section, name = OPTIONS[option]
+    return _cli_type(option, SECTIONS[section].model_fields[name])
+
+
 def _cli_type(option: str, info: FieldInfo) -> Any:
     """The type typer parses the option as: the field's, with a Literal as a choice and folders as paths."""
     annotation = info.annotation

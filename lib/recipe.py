@@ -189,6 +189,12 @@ class DataSettings(Section):
             settings = {key: value for key, value in settings.items() if key != "skip_unmatched"}
         return settings
 
+    @field_validator("labels", "labels_csv", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: Any, info) -> Any:
+        """An empty value is the default: what an event trigger's template renders for a payload key it lacks."""
+        return cls.model_fields[info.field_name].default if value == "" else value
+
     @field_validator("valid_folders", mode="before")
     @classmethod
     def _comma_separated(cls, names: Any) -> Any:

@@ -152,9 +152,9 @@ def test_a_pattern_that_matches_no_file_is_one_line_with_no_traceback_and_no_tel
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Starting a temporary Prefect API" in done.stderr  # the real flow ran, with the command's own API
     errors = [line for line in done.stderr.splitlines() if "Error:" in line]
-    assert len(errors) == 1 and errors[0].startswith("Error: 8 of 8 file names do not match the label pattern")
-    assert "--label-pattern" in errors[0] and "--skip-unmatched" in errors[0]
-    assert "Traceback" not in done.stderr + done.stdout and "UnmatchedFilesError" not in done.stderr
+    assert len(errors) == 1 and errors[0].startswith("Error: 8 of 8 images (100%) got no label")
+    assert "8 do not match the label pattern" in errors[0] and "--label-pattern" in errors[0]
+    assert "Traceback" not in done.stderr + done.stdout and "LabelGateError" not in done.stderr
     assert "telemetry" not in done.stderr.lower()
     # Prefect 3.9 server/services/telemetry.py records its session before it sends the first heartbeat.
     with sqlite3.connect(tmp_path / "prefect-home" / "prefect.db") as database:

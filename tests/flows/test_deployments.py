@@ -15,14 +15,16 @@ import mlflow
 import pytest
 import yaml
 
-from lib.data.synthetic import make_pets_dataset, pack_tgz
+from lib.data.synthetic import make_shapes_dataset, pack_tgz
 from lib.recipe import Recipe
 from tests.support.prefect_server import prefect_server
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = yaml.safe_load((ROOT / "prefect.yaml").read_text())
 DEPLOYMENTS = {entry["name"]: entry for entry in CONFIG["deployments"]}
-DATA_URL_TEMPLATE = "{{ event.payload.data_url }}"
+TEMPLATES = {  # the trigger's recipe.data templates, by the payload key each renders
+    key: f"{{{{ event.payload.{key} }}}}" for key in ("data_url", "labels", "labels_csv")
+}
 # The smallest demo that still trains and registers a model: a few breeds, a few tiny images, one epoch per stage.
 # base_lr skips the LR finder, whose 100 mini-batches would take most of the run (minutes on 2 busy CPUs).
 SMOKE_PARAMETERS = {
@@ -59,8 +61,9 @@ def test_deploy_all_then_workers_run_smoke_and_compare_runs_its_trainings_in_par
         "PETS_HOME": str(tmp_path / "pets-home"),
         "TORCH_HOME": str(tmp_path / "torch-home"),
     }
-    images = make_pets_dataset(tmp_path / "pets", breeds=3, images_per_breed=8, max_side=96)
-    archive = pack_tgz(images, tmp_path / "served" / "pets.tgz")
+    # compare trains on a dataset of the user's own layout: train/ and val/ folders holding class folders.
+    shapes = make_shapes_dataset(tmp_path / "shapes", layout="split", valid_name="val", images_per_class=8)
+    archive = pack_tgz(shapes, tmp_path / "served" / "shapes.tgz", top_level="shapes")
     with prefect_server(tmp_path / "prefect") as server:
         for pool in sorted({entry["work_pool"]["name"] for entry in CONFIG["deployments"]}):
             server.cli("work-pool", "create", pool, "--type", "process", "--overwrite")
@@ -95,13 +98,15 @@ def test_deploy_all_then_workers_run_smoke_and_compare_runs_its_trainings_in_par
 
         # While the cpu worker trains, and before any gpu worker runs: announce a dataset the way `pets
         # announce-dataset` does, and check the automation schedules a compare run for it.
-        data_url = "http://127.0.0.1:9/pets-2026-11-26.tgz"  # never fetched: the run is deleted unstarted
-        _announce_dataset(server, data_url)
+        payload = {"data_url": "http://127.0.0.1:9/pets-2026-11-26.tgz", "labels": "csv", "labels_csv": "train.csv"}
+        _announce_dataset(server, payload)  # never fetched: the run is deleted unstarted
         triggered = _wait_for_automation_run(server, compare, automation, timeout=30)
         try:
-            expected = {**compare_defaults, **_render(_trigger_parameters(DEPLOYMENTS["compare"]), data_url)}
-            assert triggered["parameters"]["recipe"]["data"]["url"] == data_url, triggered["parameters"]
+            expected = {**compare_defaults, **_render(_trigger_parameters(DEPLOYMENTS["compare"]), payload)}
+            assert triggered["parameters"]["recipe"]["data"]["url"] == payload["data_url"], triggered["parameters"]
             assert triggered["parameters"] == expected
+            data = Recipe.model_validate(triggered["parameters"]["recipe"]).data
+            assert (data.labels, data.labels_csv) == ("csv", "train.csv")
             assert triggered["work_queue_name"] == DEPLOYMENTS["compare"]["work_pool"]["work_queue_name"]
         finally:  # nothing may be left for the gpu workers but the compare run below
             server.delete(f"/flow_runs/{triggered['id']}")
@@ -185,6 +190,7 @@ def test_deploy_all_then_workers_run_smoke_and_compare_runs_its_trainings_in_par
         arch = child["parameters"]["recipe"]["model"]["arch"]
         assert training_ids[child["deployment_id"]] == compare_defaults["train_deployment"].format(arch=arch)
         assert run.data.tags["arch"] == arch and run.data.params["data.size"] == "32", run.data
+        assert run.data.params["data.label_source"] == "split-folders", run.data  # what `auto` chose
     (comparison,) = {run.data.tags.get("comparison") for run in runs}
     assert comparison and comparison.startswith("cmp-"), comparison
     assert (tmp_path / "compare-runs" / comparison / "comparison.md").is_file()
@@ -266,14 +272,17 @@ def _assert_event_trigger(server, compare: dict) -> dict:
     assert action["type"] == "run-deployment" and action["deployment_id"] == compare["id"]
     # The templates are stored as written; they are rendered when the event arrives.
     assert action["parameters"] == _trigger_parameters(DEPLOYMENTS["compare"])
-    assert action["parameters"]["recipe"] == {"data": {"url": DATA_URL_TEMPLATE}}
+    data = {"url": TEMPLATES["data_url"], "labels": TEMPLATES["labels"], "labels_csv": TEMPLATES["labels_csv"]}
+    assert action["parameters"]["recipe"] == {"data": data}
     return automation
 
 
-def _announce_dataset(server, data_url: str) -> None:
+def _announce_dataset(server, payload: dict) -> None:
     """Send the dataset event with flows.events.announce_dataset, from a process of its own (as the CLI does)."""
+    labels = {key: payload[key] for key in ("labels", "labels_csv")}
     done = server.python(
-        f"from flows.events import announce_dataset\nprint(announce_dataset({data_url!r}, name='test'))\n"
+        "from flows.events import announce_dataset\n"
+        f"print(announce_dataset({payload['data_url']!r}, name='test', **{labels!r}))\n"
     )
     assert done.stdout.strip(), f"announce_dataset printed no event id\n{done.stderr}"
 
@@ -294,14 +303,15 @@ def _wait_for_automation_run(server, deployment: dict, automation: dict, timeout
         time.sleep(0.5)
 
 
-def _render(parameters: dict, data_url: str) -> dict:
-    """The trigger parameters with the event's data_url in place of its template, at any depth."""
+def _render(parameters: dict, payload: dict) -> dict:
+    """The trigger parameters with the event payload's values in place of their templates, at any depth."""
+    values = {template: payload[key] for key, template in TEMPLATES.items()}
 
     def render(value):
         if isinstance(value, dict):
             return {key: render(item) for key, item in value.items()}
         if isinstance(value, list):
             return [render(item) for item in value]
-        return data_url if value == DATA_URL_TEMPLATE else value
+        return values.get(value, value) if isinstance(value, str) else value
 
     return render(copy.deepcopy(parameters))
