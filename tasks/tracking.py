@@ -640,7 +640,13 @@ def log_classifier(run_id: str, model_path: str, example_images: Sequence[str], 
             step=step,
             validate_serving_input=False,
         )
-        version = mlflow.register_model(info.model_uri, registered_model, tags={"arch": exported.arch})
+        # The class names on the version itself, where the registry's UI shows them (too many for a tag: the count).
+        classes = json.dumps(list(exported.vocab), ensure_ascii=False)
+        if len(classes) > MAX_TAG_LENGTH:
+            classes = f"{len(exported.vocab)} classes: the model's metadata holds their names (vocab)"
+        version = mlflow.register_model(
+            info.model_uri, registered_model, tags={"arch": exported.arch, "classes": classes}
+        )
     set_tags(run_id, {"registered_model": registered_model, "model_version": version.version})
     return {"model_uri": info.model_uri, "model_id": info.model_id, "model_version": version.version}
 
