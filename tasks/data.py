@@ -18,7 +18,13 @@ from lib.common.download import DownloadError
 from lib.data import cleaning, label_gate, labelling, presize, splitting, summary, synthetic
 from lib.data.augment import AugmentSettings, aug_transforms
 from lib.data.digests import DIGESTS_FILE, FileDigests
-from lib.data.source import ArchiveLimits, cached_archive_digest, resolve_data_source, resolve_labels_csv
+from lib.data.source import (
+    ArchiveLimits,
+    cached_archive_digest,
+    dataset_folders,
+    resolve_data_source,
+    resolve_labels_csv,
+)
 from lib.recipe import DEFAULT_MAX_ARCHIVE_BYTES, DEFAULT_MAX_ARCHIVE_MEMBERS, DataSettings
 from tasks.progress import ProgressArtifact
 
@@ -83,7 +89,10 @@ def label_images(images_dir: str, data: DataSettings, out_dir: str, cache_dir: s
     that cannot train a classifier (lib/data/label_gate.py); `option` is the one that chose the images."""
     logger = get_run_logger()
     root = Path(images_dir)
-    csv_path = resolve_labels_csv(data.labels_csv, root, Path(cache_dir)) if data.labels_csv else None
+    csv_path = None
+    if data.labels_csv:
+        folders = dataset_folders(root, data_dir=Path(data.dir) if data.dir else None, cache_dir=Path(cache_dir))
+        csv_path = resolve_labels_csv(data.labels_csv, folders, Path(cache_dir))
     labelled = labelling.label_images(root, data, csv_path=csv_path, option=option)
     logger.info(labelled.describe(data))
     for note in labelled.notes:

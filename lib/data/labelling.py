@@ -325,7 +325,7 @@ def _by_csv(listing: Listing, settings: DataSettings, csv_path: Path | None) -> 
     labelled, unlabelled, is_valid, used = [], [], [], {}
     fixed = "is_valid" in table.columns
     for index, (fname, label, row) in enumerate(zip(table["fname"], table["label"], table["row"], strict=True)):
-        path = _csv_file(listing.root, fname, images, by_name)
+        path = _csv_file((Path(csv_path).resolve().parent, listing.root), fname, images, by_name)
         if path is None:
             unlabelled.append((fname, MISSING_FILE))
             continue
@@ -346,15 +346,22 @@ def _by_csv(listing: Listing, settings: DataSettings, csv_path: Path | None) -> 
     return _Labels(labelled, unlabelled, left_out, is_valid if fixed else None, notes)
 
 
-def _csv_file(root: Path, fname: str, images: dict[str, Path], by_name: dict[str, Path | None]) -> Path | None:
-    """The listed image a CSV's file name means: its path under the root (or an absolute path), else the one image
-    with that file name anywhere under the root (Kaggle's CSVs name files without their folder)."""
-    candidate = Path(fname) if os.path.isabs(fname) else root / PurePosixPath(fname)
-    resolved = os.path.normpath(candidate)
-    if resolved in images:
-        return images[resolved]
-    if Path(resolved).is_file():  # named by the CSV though not an image by its extension: cleaning reports it
-        return Path(resolved)
+def _csv_file(
+    folders: tuple[Path, ...], fname: str, images: dict[str, Path], by_name: dict[str, Path | None]
+) -> Path | None:
+    """The listed image a CSV's file name means: its path under the CSV's folder or the data root (or an absolute
+    path), else the one image with that file name anywhere under the root (Kaggle's CSVs name files without their
+    folder)."""
+    if os.path.isabs(fname):
+        candidates = [os.path.normpath(fname)]
+    else:
+        candidates = [os.path.normpath(Path(folder) / PurePosixPath(fname)) for folder in folders]
+    for candidate in candidates:
+        if candidate in images:
+            return images[candidate]
+    for candidate in candidates:
+        if Path(candidate).is_file():  # named by the CSV though not an image by its extension: cleaning reports it
+            return Path(candidate)
     return by_name.get(PurePosixPath(fname).name)
 
 

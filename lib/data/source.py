@@ -206,9 +206,24 @@ def resolve_data_source(
     return find_images_dir(fetch_dataset(data_url, cache_dir, sha256=sha256, progress=progress, limits=limits))
 
 
-def resolve_labels_csv(spec: str, root: Path, cache_dir: Path) -> Path:
+def dataset_folders(images_dir: Path, *, data_dir: Path | None, cache_dir: Path) -> list[Path]:
+    """The images folder and the folders above it that still belong to the dataset: up to the --data-dir folder, or to
+    the archive's extraction folder (find_images_dir may have gone down to `images/` below a CSV that sits beside it).
+    """
+    images_dir = Path(images_dir)
+    top = Path(data_dir).resolve() if data_dir else (Path(cache_dir) / "extracted").resolve()
+    folders = [images_dir]
+    for parent in images_dir.parents:
+        if parent == top.parent or (data_dir is None and parent == top):
+            break
+        folders.append(parent)
+    return folders
+
+
+def resolve_labels_csv(spec: str, folders: list[Path], cache_dir: Path) -> Path:
     """Return the labels CSV on this machine: downloaded afresh from a URL (a fixed label is then seen at once; it is
-    small), an absolute path as it is, a relative one under the data root (a CSV that came inside the archive).
+    small), an absolute path as it is, a relative one in the first of `folders` that has it (`dataset_folders`: a
+    CSV that came inside the archive, beside its images folder).
 
     Raises:
         MissingInputError: a path that is not a file.
@@ -221,11 +236,12 @@ def resolve_labels_csv(spec: str, root: Path, cache_dir: Path) -> Path:
             download_file(spec, target, progress=False, fix="Check --labels-csv, or give the CSV's path instead.")
         return target
     path = Path(spec).expanduser()
-    path = path if path.is_absolute() else Path(root) / path
-    if not path.is_file():
-        where = "" if Path(spec).expanduser().is_absolute() else f" (a relative path is looked for under {root})"
+    candidates = [path] if path.is_absolute() else [Path(folder) / path for folder in folders]
+    found = next((candidate for candidate in candidates if candidate.is_file()), None)
+    if found is None:
+        where = "" if path.is_absolute() else f" (looked for in {', '.join(str(folder) for folder in folders)})"
         raise MissingInputError(f"--labels-csv {spec}: no such file{where}; give the CSV's path or URL.")
-    return path
+    return found
 
 
 # Downloading.

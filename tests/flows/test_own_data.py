@@ -3,6 +3,7 @@ camera-named photos refused before anything trains."""
 
 import json
 import os
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -94,3 +95,61 @@ def test_camera_named_photos_under_the_regex_are_refused_before_training_suggest
     assert "differ only in their folders" in run.data.tags["pets.failure"]
     assert client.search_registered_models() == []  # no model
     assert not list((tmp_path / "runs").glob("*/probe"))  # nothing trained
+
+
+# (layout, settings by option name, the source auto or the settings choose, whether the data fixes the split)
+LAYOUTS = [
+    ("folder", {}, "folder", False),
+    ("nested", {"labels": "regex", "label_pattern": r"^([^/]+)/batch\d/"}, "regex", False),
+    ("nested", {"labels": "folder"}, "folder", False),
+    ("csv", {"labels_csv": "labels.csv"}, "csv", False),  # a relative path: the CSV inside the data root
+    ("csv_valid", {"labels_csv": "labels.csv"}, "csv", True),
+    ("split", {}, "split-folders", True),
+]
+
+
+@pytest.mark.parametrize(("layout", "settings", "source", "fixed"), LAYOUTS, ids=[f"{a}-{c}" for a, _, c, _ in LAYOUTS])
+def test_each_layout_is_labelled_by_its_source_through_the_data_flow(tmp_path, layout, settings, source, fixed):
+    from flows.data import prepare_data
+    from lib.recipe import Recipe
+
+    root = make_shapes_dataset(
+        tmp_path / "data", layout=layout, images_per_class=8, test_images=2 * (layout == "split")
+    )
+    folders = {"data_dir": str(root), "out_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache")}
+
+    result = prepare_data(Recipe().updated({"presize": 32, "size": 32, **folders, **settings}))
+
+    assert result["label_source"] == source
+    assert json.loads((tmp_path / "out" / "vocab.json").read_text()) == sorted(SHAPE_CLASSES[:3])
+    split = pd.read_csv(tmp_path / "out" / "split.csv")
+    assert len(split) == 3 * 8
+    if fixed:  # the first quarter of each class is validation, as the generator wrote it
+        assert (split.groupby("label")["split"].apply(lambda s: (s == "valid").sum()) == 2).all()
+    else:
+        assert result["sizes"] == {"train": 24 - int(0.2 * 24), "valid": int(0.2 * 24)}
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert summary.splitlines()[2].startswith("Labels from ")
+    if layout == "split":  # the test folder is counted and left out
+        left_out = pd.read_csv(tmp_path / "out" / "left_out.csv")
+        assert list(left_out["reason"]) == ["test_folder"] * 6
+        assert "Left out while labelling 6 files (left_out.csv): test_folder 6" in summary
+
+
+def test_a_labels_csv_from_a_url_labels_the_images(tmp_path):
+    from flows.data import prepare_data
+    from lib.recipe import Recipe
+    from tests.support.http_server import serve_directory
+
+    root = make_shapes_dataset(tmp_path / "data", layout="csv", images_per_class=6)
+    served = tmp_path / "served"
+    served.mkdir()
+    (root / "labels.csv").rename(served / "train.csv")  # the CSV lives elsewhere, e.g. on an annotation server
+    with serve_directory(served) as server:
+        options = {"labels_csv": server.url("train.csv"), "data_dir": str(root), "presize": 32, "size": 32}
+        options.update(out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))
+        result = prepare_data(Recipe().updated(options))
+
+    assert result["label_source"] == "csv" and server.requests == 1
+    assert json.loads((tmp_path / "out" / "vocab.json").read_text()) == sorted(SHAPE_CLASSES[:3])
+    assert Path(result["labels_csv"]).read_text() == (served / "train.csv").read_text()
