@@ -3,7 +3,7 @@
 A `UserError` is printed by the `pets` CLI as one line, `Error: <message>`, with exit status 2 and no traceback
 (`pets --debug` or PETS_DEBUG=1 shows it); any other exception is a bug and keeps its traceback. Every error the
 pipeline raises about its inputs derives from `UserError`, next to the built-in type callers already catch
-(`class UnmatchedFilesError(UserError, ValueError)`).
+(`class UnsafeArchiveError(UserError, ValueError)`).
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def split_manifest(
     ColSplitter and GrandparentSplitter; any other is split at random (`random_split`).
 
     Validation rows whose label never occurs in training cannot be scored by a model that lacks the class: they are
-    removed from the manifest and returned in `valid_only` so callers can report them.
+    removed from the manifest and returned in `valid_only`, which the label gate refuses (lib/data/label_gate.py).
     """
     if FIXED_SPLIT_COLUMN in manifest.columns:
         split = manifest[FIXED_SPLIT_COLUMN].map({True: "valid", False: "train"}).reset_index(drop=True)
