@@ -103,13 +103,9 @@ def label_images(images_dir: str, data: DataSettings, out_dir: str, cache_dir: s
     labelled.manifest.to_csv(manifest_path, index=False)
     left_out = pd.concat([labelled.unlabelled, labelled.left_out, labelled.skipped], ignore_index=True)
     left_out.to_csv(out / LEFT_OUT_FILE, index=False)  # every run writes it: a reused folder keeps no old list
-    if not labelled.unlabelled.empty:
-        unlabelled, candidates = labelled.labelling_share
-        logger.warning(
-            "%d of %d images got no label and are left out (within --max-unlabelled %g); they are listed in %s",
-            unlabelled, candidates, data.max_unlabelled, out / LEFT_OUT_FILE,
-        )  # fmt: skip
     label_gate.check_labels(labelled, data)
+    if warning := label_gate.unlabelled_warning(labelled, data, str(out / LEFT_OUT_FILE)):
+        logger.warning(warning)
     return {
         "manifest": str(manifest_path),
         "left_out": str(out / LEFT_OUT_FILE),

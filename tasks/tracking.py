@@ -303,8 +303,8 @@ def start_run(
 
 
 def recorded(recipe: Recipe) -> Recipe:
-    """The recipe as a run records it: the data URL without its credentials."""
-    return recipe.updated({"data_url": redact_url(recipe.data.url)})
+    """The recipe as a run records it: the data URL and a labels CSV's URL without their credentials."""
+    return recipe.updated({"data_url": redact_url(recipe.data.url), "labels_csv": redact_url(recipe.data.labels_csv)})
 
 
 def resumable_run(run_id: str, recipe: Recipe | None = None):

@@ -91,20 +91,41 @@ def source_fix(labelled: LabelledImages, settings: DataSettings) -> str:
 
 def _refuse_unlabelled(labelled: LabelledImages, settings: DataSettings) -> None:
     unlabelled, candidates = labelled.labelling_share
-    if unlabelled == 0 or unlabelled <= settings.max_unlabelled * candidates:
+    if unlabelled <= settings.max_unlabelled * candidates:
         return
+    raise LabelGateError(
+        f"{describe_unlabelled(labelled)}, more than --max-unlabelled {settings.max_unlabelled:g} allows: "
+        f"{_unlabelled_reasons(labelled)}. {_sentence(source_fix(labelled, settings))}, or raise --max-unlabelled to "
+        "leave them out."
+    )
+
+
+def describe_unlabelled(labelled: LabelledImages) -> str:
+    """`3 of 120 images (2%) got no label`: the share the gate bounds."""
+    unlabelled, candidates = labelled.labelling_share
     what = "CSV rows" if labelled.source == "csv" else "images"
+    return f"{unlabelled} of {candidates} {what} ({unlabelled / candidates:.0%}) got no label"
+
+
+def unlabelled_warning(labelled: LabelledImages, settings: DataSettings, listed_in: str) -> str | None:
+    """The warning for images left without a label within --max-unlabelled, naming them by reason; None if none."""
+    if labelled.unlabelled.empty:
+        return None
+    return (
+        f"{describe_unlabelled(labelled)} and are left out (within --max-unlabelled {settings.max_unlabelled:g}): "
+        f"{_unlabelled_reasons(labelled)}; all are listed in {listed_in}"
+    )
+
+
+def _unlabelled_reasons(labelled: LabelledImages) -> str:
+    """Each reason's count and examples: missing CSV files the first MAX_LISTED, the others MAX_EXAMPLES."""
     parts = []
     for reason, rows in labelled.unlabelled.groupby("reason", sort=False):
         limit = MAX_LISTED if reason == MISSING_FILE else MAX_EXAMPLES
         named = ", ".join(_short(path, labelled) for path in rows["path"].head(limit))
         more = f", and {len(rows) - limit} more" if len(rows) > limit else ""
         parts.append(f"{len(rows)} {UNLABELLED_REASONS[reason]} ({named}{more})")
-    raise LabelGateError(
-        f"{unlabelled} of {candidates} {what} ({unlabelled / candidates:.0%}) got no label, more than "
-        f"--max-unlabelled {settings.max_unlabelled:g} allows: {'; '.join(parts)}. "
-        f"{_sentence(source_fix(labelled, settings))}, or raise --max-unlabelled to leave them out."
-    )
+    return "; ".join(parts)
 
 
 def _refuse_folder_spanning_labels(labels: pd.Series, fix: str) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
+from lib.common.download import redact_url
 from lib.common.errors import InputError, MissingInputError, NotAFolderError
 from lib.data.labels_csv import read_labels_csv
 from lib.recipe import DataSettings
@@ -85,7 +86,7 @@ class LabelledImages:
         how = {
             "regex": f"regex {settings.label_pattern!r} over each image's path under the data root",
             "folder": "class folders (each image's first-level folder)",
-            "csv": f"the CSV {settings.labels_csv} (columns {settings.fname_col}, {settings.label_col})",
+            "csv": f"the CSV {redact_url(settings.labels_csv)} (columns {settings.fname_col}, {settings.label_col})",
             "split-folders": f"split folders ({settings.train_folder}/ and a validation folder, holding class folders)",
         }[self.source]
         return f"Labels from {how}: {self.why}"

@@ -130,3 +130,21 @@ def test_a_random_split_that_puts_a_whole_class_in_validation_is_refused_naming_
     assert set(split.valid_only["label"]) == {"c"}
     with pytest.raises(LabelGateError, match=r"only in validation after the random split: 'c' \(2\).*--seed"):
         check_split(split, fixed=False)
+
+
+def test_missing_csv_files_within_the_share_are_named_in_the_warning(tmp_path):
+    from lib.data.label_gate import unlabelled_warning
+
+    names = [f"{kind}_{n}.jpg" for kind in ("cat", "dog") for n in range(12)]
+    _images(tmp_path, names)
+    csv = tmp_path / "labels.csv"
+    csv.write_text("fname,label\n" + "".join(f"{name},{name[:3]}\n" for name in names) + "gone.jpg,cat\n")
+    settings = DataSettings(labels_csv=str(csv))
+
+    labelled = _gate(tmp_path, settings, csv)  # 1 of 25 rows: 4%, within 5%
+
+    assert unlabelled_warning(labelled, settings, "left_out.csv") == (
+        "1 of 25 CSV rows (4%) got no label and are left out (within --max-unlabelled 0.05): 1 are named by the CSV "
+        "but missing (gone.jpg); all are listed in left_out.csv"
+    )
+    assert unlabelled_warning(_gate(tmp_path, DataSettings()), DataSettings(), "x") is None  # the regex labels all
