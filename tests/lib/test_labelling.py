@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -216,3 +217,27 @@ def test_no_images_and_missing_folders_name_the_folder(tmp_path):
 def test_csv_source_without_a_csv_is_refused_by_the_recipe():
     with pytest.raises(ValueError, match="--labels csv needs --labels-csv FILE"):
         DataSettings(labels="csv")
+
+
+def test_the_data_version_follows_a_csv_label_and_a_moved_image(tmp_path):
+    import hashlib
+
+    from lib.data.digests import dataset_version
+
+    def version(root, settings=None, csv=None):
+        manifest = label_images(root, settings, csv_path=csv).manifest
+        manifest["sha256"] = [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in manifest["path"]]
+        return dataset_version(split_manifest(manifest, seed=0).manifest)
+
+    _images(tmp_path / "folders", ["cats/1.jpg", "cats/2.jpg", "dogs/3.jpg", "dogs/4.jpg"])
+    before = version(tmp_path / "folders")
+    (tmp_path / "folders" / "cats" / "2.jpg").rename(tmp_path / "folders" / "dogs" / "2.jpg")
+    assert version(tmp_path / "folders") != before
+
+    _images(tmp_path / "flat", ["1.jpg", "2.jpg", "3.jpg", "4.jpg"])
+    csv = tmp_path / "labels.csv"
+    settings = DataSettings(labels_csv=str(csv))
+    csv.write_text("fname,label\n1.jpg,cat\n2.jpg,cat\n3.jpg,dog\n4.jpg,dog\n")
+    first = version(tmp_path / "flat", settings, csv)
+    csv.write_text("fname,label\n1.jpg,cat\n2.jpg,dog\n3.jpg,dog\n4.jpg,dog\n")
+    assert version(tmp_path / "flat", settings, csv) != first
