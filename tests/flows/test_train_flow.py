@@ -13,7 +13,7 @@ from lib.data.synthetic import make_pets_dataset, pack_tgz
 from lib.recipe import Recipe
 from lib.serve.inference import Classifier
 from lib.train.trainer import NonFiniteLossError
-from tasks.tracking import DATASET_NAME, EPOCH_METRICS, load_served_model
+from tasks.tracking import DATASET_NAME, EPOCH_METRICS, describe, load_served_model
 from tests.support.http_server import serve_directory
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -38,7 +38,10 @@ def tiny(**options) -> Recipe:
     return Recipe().updated({**TINY, **options})
 
 
-DATA_ARTIFACTS = {"presized.csv", "vocab.json", "cleaning_report.json", "summary.txt", "show_batch.png"}
+DATA_ARTIFACTS = {
+    "presized.csv", "vocab.json", "cleaning_report.json", "summary.txt", "show_batch.png", "class_counts.png",
+    "left_out.csv",
+}  # fmt: skip
 EVALUATION_ARTIFACTS = {"predictions.pt", "confusion_matrix.png", "most_confused.txt", "top_losses.png"}
 
 
@@ -92,6 +95,7 @@ def test_the_flow_tracks_the_whole_recipe_in_one_mlflow_run_and_a_warm_rerun_reu
     assert params["data.bs"] == "8" and params["data.size"] == "32" and params["schedule.epochs"] == "2"
     assert float(params["base_lr"]) == pytest.approx(result["base_lr"]) and params["base_lr_source"] == "lr_find valley"
     assert params["precision_effective"] == "fp32" and params["device_effective"] == "cpu"
+    assert params["data.labels"] == "auto" and params["data.label_source"] == "regex"  # the pets: the book's regex
     assert params["data.url"] == server.url(archive.name) + "?<redacted>"
     assert not [key for key, value in params.items() if "s3cr3t" in value]
     manifest = pd.read_csv(result["data"]["manifest"])
@@ -128,7 +132,9 @@ def test_the_flow_tracks_the_whole_recipe_in_one_mlflow_run_and_a_warm_rerun_reu
     # The resolved recipe: the same settings, the token redacted, and loading it gives the run's params back.
     logged = Recipe.load(client.download_artifacts(run.info.run_id, "recipe.yaml", str(tmp_path)))
     assert logged == recipe.updated({"data_url": params["data.url"]})
-    assert {key: str(value) for key, value in logged.params().items()} == {key: params[key] for key in recipe.params()}
+    assert {key: describe(value) for key, value in logged.params().items()} == {
+        key: params[key] for key in recipe.params()
+    }
 
     # Artifacts: data, LR finder, loss curves of each stage, interpretation.
     assert artifact_names(client, run.info.run_id, "data") == DATA_ARTIFACTS
