@@ -153,3 +153,24 @@ def test_a_labels_csv_from_a_url_labels_the_images(tmp_path):
     assert result["label_source"] == "csv" and server.requests == 1
     assert json.loads((tmp_path / "out" / "vocab.json").read_text()) == sorted(SHAPE_CLASSES[:3])
     assert Path(result["labels_csv"]).read_text() == (served / "train.csv").read_text()
+
+
+def test_pets_summary_takes_a_labels_csv_from_the_working_directory(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    root = make_shapes_dataset(tmp_path / "data", layout="csv_valid", images_per_class=6)
+    work = tmp_path / "work"
+    work.mkdir()
+    (root / "labels.csv").rename(work / "mine.csv")
+    monkeypatch.chdir(work)  # `--labels-csv mine.csv` is this folder's file, not one under the data root
+
+    options = ["--data-dir", str(root), "--labels-csv", "mine.csv", "--presize", "32", "--size", "32"]
+    result = CliRunner().invoke(app, ["summary", *options, "--out-dir", "out", "--cache-dir", str(tmp_path / "c")])
+
+    assert result.exit_code == 0, result.output
+    assert f"Labels from the CSV {work / 'mine.csv'} (columns fname, label): auto: --labels-csv names a CSV" in (
+        work / "out" / "summary.txt"
+    ).read_text()
+    assert "2 datasets of sizes 12,6" in result.output  # is_valid: a quarter of each class (1.5, rounded to 2)
