@@ -170,7 +170,8 @@ def test_pets_summary_takes_a_labels_csv_from_the_working_directory(tmp_path, mo
     result = CliRunner().invoke(app, ["summary", *options, "--out-dir", "out", "--cache-dir", str(tmp_path / "c")])
 
     assert result.exit_code == 0, result.output
-    assert f"Labels from the CSV {work / 'mine.csv'} (columns fname, label): auto: --labels-csv names a CSV" in (
-        work / "out" / "summary.txt"
-    ).read_text()
+    assert (
+        f"Labels from the CSV {work / 'mine.csv'} (columns fname, label): auto: --labels-csv names a CSV"
+        in (work / "out" / "summary.txt").read_text()
+    )
     assert "2 datasets of sizes 12,6" in result.output  # is_valid: a quarter of each class (1.5, rounded to 2)
