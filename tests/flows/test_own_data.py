@@ -175,3 +175,24 @@ def test_pets_summary_takes_a_labels_csv_from_the_working_directory(tmp_path, mo
         in (work / "out" / "summary.txt").read_text()
     )
     assert "2 datasets of sizes 12,6" in result.output  # is_valid: a quarter of each class (1.5, rounded to 2)
+
+
+def test_a_labels_csv_inside_an_archive_beside_its_images_folder_is_found(tmp_path):
+    import tarfile
+
+    from flows.data import prepare_data
+    from lib.recipe import Recipe
+
+    root = make_shapes_dataset(tmp_path / "dataset", layout="csv", images_per_class=6)  # labels.csv beside images/
+    archive = tmp_path / "dataset.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname="dataset")
+    options = {"data_url": archive.as_uri(), "labels_csv": "labels.csv", "presize": 32, "size": 32}
+    options.update(out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))
+
+    result = prepare_data(Recipe().updated(options))
+
+    assert result["images_dir"].endswith("dataset/images")  # the data root is the images folder, below the CSV
+    assert Path(result["labels_csv"]) == Path(result["images_dir"]).parent / "labels.csv"
+    assert json.loads((tmp_path / "out" / "vocab.json").read_text()) == sorted(SHAPE_CLASSES[:3])
+    assert len(pd.read_csv(tmp_path / "out" / "split.csv")) == 18
