@@ -179,13 +179,21 @@ def predict(
     ],
     images: Annotated[list[Path], typer.Argument(metavar="IMAGES", help="Picture files to label.", show_default=False)],
     top_k: Annotated[int, typer.Option(min=1, help="Show the K most likely breeds of each picture.")] = 1,
+    tta: Annotated[
+        bool,
+        typer.Option(
+            "--tta",
+            help="Test-time augmentation (fastai's tta): blend 4 seeded augmented views of each picture with the plain "
+            "one (5 predictions per picture).",
+        ),
+    ] = False,
     as_json: Json = False,
 ) -> None:
     """Label pictures with a model from MLflow (tracking store: $MLFLOW_TRACKING_URI or ./mlflow/mlflow.db)."""
     missing = [str(image) for image in images if not image.is_file()]
     if missing:
         _fail(f"no such image file: {', '.join(missing)}")
-    from lib.serve.serving import serving_batch
+    from lib.serve.serving import serving_batch, tta_probabilities
     from tasks.tracking import load_served_model, tracking_uri
 
     try:
@@ -195,11 +203,16 @@ def predict(
             f"could not load the model {model_uri} from the tracking store {tracking_uri()}: {error}\n"
             "Train and register one with `pets train`, or point MLFLOW_TRACKING_URI at the store that holds it."
         )
+    presize = int(metadata["presize"])
     try:
-        pictures = serving_batch(images, int(metadata["presize"]))
+        if tta:  # reads each picture again for its augmented views, so a bad one is caught here too
+            probabilities = tta_probabilities(model.predict, images, presize).astype(np.float64)
+        else:
+            pictures = serving_batch(images, presize)
     except (OSError, ValueError) as error:
         _fail(f"could not read the pictures: {error}")
-    probabilities = _softmax(np.asarray(model.predict(pictures), dtype=np.float64))
+    if not tta:
+        probabilities = _softmax(np.asarray(model.predict(pictures), dtype=np.float64))
     predictions = [
         _top_k(str(image), row, metadata["vocab"], top_k) for image, row in zip(images, probabilities, strict=True)
     ]
@@ -400,6 +413,11 @@ def _print_training(result: Mapping[str, Any], *, experiment: str | None = None,
     typer.echo(
         f"Model: {result['model_uri']}, registered as models:/{result['registered_model']}/{result['model_version']}"
     )
+    if "tta_error_rate" in result:
+        typer.echo(
+            f"With test-time augmentation: error_rate {significant(result['tta_error_rate'])}, valid_loss "
+            f"{significant(result['tta_valid_loss'])}"
+        )
     where = f" (experiment {experiment})" if experiment else ""
     typer.echo(f"MLflow run {result['run_name']!r}{where}: {run_url(result)}")
     typer.echo(f"Open the UI with {ui_hint}.")

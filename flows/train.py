@@ -216,6 +216,7 @@ def _summary(
         "error_rate": evaluation["error_rate"],
         "valid_loss": evaluation["valid_loss"],
         "accuracy": evaluation["accuracy"],
+        **{name: evaluation[name] for name in TTA_METRICS if name in evaluation},
         "best_epoch": best,
         "epochs_trained": final["epochs"],
         "base_lr": base_lr,
@@ -231,9 +232,10 @@ def _summary(
     return summary
 
 
+TTA_METRICS = ("tta_error_rate", "tta_valid_loss", "tta_accuracy")  # with the recipe's schedule.tta
 SUMMARY_METRICS = (
-    "error_rate", "valid_loss", "accuracy", "best_epoch", "epochs_trained", "base_lr", "images_per_second",
-    "train_seconds", "parameters", "model_size_mb", "baseline_error_rate",
+    "error_rate", "valid_loss", "accuracy", *TTA_METRICS, "best_epoch", "epochs_trained", "base_lr",
+    "images_per_second", "train_seconds", "parameters", "model_size_mb", "baseline_error_rate",
 )  # fmt: skip
 
 

@@ -246,6 +246,11 @@ class ScheduleSettings(Section):
     baseline: bool = Field(True, description="First train the book's baseline: fastai's fine_tune defaults.")
     baseline_epochs: int = Field(BASELINE_EPOCHS, ge=1, description="Epochs of the baseline.")
     retrain: bool = Field(True, description="Retrain from scratch for the best epoch count when it is not the last.")
+    tta: bool = Field(
+        True,
+        description="Also evaluate the final model with test-time augmentation (fastai's tta: 4 augmented validation "
+        "passes blended with the plain one) and log tta_error_rate.",
+    )
 
     @field_validator("base_lr")
     @classmethod

@@ -30,7 +30,8 @@ from lib.common.errors import UserError
 from lib.common.files import write_text_atomically
 from lib.common.numbers import significant
 from lib.evaluate.evaluation import validation_images, validation_predictions
-from lib.evaluate.interpret import write_interpretation
+from lib.evaluate.interpret import Predictions, write_interpretation
+from lib.evaluate.tta import tta_predictions
 from lib.recipe import Recipe
 from lib.train.checkpoint import previous_checkpoint
 from lib.train.lr_finder import lr_find, plot_lr_find
@@ -341,16 +342,25 @@ def evaluate_classifier(model_path: str, manifest_path: str, vocab_path: str, ou
     """Evaluate an exported model on the validation set, with no optimizer: metrics and the interpretation files.
 
     The files are predictions.pt (`Predictions.load` reads it), confusion_matrix.png, most_confused.txt, top_losses.png.
+    With the recipe's `schedule.tta`, the metrics come again with test-time augmentation as `tta_valid_loss`,
+    `tta_accuracy` and `tta_error_rate` (seeded by `data.seed`); the files describe the plain predictions.
     """
     manifest = pd.read_csv(manifest_path)
     vocab = json.loads(Path(vocab_path).read_text())
     data, runtime = recipe.data, recipe.runtime
-    # one validation pass serves the metrics and the interpretation
+    settings = {
+        "presize": data.presize, "size": data.size, "batch_size": data.bs, "workers": data.workers,
+        "device": runtime.device, "precision": recipe.precision,
+    }  # fmt: skip
+    # one validation pass serves the metrics, the interpretation and the plain side of the TTA blend
     with cpu_threads(runtime.threads):
-        predictions = validation_predictions(
-            Path(model_path), manifest, vocab, presize=data.presize, size=data.size, batch_size=data.bs,
-            workers=data.workers, device=runtime.device, precision=recipe.precision,
-        )  # fmt: skip
+        predictions = validation_predictions(Path(model_path), manifest, vocab, **settings)
+        tta = None
+        if recipe.schedule.tta:
+            tta = tta_predictions(
+                Path(model_path), manifest, vocab, min_scale=data.min_scale, seed=data.seed, plain=predictions,
+                **settings,
+            )  # fmt: skip
     evaluation_dir = Path(out_dir) / "evaluation"
     images = partial(validation_images, manifest, presize=data.presize, size=data.size)
     files = {
@@ -358,10 +368,15 @@ def evaluate_classifier(model_path: str, manifest_path: str, vocab_path: str, ou
         **write_interpretation(predictions, vocab, images, evaluation_dir),
     }
     size_mb = Path(model_path).stat().st_size / 2**20
+    metrics = _metrics(predictions)
+    if tta is not None:
+        metrics.update({f"tta_{name}": value for name, value in _metrics(tta).items()})
+    return {**metrics, "model_size_mb": size_mb, "files": {name: str(path) for name, path in files.items()}}
+
+
+def _metrics(predictions: Predictions) -> dict[str, float]:
     return {
         "valid_loss": float(predictions.losses.double().mean()),
         "accuracy": predictions.accuracy(),
         "error_rate": predictions.error_rate(),
-        "model_size_mb": size_mb,
-        "files": {name: str(path) for name, path in files.items()},
     }

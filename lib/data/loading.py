@@ -128,11 +128,13 @@ class CropSampler(Sampler[CropRequest]):
 
     Each epoch's order and crops depend only on (seed, epoch), so training resumed from a checkpoint at epoch k draws
     what an uninterrupted run would have drawn. The epoch advances by itself after each pass; `set_epoch` moves it.
+    `shuffle=False` with `train=True` keeps the items in order and still draws random crops (test-time augmentation).
     """
 
-    def __init__(self, length: int, *, train: bool, seed: int | None = None):
+    def __init__(self, length: int, *, train: bool, seed: int | None = None, shuffle: bool | None = None):
         self.length = length
         self.train = train
+        self.shuffle = train if shuffle is None else shuffle
         self.seed = secrets.randbits(63) if seed is None else seed
         self.epoch = 0
 
@@ -148,7 +150,7 @@ class CropSampler(Sampler[CropRequest]):
             return iter([(i, 0.5, 0.5) for i in range(self.length)])
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         self.epoch += 1
-        order = torch.randperm(self.length, generator=generator).tolist()
+        order = torch.randperm(self.length, generator=generator).tolist() if self.shuffle else range(self.length)
         fractions = torch.rand(self.length, 2, generator=generator).tolist()
         return iter([(i, fx, fy) for i, (fx, fy) in zip(order, fractions, strict=True)])
 

@@ -7,37 +7,69 @@ numbers equal the Trainer's validation of the same weights.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from lib.common.errors import InputError
-from lib.data.augment import aug_transforms
+from lib.data.augment import BatchAugmentation, aug_transforms
 from lib.data.loading import default_workers, make_loader, presized_images
 from lib.evaluate.interpret import Predictions
 from lib.recipe import DEFAULT_BATCH_SIZE, DEFAULT_PRESIZE
 from lib.serve.inference import read_export
-from lib.train.precision import resolve_precision, use_channels_last
+from lib.train.precision import Precision, resolve_precision, use_channels_last
 from lib.train.trainer import check_presize, resolve_device
 
 CENTRE = 0.5  # the validation crop: CropSampler's (0.5, 0.5) fractions
 
 
-def validation_predictions(
+@dataclass(frozen=True)
+class EvaluationModel:
+    """An exported model on its device, in eval mode, with the precision and memory format the Trainer validates in."""
+
+    model: torch.nn.Module
+    device: torch.device
+    policy: Precision
+    channels_last: bool
+
+    def logits(
+        self,
+        loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+        augmentation: BatchAugmentation,
+        *,
+        train: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run one pass over a loader's uint8 batches through the augmentation's validation (or train) path.
+
+        Returns (logits N x C as float32 on the device, targets N).
+        """
+        logits, targets = [], []
+        with torch.inference_mode():
+            for inputs, batch_targets in loader:
+                inputs = augmentation.on_device(
+                    inputs, self.device, train=train, channels_last=self.channels_last, generator=generator
+                )
+                with self.policy.autocast():
+                    batch_logits = self.model(inputs)
+                logits.append(batch_logits.float())  # kept on the device: one copy to the host at the end
+                targets.append(batch_targets)
+        return torch.cat(logits), torch.cat(targets)
+
+
+def evaluation_model(
     model_path: Path,
     manifest: pd.DataFrame,
     vocab: Sequence[str],
     *,
-    presize: int = DEFAULT_PRESIZE,
-    size: int = 224,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    workers: int | None = None,
+    presize: int,
     device: torch.device | str | None = None,
     precision: str = "fp32",
-) -> Predictions:
-    """Predict the manifest's validation split with the model `lib.serve.inference.export_classifier` wrote.
+) -> tuple[pd.DataFrame, EvaluationModel]:
+    """Check the manifest against the export and return (its validation rows, the model ready to predict them).
 
     `vocab` is the one the manifest's targets index; the export must have been trained with the same one.
     """
@@ -57,20 +89,33 @@ def validation_predictions(
     channels_last = use_channels_last(device, None)
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     model = exported.model.to(device, memory_format=memory_format).eval()
-    workers = default_workers(device) if workers is None else workers
+    return valid, EvaluationModel(model=model, device=device, policy=policy, channels_last=channels_last)
+
+
+def validation_predictions(
+    model_path: Path,
+    manifest: pd.DataFrame,
+    vocab: Sequence[str],
+    *,
+    presize: int = DEFAULT_PRESIZE,
+    size: int = 224,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: int | None = None,
+    device: torch.device | str | None = None,
+    precision: str = "fp32",
+) -> Predictions:
+    """Predict the manifest's validation split with the model `lib.serve.inference.export_classifier` wrote.
+
+    `vocab` is the one the manifest's targets index; the export must have been trained with the same one.
+    """
+    valid, runner = evaluation_model(model_path, manifest, vocab, presize=presize, device=device, precision=precision)
+    workers = default_workers(runner.device) if workers is None else workers
     loader = make_loader(
-        valid, size=presize, train=False, batch_size=batch_size, workers=workers, pin_memory=device.type == "cuda"
-    )
+        valid, size=presize, train=False, batch_size=batch_size, workers=workers,
+        pin_memory=runner.device.type == "cuda",
+    )  # fmt: skip
     augmentation = aug_transforms(size)  # the validation path depends on the size alone, not on min_scale
-    logits, targets = [], []
-    with torch.inference_mode():
-        for inputs, batch_targets in loader:
-            inputs = augmentation.on_device(inputs, device, train=False, channels_last=channels_last)
-            with policy.autocast():
-                batch_logits = model(inputs)
-            logits.append(batch_logits.float())  # kept on the device: one copy to the host at the end
-            targets.append(batch_targets)
-    return Predictions.from_logits(torch.cat(logits), torch.cat(targets))
+    return Predictions.from_logits(*runner.logits(loader, augmentation))
 
 
 def validation_images(manifest: pd.DataFrame, indices: Sequence[int], *, presize: int, size: int) -> torch.Tensor:

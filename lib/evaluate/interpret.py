@@ -34,7 +34,7 @@ class Predictions:
 
     probabilities: torch.Tensor  # N x C float, softmax of the logits
     targets: torch.Tensor  # N int64 class indices
-    losses: torch.Tensor  # N float, per-item cross-entropy on the raw logits
+    losses: torch.Tensor  # N float, per-item cross-entropy (negative log-likelihood of the probabilities)
 
     def __post_init__(self) -> None:
         count = len(self.targets)
@@ -58,6 +58,18 @@ class Predictions:
         # fastai's interpretation sets the loss to reduction='none' on the raw logits, so one loss per item.
         losses = F.cross_entropy(logits, targets, reduction="none")
         return cls(probabilities=logits.softmax(dim=1), targets=targets, losses=losses)
+
+    @classmethod
+    def from_probabilities(cls, probabilities: torch.Tensor, targets: torch.Tensor) -> Predictions:
+        """Build predictions from N x C probabilities (a blend of softmaxes), the losses their negative log-likelihood.
+
+        For the softmax of logits this is the cross-entropy `from_logits` computes, up to rounding.
+        """
+        probabilities = probabilities.detach().float().cpu()
+        targets = targets.detach().long().cpu()
+        # a probability that underflowed to 0 would give an infinite loss: clamp it to the smallest normal float32
+        picked = probabilities.gather(1, targets[:, None]).squeeze(1).clamp_min(torch.finfo(torch.float32).tiny)
+        return cls(probabilities=probabilities, targets=targets, losses=-picked.log())
 
     def save(self, path: Path) -> Path:
         """Write the predictions to a torch file, atomically."""
