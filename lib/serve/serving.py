@@ -4,6 +4,8 @@ A client sends what the data stage's presize cache holds for validation: the cen
 short side scaled to `presize`, as uint8 N x presize x presize x 3 (NHWC, the layout of PIL and numpy images).
 `ServingModel` resizes it to the training size and normalises it exactly as validation did, so the served model
 gives the validation predictions (the preprocessing lives in the model, so serving cannot drift from training).
+`tta_probabilities` adds test-time augmentation on the client's side: augmented presize pictures through the same
+model, blended with the plain prediction as fastai's `tta` does (lib/evaluate/tta.py).
 """
 
 from __future__ import annotations

@@ -7,12 +7,14 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from flows.cli import app, ui_command
 from lib.data.synthetic import make_pets_dataset, pack_tgz
-from lib.serve.inference import Classifier
+from lib.serve.inference import Classifier, read_export
+from lib.serve.serving import serving_model, tta_probabilities
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -27,7 +29,7 @@ HELP_FLAGS = {
     "train": ["--resume", "--recipe", "--json"],
     "compare": ["--archs", "--train-deployment", "--recipe", "--json"],
     "lr-find": ["--recipe", "--json"],
-    "predict": ["MODEL_URI", "IMAGES", "--top-k", "--json"],
+    "predict": ["MODEL_URI", "IMAGES", "--top-k", "--tta", "--json"],
     "ui": ["--port", "--host"],
     "demo": ["--breeds", "--images-per-breed", "--epochs", "--out-dir", "--cache-dir"],
     "announce-dataset": ["DATA_URL", "--name"],
@@ -143,6 +145,31 @@ def test_predict_json_agrees_with_the_exported_classifier(trained, valid_images)
         assert all(0 <= p <= 1 for p in probabilities) and sum(probabilities) == pytest.approx(1, abs=1e-5)
         assert probabilities == sorted(probabilities, reverse=True)
         assert prediction["probability"] == pytest.approx(oracle.probability, abs=1e-4)
+
+
+def test_predict_with_tta_blends_augmented_views_through_the_served_model(trained, valid_images, store):
+    out_dir = Path(trained["out_dir"])
+    exported = next(out_dir / stage / "model.pth" for stage in ("final", "probe") if (out_dir / stage).is_dir())
+    export = read_export(exported)
+    model = serving_model(export)
+
+    def predict(pictures):
+        with torch.inference_mode():
+            return model(torch.from_numpy(pictures)).numpy()
+
+    expected = tta_probabilities(predict, valid_images, export.presize)
+
+    predictions = last_json(
+        invoke("predict", trained["model_uri"], *valid_images, "--top-k", BREEDS, "--tta", "--json")
+    )
+
+    for prediction, row in zip(predictions, expected, strict=True):
+        probabilities = {top["label"]: top["probability"] for top in prediction["top"]}
+        assert probabilities == pytest.approx(dict(zip(export.vocab, row.tolist(), strict=True)), abs=1e-4)
+    metrics = mlflow.MlflowClient(store).get_run(trained["run_id"]).data.metrics
+    for name in ("tta_error_rate", "tta_accuracy", "tta_valid_loss"):  # logged beside the plain ones
+        assert metrics[name] == pytest.approx(trained[name])
+    assert trained["tta_error_rate"] == pytest.approx(1 - trained["tta_accuracy"])
 
 
 def test_predict_by_registered_version_prints_one_line_per_image(trained, valid_images):
