@@ -25,10 +25,9 @@ from lib.common.errors import InputError, UserError
 from lib.common.numbers import rounded, significant
 from lib.common.paths import default_output_dir
 from lib.evaluate.comparison import COMPARISON_METRICS, plot_comparison
-from lib.recipe import DEFAULT_ARCHS, Architecture, Recipe
+from lib.recipe import CHAMPION_ALIAS, DEFAULT_ARCHS, Architecture, Recipe
 from tasks import tracking
 
-CHAMPION_ALIAS = "champion"
 CHAMPION_TAG = "champion"  # run tag: true on the run whose model version the alias points at
 TABLE_ARTIFACT = "comparison.json"  # MLflow table artifact on every child run
 CHART_FILE = "comparison.png"  # beside comparison.md, and an artifact of every child run

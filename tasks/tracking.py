@@ -32,7 +32,7 @@ from prefect.cache_policies import NO_CACHE
 from lib.common.download import redact_url
 from lib.common.errors import InputError, UserError
 from lib.common.processes import ProcessIdentity
-from lib.recipe import Recipe
+from lib.recipe import CHAMPION_ALIAS, Recipe
 from tasks.mlflow_ui import ui_url as _ui_url
 
 if TYPE_CHECKING:  # the CLI checks the tracking store with this module as it starts: torch and pandas load later
@@ -681,7 +681,6 @@ def comparison_runs(experiment: str, comparison: str) -> list:
 
 
 # -- the registry's champion -------------------------------------------------------------------------------------------
-CHAMPION_ALIAS = "champion"
 # On the promoted model version: its latest promotion (when, from which version, why, by whom, to which alias).
 PROMOTED_AT_TAG, PROMOTED_FROM_TAG = "pets.promoted_at", "pets.promoted_from"
 PROMOTION_REASON_TAG, PROMOTED_BY_TAG, PROMOTED_AS_TAG = "pets.promotion_reason", "pets.promoted_by", "pets.promoted_as"
