@@ -687,8 +687,8 @@ PROMOTION_REASON_TAG, PROMOTED_BY_TAG, PROMOTED_AS_TAG = "pets.promotion_reason"
 MAX_REASON_LENGTH = 500  # a reason is a sentence; a long one would crowd the history out of its tag
 # The history tag is capped below MAX_TAG_LENGTH: MLflow 3.17 validates registered-model tag values up to 100,000
 # characters, but its database column holds 5000 (store/model_registry/dbmodels/models.py, SqlRegisteredModelTag:
-# `value = Column(String(5000))`), which MySQL and PostgreSQL enforce. At ~150 characters an entry that is ~30
-# promotions; past the cap the oldest entries are dropped (each version's own tags still say how it got promoted).
+# `value = Column(String(5000))`), which MySQL and PostgreSQL enforce. A compare flow's entry is ~210 characters, so
+# ~23 promotions fit; past the cap the oldest entries are dropped (each version's tags still hold its latest one).
 MAX_HISTORY_LENGTH = 5000
 HISTORY_FIELDS = ("version", "previous", "time", "reason", "by")  # one history entry
 
