@@ -762,7 +762,7 @@ def promote(registered_model: str, version: str | int, *, reason: str, alias: st
         }
         for key, value in tags.items():
             client.set_model_version_tag(registered_model, version, key, value)
-        entries = [*_history_entries(model.tags.get(history_tag(alias))), promotion.entry()]
+        entries = [*_history_entries(model.tags.get(history_tag(alias)), registered_model, alias), promotion.entry()]
         client.set_registered_model_tag(registered_model, history_tag(alias), _capped_history(entries))
     return promotion
 
@@ -770,7 +770,7 @@ def promote(registered_model: str, version: str | int, *, reason: str, alias: st
 def champion_history(registered_model: str, alias: str = CHAMPION_ALIAS) -> list[Promotion]:
     """Return the alias's recorded promotions, newest first (empty if it was never promoted through `promote`)."""
     model = _registered_model(_client(), registered_model)
-    entries = _history_entries(model.tags.get(history_tag(alias)))
+    entries = _history_entries(model.tags.get(history_tag(alias)), registered_model, alias)
     return [
         Promotion(alias=alias, **{field: entry.get(field) for field in HISTORY_FIELDS}) for entry in reversed(entries)
     ]
@@ -828,8 +828,18 @@ def _existing_version(client, registered_model: str, version: str | int) -> str:
     )
 
 
-def _history_entries(value: str | None) -> list[dict]:
-    return json.loads(value) if value else []
+def _history_entries(value: str | None, registered_model: str, alias: str) -> list[dict]:
+    """The entries of a history tag, oldest first; one edited by hand into something else is refused."""
+    try:
+        entries = json.loads(value) if value else []
+    except json.JSONDecodeError:
+        entries = None
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) and "version" in entry for entry in entries):
+        raise PromotionError(
+            f"The tag {history_tag(alias)} of the registered model {registered_model!r} is not the JSON list of "
+            "promotions `pets promote` writes; fix or delete it in the MLflow UI."
+        )
+    return entries
 
 
 def _capped_history(entries: list[dict]) -> str:

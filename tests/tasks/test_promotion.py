@@ -137,3 +137,16 @@ def test_the_compare_flows_move_records_the_comparison_and_why(registry):
         "compare cmp-20250102-030405-a1b2: lowest error_rate 0.06250 of 2 architectures (resnet34, valid_loss 0.2500)"
     )
     assert version_tags(registry, "3")["pets.promotion_reason"] == latest.reason
+
+
+@pytest.mark.parametrize("value", ["not json", '{"version": "1"}', '["1"]'])
+def test_a_history_tag_edited_into_something_else_is_named(registry, value):
+    registry.set_registered_model_tag(MODEL, "pets.champion_history", value)
+
+    with pytest.raises(PromotionError) as raised:
+        champion_history(MODEL)
+
+    assert str(raised.value) == (
+        f"The tag pets.champion_history of the registered model {MODEL!r} is not the JSON list of promotions "
+        "`pets promote` writes; fix or delete it in the MLflow UI."
+    )
