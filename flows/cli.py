@@ -4,6 +4,7 @@ pets train | compare | lr-find     run the recipe (flows/train.py, flows/compare
 pets predict MODEL_URI IMAGES...   label pictures with a logged or registered model
 pets summary | demo                the data stage alone; the whole recipe offline on generated data
 pets ui | announce-dataset         the MLflow UI on the project's store; tell Prefect about a new dataset
+pets promote VERSION | champion    move the registry's champion alias (recorded); show its history
 
 An error the user can fix is one line, `Error: ...`, with exit status 2 (`pets --debug` adds the traceback); see
 flows/console.py.
@@ -28,7 +29,7 @@ from flows.options import RecipeRequest, recipe_options, setting_type
 from flows.prefect_api import temporary_api
 from lib.common.errors import DEBUG_VARIABLE, UserError
 from lib.common.numbers import significant
-from lib.recipe import ARCHITECTURES, DEFAULT_ARCHS, Recipe
+from lib.recipe import ARCHITECTURES, CHAMPION_ALIAS, DEFAULT_ARCHS, DEFAULT_REGISTERED_MODEL, Recipe
 from tasks.mlflow_ui import UI_HOST, UI_PORT, UI_URL_VARIABLE, local_ui_url
 
 console.quiet_telemetry()  # before anything imports Prefect or MLflow: both read it at import time
@@ -289,6 +290,63 @@ def ui(
         typer.echo(f"Run links point at {ui_url()}; set {UI_URL_VARIABLE}={served} to make them open this UI.")
     sys.stdout.flush()
     os.execvpe(command[0], command, env)  # the server replaces this process: Ctrl-C and SIGTERM reach it directly
+
+
+RegisteredModel = Annotated[
+    str, typer.Option("--model", help="The registered model (the recipe's tracking.registered_model).")
+]
+Alias = Annotated[str, typer.Option(help="The registry alias.")]
+
+
+@app.command()
+def promote(
+    version: Annotated[
+        str, typer.Argument(metavar="VERSION", help="The model version to promote: 3 or v3.", show_default=False)
+    ],
+    model: RegisteredModel = DEFAULT_REGISTERED_MODEL,
+    reason: Annotated[str, typer.Option(help="Why, recorded with the promotion.")] = "promoted by hand",
+    alias: Alias = CHAMPION_ALIAS,
+) -> None:
+    """Move the registry alias to VERSION, recording the previous version, time, reason and who (rollback: the same)."""
+    from tasks.tracking import promote as promote_version
+
+    _check_tracking_store()
+    promotion = promote_version(model, version, reason=reason, alias=alias)
+    if not promotion.moved:
+        typer.echo(f"{model}@{alias} is v{promotion.version} already: nothing changed.")
+        return
+    was = f"was v{promotion.previous}" if promotion.previous else "was unset"
+    typer.echo(f"{model}@{alias} -> v{promotion.version} ({was}): {promotion.reason}")
+
+
+@app.command()
+def champion(
+    model: RegisteredModel = DEFAULT_REGISTERED_MODEL, alias: Alias = CHAMPION_ALIAS, as_json: Json = False
+) -> None:
+    """Show the version the registry alias points at and its promotions, newest first."""
+    from tasks.tracking import alias_version, champion_history
+
+    _check_tracking_store()
+    current = alias_version(model, alias)
+    history = champion_history(model, alias)
+    if as_json:
+        entries = [promotion.entry() for promotion in history]
+        _print_json({"model": model, "alias": alias, "version": current, "history": entries})
+        return
+    if current is None:
+        typer.echo(f"{model}@{alias} is not set: `pets compare` sets it, or `pets promote VERSION`.")
+    else:
+        typer.echo(f"{model}@{alias} -> v{current}")
+    if history and history[0].version != current:  # moved or removed in the MLflow UI, or by another client
+        typer.echo(f"The alias was moved outside `pets promote` after v{history[0].version}: that move is not below.")
+    if not history:
+        typer.echo("No promotions recorded.")
+        return
+    table = [("time (UTC)", "version", "from", "by", "reason")]
+    table += [(p.time, f"v{p.version}", f"v{p.previous}" if p.previous else "-", p.by, p.reason) for p in history]
+    widths = [*(max(len(row[column]) for row in table) for column in range(4)), 0]  # the reason column is last
+    for row in table:
+        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
 
 
 @app.command("announce-dataset")

@@ -25,10 +25,9 @@ from lib.common.errors import InputError, UserError
 from lib.common.numbers import rounded, significant
 from lib.common.paths import default_output_dir
 from lib.evaluate.comparison import COMPARISON_METRICS, plot_comparison
-from lib.recipe import DEFAULT_ARCHS, Architecture, Recipe
+from lib.recipe import CHAMPION_ALIAS, DEFAULT_ARCHS, Architecture, Recipe
 from tasks import tracking
 
-CHAMPION_ALIAS = "champion"
 CHAMPION_TAG = "champion"  # run tag: true on the run whose model version the alias points at
 TABLE_ARTIFACT = "comparison.json"  # MLflow table artifact on every child run
 CHART_FILE = "comparison.png"  # beside comparison.md, and an artifact of every child run
@@ -66,8 +65,9 @@ def compare(
     5. tabulate best first by (error_rate, valid_loss) and chart each final model's epochs: a Prefect table
        artifact and a link to MLflow's compare page, `comparison.json` and `comparison.png` on every child run, and
        comparison.md / .csv / .png under `<runtime.out_dir>/<id>/` (default ./outputs/compare);
-    6. if every child succeeded, move the registry alias `champion` to the best model version and tag the runs
-       champion=true/false; otherwise fail, naming the failed architectures, and leave the alias where it was.
+    6. if every child succeeded, move the registry alias `champion` to the best model version, recorded as a
+       promotion (`tasks.tracking.promote`: the reason names the comparison, `pets champion` shows it), and tag the
+       runs champion=true/false; otherwise fail, naming the failed architectures, and leave the alias where it was.
     """
     check_archs(archs)
     experiment, registered_model = recipe.tracking.experiment, recipe.tracking.registered_model
@@ -96,7 +96,9 @@ def compare(
     if failed:
         fixable = all(child.get("user_error") for child in failed)  # else a bug, or a child that never started
         raise (TrainingsFailedError if fixable else RuntimeError)(failure_message(failed, len(children), table))
-    tracking.set_champion(registered_model, champion["model_version"], CHAMPION_ALIAS)
+    tracking.set_champion(
+        registered_model, champion["model_version"], CHAMPION_ALIAS, reason=champion_reason(comparison, rows)
+    )
     print(f"{registered_model}@{CHAMPION_ALIAS} -> v{champion['model_version']} ({champion['arch']}).")
     return {
         "comparison": comparison,
@@ -218,6 +220,15 @@ def rank(rows: Sequence[dict]) -> list[dict]:
         return tuple(math.inf if row[name] is None else row[name] for name in ("error_rate", "valid_loss"))
 
     return sorted(rows, key=key)
+
+
+def champion_reason(comparison: str, rows: Sequence[dict]) -> str:
+    """The promotion reason of the best row (rows ranked best first), e.g. `compare cmp-...: lowest error_rate ...`."""
+    best = rows[0]
+    return (
+        f"compare {comparison}: lowest error_rate {significant(best['error_rate'])} of {len(rows)} architectures "
+        f"({best['arch']}, valid_loss {significant(best['valid_loss'])})"
+    )
 
 
 # -- 5. the table -----------------------------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ BASELINE_LR = 2e-3  # fastai 2.8.12 fastai/callback/schedule.py: fine_tune(..., 
 
 DEFAULT_EXPERIMENT = "pets"
 DEFAULT_REGISTERED_MODEL = "pets-classifier"
+CHAMPION_ALIAS = "champion"  # the registry alias the compare flow and `pets promote` move
 
 
 class RecipeError(UserError, ValueError):

@@ -8,8 +8,10 @@ steps can run in any thread or process (MLflow 3.17 docs, `mlflow.client`). The 
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -17,6 +19,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -27,9 +30,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from lib.common.download import redact_url
-from lib.common.errors import UserError
+from lib.common.errors import InputError, UserError
 from lib.common.processes import ProcessIdentity
-from lib.recipe import Recipe
+from lib.recipe import CHAMPION_ALIAS, Recipe
 from tasks.mlflow_ui import ui_url as _ui_url
 
 if TYPE_CHECKING:  # the CLI checks the tracking store with this module as it starts: torch and pandas load later
@@ -677,14 +680,197 @@ def comparison_runs(experiment: str, comparison: str) -> list:
     )
 
 
-def set_champion(registered_model: str, version: str, alias: str = "champion") -> None:
-    """Point the registry alias at a model version (an alias names exactly one version; setting it moves it)."""
-    _client().set_registered_model_alias(registered_model, alias, version)
+# -- the registry's champion -------------------------------------------------------------------------------------------
+# On the promoted model version: its latest promotion (when, from which version, why, by whom, to which alias).
+PROMOTED_AT_TAG, PROMOTED_FROM_TAG = "pets.promoted_at", "pets.promoted_from"
+PROMOTION_REASON_TAG, PROMOTED_BY_TAG, PROMOTED_AS_TAG = "pets.promotion_reason", "pets.promoted_by", "pets.promoted_as"
+MAX_REASON_LENGTH = 500  # a reason is a sentence; a long one would crowd the history out of its tag
+# The history tag is capped below MAX_TAG_LENGTH: MLflow 3.17 validates registered-model tag values up to 100,000
+# characters, but its database column holds 5000 (store/model_registry/dbmodels/models.py, SqlRegisteredModelTag:
+# `value = Column(String(5000))`), which MySQL and PostgreSQL enforce. A compare flow's entry is ~210 characters, so
+# ~23 promotions fit; past the cap the oldest entries are dropped (each version's tags still hold its latest one).
+MAX_HISTORY_LENGTH = 5000
+HISTORY_FIELDS = ("version", "previous", "time", "reason", "by")  # one history entry
 
 
-def champion_version(registered_model: str, alias: str = "champion") -> str:
+class PromotionError(InputError):
+    """A promotion names a registered model or version the registry does not have, or an unusable reason."""
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """One move of a registry alias: to `version` from `previous` (None: the alias was unset), when, why and by whom.
+
+    `moved` is False when the version already held the alias: nothing was recorded.
+    """
+
+    alias: str
+    version: str
+    previous: str | None
+    time: str  # ISO 8601, UTC
+    reason: str
+    by: str  # user@host
+    moved: bool = True
+
+    def entry(self) -> dict[str, str | None]:
+        """The history entry (the alias is the tag's own)."""
+        return {field: getattr(self, field) for field in HISTORY_FIELDS}
+
+
+def history_tag(alias: str) -> str:
+    """The registered-model tag holding the alias's history, e.g. pets.champion_history."""
+    return f"pets.{alias}_history"
+
+
+def promote(registered_model: str, version: str | int, *, reason: str, alias: str = CHAMPION_ALIAS) -> Promotion:
+    """Move `alias` to `version` and record why: tags on the version, an entry in the registered model's history.
+
+    A version that already holds the alias is left as it is (`moved` False). The history is one JSON list in a
+    registered-model tag (MLflow tags are key/value only), read, appended to and written back under a file lock
+    beside a sqlite store; on a tracking server two promotions at the same instant could lose one history entry
+    (the alias and the version tags are still right).
+    """
+    reason = " ".join(reason.split())  # one line in the history table
+    if not reason or len(reason) > MAX_REASON_LENGTH:
+        raise PromotionError(
+            f"The promotion reason is {len(reason)} characters; give --reason a sentence of 1 to {MAX_REASON_LENGTH}."
+        )
+    client = _client()
+    version = _existing_version(client, registered_model, version)
+    with _registry_lock():
+        model = client.get_registered_model(registered_model)
+        previous = model.aliases.get(alias)
+        previous = None if previous is None else str(previous)
+        promotion = Promotion(
+            alias=alias,
+            version=version,
+            previous=previous,
+            time=datetime.now(UTC).isoformat(timespec="seconds"),
+            reason=reason,
+            by=_who(),
+            moved=previous != version,
+        )
+        if not promotion.moved:
+            return promotion
+        client.set_registered_model_alias(registered_model, alias, version)
+        tags = {
+            PROMOTED_AT_TAG: promotion.time,
+            PROMOTED_FROM_TAG: previous or "",
+            PROMOTION_REASON_TAG: reason,
+            PROMOTED_BY_TAG: promotion.by,
+            PROMOTED_AS_TAG: alias,
+        }
+        for key, value in tags.items():
+            client.set_model_version_tag(registered_model, version, key, value)
+        entries = [*_history_entries(model.tags.get(history_tag(alias)), registered_model, alias), promotion.entry()]
+        client.set_registered_model_tag(registered_model, history_tag(alias), _capped_history(entries))
+    return promotion
+
+
+def champion_history(registered_model: str, alias: str = CHAMPION_ALIAS) -> list[Promotion]:
+    """Return the alias's recorded promotions, newest first (empty if it was never promoted through `promote`)."""
+    model = _registered_model(_client(), registered_model)
+    entries = _history_entries(model.tags.get(history_tag(alias)), registered_model, alias)
+    return [
+        Promotion(alias=alias, **{field: entry.get(field) for field in HISTORY_FIELDS}) for entry in reversed(entries)
+    ]
+
+
+def alias_version(registered_model: str, alias: str = CHAMPION_ALIAS) -> str | None:
+    """Return the version the alias points at, or None when it is unset; a missing model is a PromotionError."""
+    version = _registered_model(_client(), registered_model).aliases.get(alias)
+    return None if version is None else str(version)
+
+
+def set_champion(registered_model: str, version: str, alias: str = CHAMPION_ALIAS, *, reason: str) -> Promotion:
+    """Point the registry alias at a model version (an alias names exactly one version; setting it moves it).
+
+    The move is recorded like any other promotion (`promote`), with the caller's reason.
+    """
+    return promote(registered_model, version, reason=reason, alias=alias)
+
+
+def champion_version(registered_model: str, alias: str = CHAMPION_ALIAS) -> str:
     """Return the version the alias points at, as a string like the model_version run tag (MLflow returns an int)."""
     return str(_client().get_model_version_by_alias(registered_model, alias).version)
+
+
+def _registered_model(client, name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    names = sorted(model.name for model in client.search_registered_models(max_results=100))
+    known = f"registered models: {', '.join(names)}" if names else "it has no registered models"
+    raise PromotionError(
+        f"The registry at {redact_url(tracking_uri())} has no registered model {name!r} ({known}); pass --model with "
+        "one of them, or register one with `pets train`."
+    ) from None
+
+
+def _existing_version(client, registered_model: str, version: str | int) -> str:
+    """Return the version as MLflow spells it ("3" from 3, "3" or "v3"); refuse one the model does not have."""
+    model = _registered_model(client, registered_model)
+    wanted = str(version).strip().removeprefix("v")
+    versions = sorted(
+        (str(found.version) for found in client.search_model_versions(f"name = '{registered_model}'")), key=int
+    )
+    if wanted in versions:
+        return wanted
+    aliases = ", ".join(f"{alias} -> v{number}" for alias, number in sorted(model.aliases.items()))
+    has = f"versions {', '.join(versions)}" if versions else "no versions"
+    raise PromotionError(
+        f"The registered model {registered_model!r} has no version {version!r}; it has {has}"
+        f"{f' (aliases: {aliases})' if aliases else ''}. Pass one of them."
+    )
+
+
+def _history_entries(value: str | None, registered_model: str, alias: str) -> list[dict]:
+    """The entries of a history tag, oldest first; one edited by hand into something else is refused."""
+    try:
+        entries = json.loads(value) if value else []
+    except json.JSONDecodeError:
+        entries = None
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) and "version" in entry for entry in entries):
+        raise PromotionError(
+            f"The tag {history_tag(alias)} of the registered model {registered_model!r} is not the JSON list of "
+            "promotions `pets promote` writes; fix or delete it in the MLflow UI."
+        )
+    return entries
+
+
+def _capped_history(entries: list[dict]) -> str:
+    """The entries as JSON, the oldest dropped until it fits MAX_HISTORY_LENGTH (the newest always fits)."""
+    while True:
+        value = json.dumps(entries, ensure_ascii=False, separators=(",", ":"))
+        if len(value) <= MAX_HISTORY_LENGTH or len(entries) == 1:
+            return value
+        entries = entries[1:]
+
+
+@contextmanager
+def _registry_lock() -> Iterator[None]:
+    """Serialise promotions on a sqlite store (another process may promote at once); a server's store is not locked."""
+    from filelock import FileLock
+
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    with FileLock(f"{uri.removeprefix('sqlite:///')}.promote.lock", timeout=STORE_LOCK_SECONDS):
+        yield
+
+
+def _who() -> str:
+    """user@host of this process (the login name from the environment, else the uid's name; `getpass.getuser`)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a uid with no passwd entry, as in some containers (Python 3.11 getpass docs)
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
 
 
 def run_url(run: Mapping[str, str]) -> str:

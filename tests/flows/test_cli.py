@@ -34,6 +34,8 @@ HELP_FLAGS = {
     "demo": ["--breeds", "--images-per-breed", "--epochs", "--out-dir", "--cache-dir"],
     "announce-dataset": ["DATA_URL", "--name"],
     "summary": ["--recipe"],
+    "promote": ["VERSION", "--model", "--reason", "--alias"],
+    "champion": ["--model", "--alias", "--json"],
 }
 
 
