@@ -94,7 +94,8 @@ def label_images(images_dir: str, data: DataSettings, out_dir: str, cache_dir: s
         folders = dataset_folders(root, data_dir=Path(data.dir) if data.dir else None, cache_dir=Path(cache_dir))
         csv_path = resolve_labels_csv(data.labels_csv, folders, Path(cache_dir))
     labelled = labelling.label_images(root, data, csv_path=csv_path, option=option)
-    logger.info(labelled.describe(data))
+    labels_line = labelled.describe(data)
+    logger.info(labels_line)
     for note in labelled.notes:
         logger.warning(note)
     out = Path(out_dir)
@@ -112,7 +113,7 @@ def label_images(images_dir: str, data: DataSettings, out_dir: str, cache_dir: s
         "labeller": labelled.labeller(data),
         "labels_csv": str(csv_path) if csv_path else None,
         "label_source": labelled.source,
-        "labels_line": labelled.describe(data),
+        "labels_line": labels_line,
         "found": len(labelled.manifest) + len(labelled.unlabelled) + len(labelled.left_out),
         "unlabelled": len(labelled.unlabelled),
     }

@@ -54,9 +54,10 @@ def check_split(split: SplitManifest, *, fixed: bool) -> None:
     sizes = split.sizes()
     everything = pd.concat([split.manifest, split.valid_only], ignore_index=True)
     how = "the data's own split" if fixed else "the random split"
-    empty_fix = {True: ("mark fewer images as validation", "mark some images as validation")}.get(
-        fixed, ("add images, or lower --valid-pct", "add images, or raise --valid-pct")
-    )
+    if fixed:
+        empty_fix = ("mark fewer images as validation", "mark some images as validation")
+    else:
+        empty_fix = ("add images, or lower --valid-pct", "add images, or raise --valid-pct")
     if not split.valid_only.empty:
         counts = split.valid_only["label"].value_counts()
         listed = ", ".join(f"{label!r} ({count})" for label, count in counts.head(MAX_EXAMPLES).items())

@@ -20,6 +20,7 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 
 import pandas as pd
@@ -109,6 +110,7 @@ class Listing:
     images: list[Path]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
+    @cached_property  # read by auto's layout check and by the labeller: computed once
     def relative(self) -> list[PurePosixPath]:
         """Each image's path under the root, with forward slashes on every OS (what a regex or a CSV names)."""
         start = len(str(self.root)) + 1
@@ -206,7 +208,7 @@ def label_images(
 
 def in_class_folders(listing: Listing) -> bool:
     """Whether every image sits directly in a first-level folder (`cats/1.jpg`; not `1.jpg`, `a/b/1.jpg`)."""
-    return all(len(path.parts) == 2 for path in listing.relative())
+    return all(len(path.parts) == 2 for path in listing.relative)
 
 
 def choose_source(listing: Listing, settings: DataSettings) -> tuple[str, str]:
@@ -270,7 +272,7 @@ class _Labels:
 def _by_regex(listing: Listing, settings: DataSettings, csv_path: Path | None) -> _Labels:
     pattern = re.compile(settings.label_pattern)  # the recipe checked it compiles and has a group
     labelled, unlabelled = [], []
-    for path, relative in zip(listing.images, listing.relative(), strict=True):
+    for path, relative in zip(listing.images, listing.relative, strict=True):
         match = pattern.search(str(relative))
         label = match.group(1) if match else None
         if label:
@@ -282,7 +284,7 @@ def _by_regex(listing: Listing, settings: DataSettings, csv_path: Path | None) -
 
 def _by_folder(listing: Listing, settings: DataSettings, csv_path: Path | None) -> _Labels:
     labelled, unlabelled = [], []
-    for path, relative in zip(listing.images, listing.relative(), strict=True):
+    for path, relative in zip(listing.images, listing.relative, strict=True):
         if len(relative.parts) >= 2:
             labelled.append((path, relative.parts[0]))
         else:
@@ -300,7 +302,7 @@ def _by_split_folders(listing: Listing, settings: DataSettings, csv_path: Path |
         )
     splits = {folders.train: False, folders.valid: True}
     labelled, unlabelled, left_out, is_valid = [], [], [], []
-    for path, relative in zip(listing.images, listing.relative(), strict=True):
+    for path, relative in zip(listing.images, listing.relative, strict=True):
         top = relative.parts[0]
         if top == folders.test:
             left_out.append((str(path), TEST_FOLDER))
