@@ -190,11 +190,14 @@ def predict(
     ] = False,
     as_json: Json = False,
 ) -> None:
-    """Label pictures with a model from MLflow (tracking store: $MLFLOW_TRACKING_URI or ./mlflow/mlflow.db)."""
+    """Label pictures with a model from MLflow (tracking store: $MLFLOW_TRACKING_URI or ./mlflow/mlflow.db).
+
+    Each file goes to the model as it is, as it would to `pets serve`; a picture that cannot be read is reported
+    on its line and the others are still labelled (the exit code is then 1).
+    """
     missing = [str(image) for image in images if not image.is_file()]
     if missing:
         _fail(f"no such image file: {', '.join(missing)}")
-    from lib.serve.serving import serving_batch, tta_probabilities
     from tasks.tracking import load_served_model, tracking_uri
 
     try:
@@ -204,26 +207,62 @@ def predict(
             f"could not load the model {model_uri} from the tracking store {tracking_uri()}: {error}\n"
             "Train and register one with `pets train`, or point MLFLOW_TRACKING_URI at the store that holds it."
         )
-    presize = int(metadata["presize"])
-    try:
-        if tta:  # reads each picture again for its augmented views, so a bad one is caught here too
-            probabilities = tta_probabilities(model.predict, images, presize).astype(np.float64)
-        else:
-            pictures = serving_batch(images, presize)
-    except (OSError, ValueError) as error:
-        _fail(f"could not read the pictures: {error}")
-    if not tta:
-        probabilities = _softmax(np.asarray(model.predict(pictures), dtype=np.float64))
-    predictions = [
-        _top_k(str(image), row, metadata["vocab"], top_k) for image, row in zip(images, probabilities, strict=True)
-    ]
+    predictions = _tta_predictions(model, images, metadata, top_k) if tta else _served_predictions(model, images, top_k)
     if as_json:
         _print_json(predictions)
-        return
-    for prediction in predictions:
+    for prediction in [] if as_json else predictions:
+        if prediction["error"]:
+            typer.echo(f"{prediction['image']}: could not read it: {prediction['error']}", err=True)
+            continue
         typer.echo(f"{prediction['image']}: {prediction['label']} ({prediction['probability']:.3f})")
         for other in prediction["top"][1:]:
             typer.echo(f"    {other['label']} ({other['probability']:.3f})")
+    if any(prediction["error"] for prediction in predictions):
+        raise typer.Exit(1)
+
+
+def _served_predictions(model, images: Sequence[Path], top_k: int) -> list[dict[str, Any]]:
+    """Send the files' bytes through the served contract (lib/serve/contract.py) and return one dict per picture."""
+    import pandas as pd
+
+    from lib.serve.contract import IMAGE_COLUMN
+
+    answer = model.predict(
+        pd.DataFrame({IMAGE_COLUMN: [image.read_bytes() for image in images]}), params={"top_k": top_k}
+    )
+    predictions = []
+    for image, row in zip(images, answer.to_dict("records"), strict=True):
+        top = [{"label": label, "probability": p} for label, p in (row["top_k"] or {}).items()]
+        predictions.append(
+            {"image": str(image), "label": row["label"], "probability": row["probability"], "top": top,
+             "error": row["error"]}
+        )  # fmt: skip
+    return predictions
+
+
+def _tta_predictions(model, images: Sequence[Path], metadata: Mapping, top_k: int) -> list[dict[str, Any]]:
+    """Blend augmented views of each picture through the served model's own network (lib/serve/serving.py)."""
+    import torch
+
+    from lib.serve.contract import unreadable_reason
+    from lib.serve.serving import tta_probabilities
+
+    network = model.unwrap_python_model().classifier.network  # the pt2 program the served model runs
+
+    def logits(pictures: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return network(torch.from_numpy(pictures)).numpy()
+
+    predictions = []
+    for image in images:
+        try:
+            (probabilities,) = tta_probabilities(logits, [image], int(metadata["presize"]))
+        except (OSError, ValueError) as error:  # what decoding a picture raises (lib/serve/contract.py)
+            predictions.append({"image": str(image), "label": None, "probability": None, "top": [],
+                                "error": unreadable_reason(error)})  # fmt: skip
+            continue
+        predictions.append(_top_k(str(image), probabilities.astype(np.float64), metadata["vocab"], top_k))
+    return predictions
 
 
 @app.command()
@@ -481,17 +520,11 @@ def _print_training(result: Mapping[str, Any], *, experiment: str | None = None,
     typer.echo(f"Open the UI with {ui_hint}.")
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    """Return each row's class probabilities (shifted by the row's maximum, so exp cannot overflow)."""
-    exponentials = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return exponentials / exponentials.sum(axis=1, keepdims=True)
-
-
 def _top_k(image: str, probabilities: np.ndarray, vocab: Sequence[str], k: int) -> dict[str, Any]:
     """Return a picture's k most likely labels, best first, with the best one also at the top level."""
     order = probabilities.argsort()[::-1][:k]
     top = [{"label": vocab[i], "probability": float(probabilities[i])} for i in order]
-    return {"image": image, "label": top[0]["label"], "probability": top[0]["probability"], "top": top}
+    return {"image": image, "label": top[0]["label"], "probability": top[0]["probability"], "top": top, "error": None}
 
 
 def _print_summary(result: dict) -> None:

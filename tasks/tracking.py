@@ -580,6 +580,8 @@ def log_dataset(run_id: str, manifest_path: str, *, source: str) -> str:
 # -- the model --------------------------------------------------------------------------------------------------------
 def pip_requirements() -> list[str]:
     """Pin what loading the model needs, so MLflow skips its slow requirement inference (MLflow 3.17 log_model docs)."""
+    import pandas as pd
+    import PIL
     import torch
     import torchvision
 
@@ -587,61 +589,137 @@ def pip_requirements() -> list[str]:
         f"torch=={torch.__version__.split('+')[0]}",
         f"torchvision=={torchvision.__version__.split('+')[0]}",
         f"numpy=={np.__version__}",
+        f"pandas=={pd.__version__}",
+        f"pillow=={PIL.__version__}",
     ]
 
 
-def serving_signature(presize: int, classes: int):
-    """The served model's signature: uint8 N x presize x presize x 3 pictures in, float32 N x classes logits out.
+# The contract's modules (lib/serve/contract.py and what it imports from the project), carried by the registered model
+# as code paths so it loads where the project is not installed (MLflow 3.17 docs, "Models From Code", code_paths).
+CONTRACT_MODULES = (
+    "lib/__init__.py",
+    "lib/data/__init__.py",
+    "lib/data/images.py",
+    "lib/data/pictures.py",
+    "lib/serve/__init__.py",
+    "lib/serve/contract.py",
+)
+SERVED_MODEL_CODE = Path(__file__).with_name("served_model.py")
+EXAMPLE_JPEG_QUALITY = 90  # the input example's pictures: small enough for the UI, a real JPEG to decode
 
-    N is -1, any batch size; it is what MLflow infers from a batch of pictures and the model's logits.
+
+def serving_signature():
+    """The served model's signature: an `image` column of encoded images in; label, probability, top_k, error out.
+
+    `top_k` (default 5) and `probabilities` (every class's probability, default off) are request params.
     """
     from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Map
+
+    from lib.serve.contract import DEFAULT_TOP_K, IMAGE_COLUMN
 
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, presize, presize, 3))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes))]),
+        inputs=Schema([ColSpec(DataType.binary, IMAGE_COLUMN)]),
+        outputs=Schema(
+            [
+                ColSpec(DataType.string, "label", required=False),
+                ColSpec(DataType.double, "probability", required=False),
+                ColSpec(Map(DataType.double), "top_k", required=False),
+                ColSpec(DataType.string, "error", required=False),
+                ColSpec(Map(DataType.double), "probabilities", required=False),
+            ]
+        ),
+        params=ParamSchema(
+            [ParamSpec("top_k", DataType.long, DEFAULT_TOP_K), ParamSpec("probabilities", DataType.boolean, False)]
+        ),
     )
+
+
+def contract_code(folder: Path) -> Path:
+    """Copy the contract's modules into `folder`, their packages kept; return the `lib` folder to log as code."""
+    for module in CONTRACT_MODULES:
+        target = folder / module
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((PROJECT_ROOT / module).read_bytes())
+    return folder / "lib"
+
+
+def example_request(images: Sequence[str], presize: int):
+    """The input example: the pictures as validation sees them (presize centre squares), encoded as JPEG."""
+    import io
+
+    import pandas as pd
+    from torchvision.transforms.v2.functional import to_pil_image
+
+    from lib.serve.contract import IMAGE_COLUMN
+    from lib.serve.inference import prepare_image
+
+    encoded = []
+    for image in images:
+        buffer = io.BytesIO()
+        to_pil_image(prepare_image(image, presize)).save(buffer, format="JPEG", quality=EXAMPLE_JPEG_QUALITY)
+        encoded.append(buffer.getvalue())
+    return pd.DataFrame({IMAGE_COLUMN: encoded})
+
+
+def export_network(exported, example_images: Sequence[str], path: Path) -> Path:
+    """Write the serving network (uint8 presize pictures in, logits out) as a pt2 program with a dynamic batch.
+
+    torch.export specialises a dimension of size 1, so the example holds two pictures (MLflow 3.17 mlflow/pytorch
+    exports its pt2 models the same way, with `Dim.AUTO`).
+    """
+    import torch
+    from torch.export import Dim
+
+    from lib.serve.serving import serving_batch, serving_model
+
+    example = torch.from_numpy(serving_batch(list(example_images)[:EXAMPLE_IMAGES], exported.presize))
+    program = torch.export.export(serving_model(exported), (example,), dynamic_shapes=({0: Dim.AUTO},))
+    torch.export.save(program, path)
+    return path
 
 
 @task(cache_policy=NO_CACHE)
 def log_classifier(run_id: str, model_path: str, example_images: Sequence[str], *, registered_model: str, step: int):
     """Log the exported classifier as the run's model and register it; return its URIs and version.
 
-    The model serves raw uint8 N x presize x presize x 3 pictures (the presized centre square) and does the
-    validation resize and normalisation inside. It is saved in the pickle-free pt2 format (torch.export) on the
-    CPU, from a two-image input example, so the batch size stays dynamic (MLflow 3.17 mlflow/pytorch).
-
-    The model is traced and written once. MLflow 3.17 would also run it on the example to infer the signature,
-    which is known (`serving_signature`), and load the written model back to run the serving example through it
-    (`Model.log`, mlflow/models/model.py: `validate_serving_input`), which the tests do instead.
+    The model is a pyfunc from code (tasks/served_model.py) serving lib/serve/contract.py: encoded images of any size
+    in, class names and probabilities out. Its network is a pt2 program (torch.export, pickle-free) that does the
+    validation resize and normalisation itself; decoding and the presize crop run in the contract's modules, which
+    the model carries. The vocab and sizes are the model's config and metadata. MLflow 3.17 loads the logged model
+    once and serves it the example (`Model.log`, mlflow/models/model.py: `_validate_serving_input`), so a model that
+    cannot serve is never registered.
     """
+    import tempfile
+
     import mlflow
-    import mlflow.pytorch
+    import mlflow.pyfunc
 
     from lib.serve.inference import read_export
-    from lib.serve.serving import serving_batch, serving_model
+    from tasks.served_model import NETWORK_ARTIFACT
 
     exported = read_export(Path(model_path))
-    example = serving_batch(list(example_images)[:EXAMPLE_IMAGES], exported.presize)
-    metadata = {
+    config = {
         "vocab": list(exported.vocab),
         "arch": exported.arch,
         "size": exported.size,
         "presize": exported.presize,
     }
     mlflow.set_tracking_uri(tracking_uri())
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            serving_model(exported),
+    with tempfile.TemporaryDirectory() as folder, mlflow.start_run(run_id=run_id):
+        network = export_network(exported, example_images, Path(folder) / "network.pt2")
+        info = mlflow.pyfunc.log_model(
             name=MODEL_NAME,
-            input_example=example,
-            signature=serving_signature(exported.presize, len(exported.vocab)),
-            serialization_format="pt2",  # pinned, so an MLflow upgrade cannot change the artifact format
+            python_model=str(SERVED_MODEL_CODE),
+            artifacts={NETWORK_ARTIFACT: str(network)},
+            code_paths=[str(contract_code(Path(folder) / "code"))],
+            model_config=config,
+            input_example=example_request(list(example_images)[:EXAMPLE_IMAGES], exported.presize),
+            signature=serving_signature(),
             pip_requirements=pip_requirements(),
-            metadata=metadata,
+            metadata=config,
             step=step,
-            validate_serving_input=False,
         )
         # The class names on the version itself, where the registry's UI shows them (too many for a tag: the count).
         classes = json.dumps(list(exported.vocab), ensure_ascii=False)

@@ -13,12 +13,12 @@ from collections.abc import Iterator, Sequence
 
 import pandas as pd
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from lib.common.errors import InputError
-from lib.data.presize import presized_shape, read_presized
+from lib.data.pictures import crop_offset, presized_shape
+from lib.data.presize import read_presized
 from lib.recipe import CPU_CORES_PER_WORKER, DEFAULT_BATCH_SIZE, MAX_DEFAULT_WORKERS
 
 # fastai DataLoaders defaults (fastai 2.8.12 fastai/data/core.py): bs=64, val_bs=bs, shuffle+drop_last on train only.
@@ -41,18 +41,6 @@ def default_workers(device: torch.device | str | None = None) -> int:
     if device_type == "cpu":
         return min(MAX_DEFAULT_WORKERS, cpus // CPU_CORES_PER_WORKER)
     return min(MAX_DEFAULT_WORKERS, cpus)
-
-
-def crop_offset(length: int, crop: int, fraction: float) -> int:
-    """Return the start of a crop along one axis, int(fraction * (length - crop)) as fastai's Resize does."""
-    return int(fraction * (length - crop))
-
-
-def square_crop(image: Image.Image, size: int, fraction_x: float, fraction_y: float) -> Image.Image:
-    """Cut a size x size square at the given fractions of the free room along each axis (0.5, 0.5 is the centre)."""
-    width, height = image.size
-    left, top = crop_offset(width, size, fraction_x), crop_offset(height, size, fraction_y)
-    return image.crop((left, top, left + size, top + size))
 
 
 class PresizedImages(Dataset):

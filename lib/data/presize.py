@@ -40,6 +40,7 @@ from lib.common.files import write_atomically, write_text_atomically
 from lib.common.pools import thread_pool
 from lib.common.progress import ProgressCallback, progress_bar
 from lib.data.images import ImageFacts, open_rgb_with_facts
+from lib.data.pictures import presize_image
 from lib.recipe import DEFAULT_PRESIZE
 
 logger = logging.getLogger(__name__)
@@ -55,17 +56,6 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 # Pillow raises these for image data it cannot identify or that ends or breaks early (see lib/data/cleaning.py).
 _DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError)
 _AGAIN = "re-run the data stage (pets summary)"
-
-
-def presized_shape(width: int, height: int, presize: int) -> tuple[int, int]:
-    """Return (width, height) scaled so the short side equals presize, the aspect ratio kept."""
-    scale = presize / min(width, height)
-    return max(presize, round(width * scale)), max(presize, round(height * scale))
-
-
-def presize_image(image: Image.Image, presize: int) -> Image.Image:
-    """Scale an image so its short side equals presize (bilinear, antialiased when shrinking, as Pillow's is)."""
-    return image.resize(presized_shape(*image.size, presize), Image.Resampling.BILINEAR)
 
 
 class CacheWriteError(UserError, RuntimeError):

@@ -19,7 +19,7 @@ from lib.common.plots import pyplot, save_figure
 from lib.data.augment import BatchAugmentation
 from lib.data.images import open_rgb
 from lib.data.loading import make_loader, presized_images
-from lib.data.presize import presized_shape
+from lib.data.pictures import presized_shape
 from lib.data.splitting import SplitManifest
 
 if TYPE_CHECKING:

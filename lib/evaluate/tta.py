@@ -26,13 +26,12 @@ from lib.data.augment import aug_transforms
 from lib.data.images import open_rgb, to_rgb
 from lib.data.loading import (
     CropSampler,
-    crop_offset,
     default_workers,
     epoch_seed,
     keep_decoded_default,
     presized_images,
 )
-from lib.data.presize import presize_image
+from lib.data.pictures import crop_offset, presize_image
 from lib.evaluate.evaluation import evaluation_model, validation_predictions
 from lib.evaluate.interpret import Predictions
 from lib.recipe import DEFAULT_BATCH_SIZE, DEFAULT_MIN_SCALE, DEFAULT_PRESIZE

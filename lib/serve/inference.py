@@ -14,13 +14,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import nn
-from torchvision.transforms.v2.functional import pil_to_tensor
 
 from lib.common.files import write_atomically
 from lib.data.augment import BatchAugmentation, aug_transforms
 from lib.data.images import open_rgb, to_rgb
-from lib.data.loading import square_crop
-from lib.data.presize import presize_image
+from lib.data.pictures import validation_picture
 from lib.train.model import create_model
 
 EXPORT_FORMAT = "pets-classifier/1"
@@ -81,7 +79,7 @@ def read_export(path: Path) -> ExportedClassifier:
 def prepare_image(image: Path | str | Image.Image, presize: int) -> torch.Tensor:
     """Return a picture as the validation loader shows it: upright RGB, presized, centre square, uint8 3 x H x W."""
     picture = to_rgb(image) if isinstance(image, Image.Image) else open_rgb(Path(image))
-    return pil_to_tensor(square_crop(presize_image(picture, presize), presize, 0.5, 0.5))
+    return validation_picture(picture, presize)
 
 
 class Classifier:

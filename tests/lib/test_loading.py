@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from lib.data.loading import CropSampler, crop_offset, make_loader, make_loaders
+from lib.data.loading import CropSampler, make_loader, make_loaders
+from lib.data.pictures import crop_offset
 from lib.data.presize import presize_images
 from tests.support.images import write_image
 

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from lib.data.images import ImageFacts
-from lib.data.presize import PresizeCache, presize_file, presize_images, presized_shape
+from lib.data.pictures import presized_shape
+from lib.data.presize import PresizeCache, presize_file, presize_images
 from tests.support.images import write_image
 
 
