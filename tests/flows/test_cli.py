@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -149,6 +150,16 @@ def test_predict_json_agrees_with_the_exported_classifier(trained, valid_images)
         assert prediction["probability"] == pytest.approx(oracle.probability, abs=1e-4)
 
 
+def test_predict_reports_an_unreadable_picture_on_its_line_and_labels_the_others(trained, valid_images, tmp_path):
+    broken = tmp_path / "notes.jpg"
+    broken.write_text("not a picture")
+    result = invoke("predict", trained["model_uri"], valid_images[0], broken, valid_images[1])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{broken}: could not read it: UnidentifiedImageError: cannot identify image file image 1" in result.stderr
+    labelled = [line.split(":")[0] for line in result.stdout.splitlines() if not line.startswith(" ")]
+    assert labelled == valid_images[:2]
+
+
 def test_predict_with_tta_blends_augmented_views_through_the_served_model(trained, valid_images, store):
     out_dir = Path(trained["out_dir"])
     exported = next(out_dir / stage / "model.pth" for stage in ("final", "probe") if (out_dir / stage).is_dir())
@@ -159,7 +170,8 @@ def test_predict_with_tta_blends_augmented_views_through_the_served_model(traine
         with torch.inference_mode():
             return model(torch.from_numpy(pictures)).numpy()
 
-    expected = tta_probabilities(predict, valid_images, export.presize)
+    # Each picture's views are drawn on their own, so a picture's TTA does not depend on the others in the command.
+    expected = np.concatenate([tta_probabilities(predict, [image], export.presize) for image in valid_images])
 
     predictions = last_json(
         invoke("predict", trained["model_uri"], *valid_images, "--top-k", BREEDS, "--tta", "--json")

@@ -2,9 +2,9 @@
 
 import json
 import re
+from pathlib import Path
 
 import mlflow
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -150,22 +150,19 @@ def test_the_flow_tracks_the_whole_recipe_in_one_mlflow_run_and_a_warm_rerun_reu
     assert {(tag.key, tag.value) for tag in dataset_input.tags} >= {("mlflow.data.context", "training")}
     assert json.loads(dataset_input.dataset.profile)["num_rows"] == len(manifest)
 
-    # The registered model serves raw pictures and agrees with the exported classifier.
+    # The registered model serves encoded pictures with class names and agrees with the exported classifier.
     version = client.get_model_version("pets-classifier", str(result["model_version"]))
     assert version.source == result["model_uri"] and version.run_id == run.info.run_id
     served, metadata = load_served_model(f"models:/pets-classifier/{result['model_version']}")
     vocab = json.loads((run_dir / "data" / "vocab.json").read_text())
     assert metadata["vocab"] == vocab and metadata["presize"] == 48
     images = manifest.loc[manifest["split"] == "valid", "path"].head(3).tolist()  # batch of 3: the example had 2
-    from lib.serve.serving import serving_batch
-
-    logits = np.asarray(served.predict(serving_batch(images, 48)))
+    answer = served.predict(pd.DataFrame({"image": [Path(image).read_bytes() for image in images]}))
     stage = "final" if (run_dir / "final").is_dir() else "probe"
     exported = Classifier.load(run_dir / stage / "model.pth", device="cpu")
     expected = exported.predict(images)
-    assert [vocab[i] for i in logits.argmax(axis=1)] == [prediction.label for prediction in expected]
-    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    assert probabilities.max(axis=1) == pytest.approx([p.probability for p in expected], abs=1e-4)
+    assert answer["label"].tolist() == [prediction.label for prediction in expected]
+    assert answer["probability"].tolist() == pytest.approx([p.probability for p in expected], abs=1e-5)
 
     # The warm rerun: no download, nothing presized or decoded again, and the probe is the final model.
     assert requests_after_first == 1 and server.requests == 1

@@ -1,8 +1,6 @@
 """The MLflow run's lifecycle (tasks/tracking.py) against a real sqlite store: start, take back, resume, orphans,
 per-stage histories, the stage process's epochs, and the logged and registered classifier."""
 
-import json
-
 import mlflow
 import pytest
 
@@ -144,50 +142,6 @@ def test_a_new_run_records_its_source_commit_and_gets_its_name_when_the_data_is_
     renamed = mlflow.MlflowClient(mlflow_uri).get_run(run.run_id)
     assert renamed.info.run_name == "resnet18 · pets 3fa2c1 · 12-02 00:14"
     assert renamed.data.tags["mlflow.runName"] == renamed.info.run_name
-
-
-def test_the_classifier_is_logged_as_the_runs_model_and_registered(mlflow_uri, tmp_path):
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from lib.serve.inference import export_classifier
-    from lib.train.model import create_model
-
-    torch.manual_seed(0)
-    vocab = ["cat", "dog"]
-    model = create_model("resnet18", n_classes=len(vocab), pretrained=False)
-    exported = export_classifier(tmp_path / "model.pth", model, arch="resnet18", vocab=vocab, size=32, presize=40)
-    pictures = []
-    for index, colour in enumerate([(200, 30, 30), (30, 30, 200)]):
-        Image.new("RGB", (60, 48), colour).save(tmp_path / f"{index}.jpg")
-        pictures.append(str(tmp_path / f"{index}.jpg"))
-    run = tracking.start_run("lifecycle", "m", tags("flow-50"), recipe=RECIPE)
-
-    model_info = tracking.log_classifier(run.run_id, str(exported), pictures, registered_model="life", step=3)
-
-    client = mlflow.MlflowClient(mlflow_uri)
-    version = client.get_model_version("life", model_info["model_version"])
-    assert version.run_id == run.run_id and version.source == model_info["model_uri"]
-    assert client.get_run(run.run_id).data.tags["model_version"] == str(model_info["model_version"])
-    served, metadata = tracking.load_served_model(f"models:/life/{model_info['model_version']}")
-    assert metadata["vocab"] == vocab and metadata["presize"] == 40 and metadata["arch"] == "resnet18"
-    from lib.serve.serving import serving_batch
-
-    logits = np.asarray(served.predict(serving_batch(pictures * 2, 40)))  # a batch of 4: the example had 2
-    assert logits.shape == (4, len(vocab)) and np.isfinite(logits).all()
-
-    # The declared signature is the one MLflow would infer, and the logged serving example is served: log_classifier
-    # leaves both checks out of every run.
-    from mlflow.models import infer_signature
-    from mlflow.models.utils import load_serving_example
-
-    example = serving_batch(pictures, 40)
-    assert served.metadata.signature == infer_signature(example, np.asarray(served.predict(example)))
-    serving_input = json.loads(load_serving_example(f"models:/life/{model_info['model_version']}"))
-    served_example = np.asarray(serving_input["inputs"], dtype=np.uint8)
-    assert served_example.shape == (2, 40, 40, 3)
-    assert np.allclose(np.asarray(served.predict(served_example)), logits[:2], atol=1e-5)
 
 
 def test_a_run_logged_before_a_setting_existed_resumes_with_that_settings_default(mlflow_uri):
