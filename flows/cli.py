@@ -30,7 +30,7 @@ from flows.prefect_api import temporary_api
 from lib.common.errors import DEBUG_VARIABLE, UserError
 from lib.common.numbers import significant
 from lib.recipe import ARCHITECTURES, CHAMPION_ALIAS, DEFAULT_ARCHS, DEFAULT_REGISTERED_MODEL, Recipe
-from tasks.mlflow_ui import UI_HOST, UI_PORT, UI_URL_VARIABLE, local_ui_url
+from tasks.mlflow_ui import SERVE_PORT, UI_HOST, UI_PORT, UI_URL_VARIABLE, local_ui_url
 
 console.quiet_telemetry()  # before anything imports Prefect or MLflow: both read it at import time
 
@@ -202,6 +202,8 @@ def predict(
 
     try:
         model, metadata = load_served_model(model_uri)
+    except UserError as error:  # the registry has no such model, alias or version: it says what it has
+        _fail(str(error))
     except Exception as error:  # MlflowException or an OSError, depending on where the URI stops resolving
         _fail(
             f"could not load the model {model_uri} from the tracking store {tracking_uri()}: {error}\n"
@@ -327,6 +329,34 @@ def ui(
     typer.echo(f"MLflow UI on {served} for {tracking_uri()} (Ctrl-C stops it)")
     if ui_url() != served:  # links printed by other commands would open another address
         typer.echo(f"Run links point at {ui_url()}; set {UI_URL_VARIABLE}={served} to make them open this UI.")
+    sys.stdout.flush()
+    os.execvpe(command[0], command, env)  # the server replaces this process: Ctrl-C and SIGTERM reach it directly
+
+
+@app.command()
+def serve(
+    model_uri: Annotated[
+        str,
+        typer.Argument(
+            metavar="MODEL_URI",
+            help="A registered or logged model: an alias, a version (models:/NAME/3) or models:/m-<id>.",
+        ),
+    ] = f"models:/{DEFAULT_REGISTERED_MODEL}@{CHAMPION_ALIAS}",
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = SERVE_PORT,
+    host: Annotated[str, typer.Option(help="Interface to bind; the default serves this machine only.")] = UI_HOST,
+    workers: Annotated[int, typer.Option(min=1, help="Server processes, each holding the model.")] = 1,
+) -> None:
+    """Serve a model over HTTP with `mlflow models serve`: POST encoded images to /invocations, get class names back.
+
+    An alias is resolved once, at the start: promoting another version later takes a restart.
+    """
+    from tasks.tracking import resolve_model
+
+    _check_tracking_store()
+    resolved = resolve_model(model_uri)
+    command, env = serve_command(resolved.uri, host=host, port=port, workers=workers)
+    version = f" (v{resolved.version})" if resolved.version else ""
+    typer.echo(f"Serving {model_uri}{version} on {local_ui_url(host, port)}/invocations (Ctrl-C stops it)")
     sys.stdout.flush()
     os.execvpe(command[0], command, env)  # the server replaces this process: Ctrl-C and SIGTERM reach it directly
 
@@ -472,6 +502,26 @@ def ui_command(*, host: str, port: int) -> tuple[list[str], dict[str, str]]:
     command += ["--host", host, "--port", str(port), "--workers", str(UI_WORKERS)]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no huey job runner: ~8 fewer processes
     return command, env  # telemetry: off in os.environ already (console.quiet_telemetry), unless the user opted in
+
+
+def serve_command(model_uri: str, *, host: str, port: int, workers: int) -> tuple[list[str], dict[str, str]]:
+    """Return the `mlflow models serve` command line and environment for a model of the project's tracking store.
+
+    MLflow 3.17 starts its scoring server by running `uvicorn` by name (mlflow/pyfunc/scoring_server/__init__.py,
+    `get_cmd`), so this interpreter's bin folder goes first on PATH: the server starts from an unactivated venv too.
+    The local environment manager serves from this environment instead of building a new one.
+    """
+    from tasks.tracking import tracking_uri
+
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local"]
+    command += ["--host", host, "--port", str(port), "--workers", str(workers)]
+    bin_folder = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri(),
+        "PATH": f"{bin_folder}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    return command, env
 
 
 def _fail(message: str, *, code: int = console.USER_ERROR_EXIT) -> NoReturn:

@@ -1,4 +1,5 @@
-"""Where the MLflow UI is: `pets ui` serves it on UI_HOST:UI_PORT, and every link to a run points at `ui_url()`.
+"""Where the MLflow UI is: `pets ui` serves it on UI_HOST:UI_PORT, and every link to a run points at `ui_url()`;
+`pets serve` serves models on UI_HOST:SERVE_PORT.
 
 A deployment setting, not part of the recipe: the address a person opens runs at changes nothing a run computes (and
 one run can be opened from several places, e.g. through a tunnel), so it is an environment variable beside
@@ -14,6 +15,8 @@ from urllib.parse import urlsplit, urlunsplit
 UI_HOST = "127.0.0.1"  # loopback only: the UI has no authentication (MLflow 3.17: only with --app-name basic-auth)
 UI_PORT = 5000  # MLflow's default port (`mlflow ui --port`, MLflow 3.17)
 UI_URL_VARIABLE = "PETS_MLFLOW_UI_URL"  # e.g. http://mlflow.internal:5000 or http://127.0.0.1:5055
+# `pets serve` (mlflow models serve) listens beside the UI: MLflow's default port 5000 is the UI's here.
+SERVE_PORT = 5001
 
 
 def local_ui_url(host: str = UI_HOST, port: int = UI_PORT) -> str:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import mlflow
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 
-from lib.serve.contract import DEFAULT_TOP_K, PictureClassifier
+from lib.serve.contract import DEFAULT_TOP_K, PictureClassifier, RequestError
 
 NETWORK_ARTIFACT = "network"  # the pt2 program: uint8 N x presize x presize x 3 pictures in, logits out
 
@@ -30,11 +31,14 @@ class ServedClassifier(PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         params = params or {}
-        return self.classifier.predict(
-            model_input,
-            top_k=params.get("top_k", DEFAULT_TOP_K),
-            probabilities=bool(params.get("probabilities", False)),
-        )
+        try:
+            return self.classifier.predict(
+                model_input,
+                top_k=params.get("top_k", DEFAULT_TOP_K),
+                probabilities=bool(params.get("probabilities", False)),
+            )
+        except RequestError as error:  # MLflow's scoring server answers an MlflowException with its message, HTTP 400
+            raise MlflowException.invalid_parameter_value(str(error)) from None
 
 
 mlflow.models.set_model(ServedClassifier())

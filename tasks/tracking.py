@@ -732,13 +732,70 @@ def log_classifier(run_id: str, model_path: str, example_images: Sequence[str], 
     return {"model_uri": info.model_uri, "model_id": info.model_id, "model_version": version.version}
 
 
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model URI as the registry resolved it: the registered model, its version, and the alias asked for."""
+
+    uri: str  # models:/<name>/<version> for a registered model (an alias moved later does not change it)
+    registered_model: str | None = None
+    version: str | None = None
+    alias: str | None = None
+
+
+def resolve_model(model_uri: str) -> ResolvedModel:
+    """Resolve models:/<name>@<alias> and models:/<name>/<version> to a version now, once.
+
+    A missing model, alias or version is a PromotionError naming the registered model's versions and aliases. Other
+    URIs (models:/m-<id>, runs:/, a path) come back as they are.
+    """
+    name, alias, version = _registry_parts(model_uri)
+    if name is None:
+        return ResolvedModel(uri=model_uri)
+    client = _client()
+    if alias is not None:
+        model = _registered_model(client, name)
+        if alias not in model.aliases:
+            aliases = ", ".join(f"{known} -> v{number}" for known, number in sorted(model.aliases.items()))
+            versions = sorted(
+                (str(found.version) for found in client.search_model_versions(f"name = '{name}'")), key=int
+            )
+            has = f"versions {', '.join(versions)}" if versions else "no versions"
+            raise PromotionError(
+                f"The registered model {name!r} has no alias {alias!r}; it has {has}"
+                f"{f' (aliases: {aliases})' if aliases else ''}. Promote one with `pets promote VERSION`, or pass "
+                f"models:/{name}/<version>."
+            )
+        version = str(model.aliases[alias])
+    else:
+        version = _existing_version(client, name, version)
+    return ResolvedModel(uri=f"models:/{name}/{version}", registered_model=name, version=version, alias=alias)
+
+
+def _registry_parts(model_uri: str) -> tuple[str | None, str | None, str | None]:
+    """Split models:/<name>@<alias> or models:/<name>/<version> into (name, alias, version); Nones otherwise."""
+    if not model_uri.startswith("models:/"):
+        return None, None, None
+    path = model_uri.removeprefix("models:/").strip("/")
+    if "@" in path:
+        name, alias = path.rsplit("@", 1)
+        return name, alias, None
+    if "/" in path:
+        name, version = path.rsplit("/", 1)
+        return name, None, version
+    return None, None, None  # models:/m-<id>, a logged model
+
+
 def load_served_model(model_uri: str):
-    """Load a logged or registered model for prediction; return (pyfunc model, its metadata dict)."""
+    """Load a logged or registered model for prediction; return (pyfunc model, its metadata dict).
+
+    A registered model's alias or version that does not exist is a PromotionError naming what the model has.
+    """
     import mlflow
     import mlflow.pyfunc
 
+    resolved = resolve_model(model_uri)
     mlflow.set_tracking_uri(tracking_uri())
-    model = mlflow.pyfunc.load_model(model_uri)
+    model = mlflow.pyfunc.load_model(resolved.uri)
     return model, dict(model.metadata.metadata or {})
 
 
@@ -884,8 +941,8 @@ def _registered_model(client, name: str):
     names = sorted(model.name for model in client.search_registered_models(max_results=100))
     known = f"registered models: {', '.join(names)}" if names else "it has no registered models"
     raise PromotionError(
-        f"The registry at {redact_url(tracking_uri())} has no registered model {name!r} ({known}); pass --model with "
-        "one of them, or register one with `pets train`."
+        f"The registry at {redact_url(tracking_uri())} has no registered model {name!r} ({known}); name one of them, "
+        "or register one with `pets train`."
     ) from None
 
 

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -12,46 +11,28 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from lib.evaluate.evaluation import validation_predictions
 from lib.serve.contract import IMAGE_COLUMN
-from lib.serve.inference import Classifier, export_classifier
-from lib.train.model import create_model
+from lib.serve.inference import Classifier
 from tasks import tracking
-from tests.support.pets import presized_pets
+from tests.support.served import PRESIZE, SIZE, register_classifier, store_uri
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
-PRESIZE, SIZE = 40, 32
-REGISTERED = "served"
 
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory, _mlflow_template_db):
-    """A random-init resnet18 over 3 synthetic breeds, logged and registered in its own store: (uri, manifest, ...)."""
     root = tmp_path_factory.mktemp("served")
-    store = root / "mlflow"
-    store.mkdir()
-    shutil.copy(_mlflow_template_db, store / "mlflow.db")
-    uri = f"sqlite:///{store / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        manifest, vocab = presized_pets(root, breeds=3, images_per_breed=8, presize=PRESIZE)
-        torch.manual_seed(0)
-        net = create_model("resnet18", len(vocab), pretrained=False)
-        exported = export_classifier(root / "model.pth", net, arch="resnet18", vocab=vocab, size=SIZE, presize=PRESIZE)
-        experiment = tracking.ensure_experiment("served")
-        run = mlflow.MlflowClient(uri).create_run(experiment)
-        examples = manifest["path"].head(2).tolist()
-        info = tracking.log_classifier.fn(run.info.run_id, str(exported), examples, registered_model=REGISTERED, step=1)
-        yield {"uri": uri, "manifest": manifest, "vocab": vocab, "export": exported, "info": info, "root": root}
+        patch.setenv("MLFLOW_TRACKING_URI", store_uri(root))
+        yield register_classifier(root, _mlflow_template_db, "served")
 
 
 @pytest.fixture
 def served(registered, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered["uri"])
-    model, metadata = tracking.load_served_model(f"models:/{REGISTERED}/{registered['info']['model_version']}")
-    return model, metadata
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered.uri)
+    return tracking.load_served_model(registered.model_uri)
 
 
 def request(paths) -> pd.DataFrame:
@@ -64,10 +45,10 @@ def probabilities(answer: pd.DataFrame, vocab) -> np.ndarray:
 
 def test_the_version_carries_its_contract_signature_example_and_class_names(registered, served):
     model, metadata = served
-    client = mlflow.MlflowClient(registered["uri"])
-    version = client.get_model_version(REGISTERED, registered["info"]["model_version"])
-    assert json.loads(version.tags["classes"]) == list(registered["vocab"]) and version.tags["arch"] == "resnet18"
-    assert metadata == {"vocab": list(registered["vocab"]), "arch": "resnet18", "size": SIZE, "presize": PRESIZE}
+    client = mlflow.MlflowClient(registered.uri)
+    version = client.get_model_version(registered.name, registered.version)
+    assert json.loads(version.tags["classes"]) == list(registered.vocab) and version.tags["arch"] == "resnet18"
+    assert metadata == {"vocab": list(registered.vocab), "arch": "resnet18", "size": SIZE, "presize": PRESIZE}
     signature = model.metadata.signature
     assert signature.inputs.input_names() == [IMAGE_COLUMN] and signature.inputs.inputs[0].type.name == "binary"
     assert signature.outputs.input_names() == ["label", "probability", "top_k", "error", "probabilities"]
@@ -76,15 +57,15 @@ def test_the_version_carries_its_contract_signature_example_and_class_names(regi
     # The example MLflow's UI and `mlflow models predict` show is a real request: two JPEGs as base64.
     from mlflow.models.utils import load_serving_example
 
-    example = json.loads(load_serving_example(f"models:/{REGISTERED}/{registered['info']['model_version']}"))
+    example = json.loads(load_serving_example(registered.model_uri))
     assert example["dataframe_split"]["columns"] == [IMAGE_COLUMN] and len(example["dataframe_split"]["data"]) == 2
     from mlflow.pyfunc.scoring_server import infer_and_parse_data
 
     answer = model.predict(infer_and_parse_data(example, signature.inputs))
-    assert answer["error"].isna().all() and set(answer["label"]) <= set(registered["vocab"])
+    assert answer["error"].isna().all() and set(answer["label"]) <= set(registered.vocab)
 
     # The network is a pt2 program; the only pickle in the model folder would be a bug.
-    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{REGISTERED}/{registered['info']['model_version']}"))
+    folder = Path(mlflow.artifacts.download_artifacts(registered.model_uri))
     assert (folder / "artifacts" / "network.pt2").is_file() and not list(folder.rglob("*.pkl"))
     assert sorted(p.relative_to(folder / "code").as_posix() for p in (folder / "code").rglob("*.py")) == sorted(
         tracking.CONTRACT_MODULES
@@ -93,9 +74,9 @@ def test_the_version_carries_its_contract_signature_example_and_class_names(regi
 
 def test_served_probabilities_are_the_runs_validation_probabilities(registered, served):
     model, _ = served
-    manifest, vocab = registered["manifest"], registered["vocab"]
+    manifest, vocab = registered.manifest, registered.vocab
     expected = validation_predictions(
-        Path(registered["export"]), manifest, vocab, presize=PRESIZE, size=SIZE, workers=0, device="cpu"
+        Path(registered.export), manifest, vocab, presize=PRESIZE, size=SIZE, workers=0, device="cpu"
     ).probabilities.numpy()
     # Validation reads each picture from the presize cache: sending those bytes serves the very pixels it saw.
     valid = manifest[manifest["split"] == "valid"]
@@ -106,26 +87,26 @@ def test_served_probabilities_are_the_runs_validation_probabilities(registered, 
 
 def test_served_originals_agree_with_the_exported_classifier_that_pets_predict_used_to_run(registered, served):
     model, _ = served
-    paths = registered["manifest"]["path"].head(5).tolist()
-    expected = Classifier.load(Path(registered["export"]), device="cpu").predict(paths)
+    paths = registered.manifest["path"].head(5).tolist()
+    expected = Classifier.load(Path(registered.export), device="cpu").predict(paths)
     answer = model.predict(request(paths), params={"probabilities": True})
-    oracle = np.array([[p.probabilities[name] for name in registered["vocab"]] for p in expected])
-    assert np.abs(probabilities(answer, registered["vocab"]) - oracle).max() < 1e-5
+    oracle = np.array([[p.probabilities[name] for name in registered.vocab] for p in expected])
+    assert np.abs(probabilities(answer, registered.vocab) - oracle).max() < 1e-5
 
 
 @pytest.mark.slow  # a fresh interpreter loading torch and MLflow: 15 s
 def test_the_registered_model_loads_and_predicts_where_the_project_cannot_be_imported(registered, tmp_path):
     # A fresh interpreter, outside the checkout, with the project's editable install taken off the import path: the
     # model must bring its own code (the contract's modules) and need nothing but MLflow, torch and Pillow.
-    paths = registered["manifest"]["path"].head(3).tolist()
-    expected = Classifier.load(Path(registered["export"]), device="cpu").predict(paths)
+    paths = registered.manifest["path"].head(3).tolist()
+    expected = Classifier.load(Path(registered.export), device="cpu").predict(paths)
     script = textwrap.dedent(
         f"""
         import importlib.util, json, sys
         sys.meta_path = [finder for finder in sys.meta_path if "__editable__" not in repr(finder)]
         assert all(importlib.util.find_spec(name) is None for name in ("lib", "tasks", "flows")), "project importable"
         import mlflow.pyfunc, pandas as pd
-        model = mlflow.pyfunc.load_model("models:/{REGISTERED}/{registered["info"]["model_version"]}")
+        model = mlflow.pyfunc.load_model({registered.model_uri!r})
         paths = {paths!r}
         answer = model.predict(pd.DataFrame({{"image": [open(p, "rb").read() for p in paths]}}))
         import lib
@@ -133,7 +114,7 @@ def test_the_registered_model_loads_and_predicts_where_the_project_cannot_be_imp
                           "lib": lib.__file__}}))
         """
     )
-    environment = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"]}
+    environment = {**os.environ, "MLFLOW_TRACKING_URI": registered.uri}
     environment.pop("PYTHONPATH", None)
     done = subprocess.run(
         [sys.executable, "-c", script], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300
