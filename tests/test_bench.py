@@ -92,3 +92,13 @@ def test_vs_fastai_runs_both_sides_on_the_same_images(tmp_path):
         record["project_train_images_per_second"] / record["fastai_train_images_per_second"], rel=0.01
     )
     assert record["fastai_version"] == "2.8.12"
+
+
+@pytest.mark.slow  # registers a model and starts the real server: ~40 s
+def test_serving_reports_the_latency_percentiles_of_answered_requests(tmp_path):
+    record = run_bench(
+        "serving", "--arch", "resnet18", "--presize", "48", "--size", "32", "--requests", "5", data_dir=tmp_path
+    )
+    assert record["failed_requests"] == 0 and record["requests"] == 5
+    assert 0 < record["served_p50_ms"] <= record["served_p95_ms"]
+    assert record["server_overhead"] == pytest.approx(record["served_p50_ms"] / record["pyfunc_p50_ms"], rel=0.02)
