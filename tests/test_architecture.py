@@ -1,4 +1,5 @@
-"""Imports go one way (flows -> tasks -> lib); lib imports neither prefect nor mlflow; only tracking.py uses MLflow."""
+"""Imports go one way (flows -> tasks -> lib); lib imports neither prefect nor mlflow; only tracking.py uses MLflow,
+besides served_model.py, the registered model's own code, which imports nothing of the project but the contract."""
 
 import ast
 from pathlib import Path
@@ -32,8 +33,30 @@ def test_lib_imports_neither_orchestration_nor_tracking(path):
 def test_tasks_never_import_flows_and_only_tracking_talks_to_mlflow(path):
     roots = imported_roots(path)
     assert "flows" not in roots
-    if path.name != "tracking.py":
+    if path.name not in ("tracking.py", "served_model.py"):
         assert "mlflow" not in roots
+
+
+def project_imports(path: Path) -> set[str]:
+    """The project modules a file imports, as paths relative to the repository (lib/serve/contract.py)."""
+    tree = ast.parse(path.read_text())
+    names = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    names |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    return {name.replace(".", "/") + ".py" for name in names if name.split(".")[0] in ("lib", "tasks", "flows")}
+
+
+def test_the_registered_models_code_carries_every_project_module_it_imports():
+    # tasks/served_model.py runs wherever the model is loaded, with CONTRACT_MODULES as its only project code.
+    from tasks.tracking import CONTRACT_MODULES
+
+    carried = set(CONTRACT_MODULES)
+    assert imported_roots(ROOT / "tasks" / "served_model.py") <= {"mlflow", "pandas", "torch", "lib", "__future__"}
+    reached, queue = set(), [ROOT / "tasks" / "served_model.py"]
+    while queue:
+        for module in project_imports(queue.pop()) - reached:
+            reached.add(module)
+            queue.append(ROOT / module)
+    assert reached and reached <= carried, sorted(reached - carried)
 
 
 @pytest.mark.parametrize("path", modules("flows"), ids=lambda p: p.name)
