@@ -3,8 +3,9 @@
 A random-init model at the recipe's defaults (resnet50 head over 37 classes, presize 460, size 224) is logged and
 registered in a temporary store exactly as training registers it, served by the real `pets serve` (`mlflow models
 serve`, one worker) on 127.0.0.1, and sent one pet-sized JPEG (500 x 375, the Oxford-IIIT Pet originals' common
-size) per request, one request at a time. The same picture through the loaded pyfunc in this process gives the
-model's own latency, so `server_overhead` is what HTTP, JSON, base64 and the scoring server add, measured in one run.
+size) per request, one request at a time. The same picture through the loaded pyfunc in this process, alternating
+with the requests, gives the model's own latency, so `server_overhead` is what HTTP, JSON, base64 and the scoring
+server add, measured in one run.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from lib.train.model import create_model
 
 PET_PHOTO = (500, 375)  # width x height of most Oxford-IIIT Pet originals
 REGISTERED = "bench-served"
+WARM_UP = 3  # untimed rounds first: the first calls allocate and pick kernels
 
 
 def main() -> None:
@@ -43,7 +45,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=37, help="classes of the head")
     parser.add_argument("--presize", type=int, default=DEFAULT_PRESIZE, help="the model's presize")
     parser.add_argument("--size", type=int, default=224, help="the model's training size")
-    parser.add_argument("--requests", type=int, default=40, help="timed requests (after 3 warm-up ones)")
+    parser.add_argument("--requests", type=int, default=40, help="timed rounds (after the warm-up ones)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as folder:
@@ -51,8 +53,7 @@ def main() -> None:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
         picture = pet_photo()
         model_uri = register(root, args)
-        pyfunc_ms = pyfunc_latencies(model_uri, picture, args.requests)
-        served_ms, failures = served_latencies(root, picture, args.requests)
+        served_ms, pyfunc_ms, failures = latencies(root, model_uri, picture, args.requests)
     served_p50, pyfunc_p50 = statistics.median(served_ms), statistics.median(pyfunc_ms)
     figures = {
         "arch": args.arch,
@@ -102,26 +103,15 @@ def register(root: Path, args: argparse.Namespace) -> str:
     return f"models:/{REGISTERED}/{info['model_version']}"
 
 
-def pyfunc_latencies(model_uri: str, picture: bytes, requests: int) -> list[float]:
-    """Milliseconds of the loaded pyfunc's predict on the one picture, in this process."""
+def latencies(root: Path, model_uri: str, picture: bytes, requests: int) -> tuple[list[float], list[float], int]:
+    """Milliseconds of each round trip to `pets serve` of the champion and of the pyfunc's predict in this process,
+    alternating one of each per round (a burst of load from a neighbour hits both), and the failed requests."""
+    import httpx
+
     from tasks.tracking import load_served_model
 
     model, _ = load_served_model(model_uri)
-    request = pd.DataFrame({IMAGE_COLUMN: [picture]})
-    for _ in range(3):
-        model.predict(request)
-    times = []
-    for _ in range(requests):
-        start = time.perf_counter()
-        model.predict(request)
-        times.append((time.perf_counter() - start) * 1000)
-    return times
-
-
-def served_latencies(root: Path, picture: bytes, requests: int) -> tuple[list[float], int]:
-    """Milliseconds of each round trip to `pets serve` of the champion, and how many requests failed."""
-    import httpx
-
+    frame = pd.DataFrame({IMAGE_COLUMN: [picture]})
     port = free_port()
     pets = Path(sys.executable).with_name("pets")
     server = subprocess.Popen(
@@ -131,23 +121,27 @@ def served_latencies(root: Path, picture: bytes, requests: int) -> tuple[list[fl
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{port}/invocations"
     body = {"dataframe_split": {"columns": [IMAGE_COLUMN], "data": [[base64.b64encode(picture).decode()]]}}
+    served, in_process, failures = [], [], 0
     try:
-        wait_until_up(url, server)
+        wait_until_up(f"http://127.0.0.1:{port}", server)
         with httpx.Client(timeout=120) as client:
-            for _ in range(3):
-                client.post(f"{url}/invocations", json=body)
-            times, failures = [], 0
-            for _ in range(requests):
+            for round_ in range(requests + WARM_UP):
                 start = time.perf_counter()
-                response = client.post(f"{url}/invocations", json=body)
-                times.append((time.perf_counter() - start) * 1000)
+                response = client.post(url, json=body)
+                middle = time.perf_counter()
+                model.predict(frame)
+                end = time.perf_counter()
+                if round_ < WARM_UP:
+                    continue
+                served.append((middle - start) * 1000)
+                in_process.append((end - middle) * 1000)
                 failures += response.status_code != 200 or response.json()["predictions"][0]["error"] is not None
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
-    return times, failures
+    return served, in_process, failures
 
 
 def wait_until_up(url: str, server: subprocess.Popen, timeout: float = 300) -> None:
