@@ -135,3 +135,19 @@ def test_pets_predict_images_labels_a_csv_with_tta_and_names_an_unknown_alias_or
     assert refused.exit_code == 2 and "nowhere does not exist" in refused.output
     refused = invoke("predict-images", tmp_path / "list.csv", *common, "--top-k", "0")
     assert refused.exit_code == 2 and "--top-k" in refused.output
+
+
+def test_every_prediction_and_runtime_setting_is_an_option_and_in_the_flows_form():
+    from lib.recipe import PREDICT_TOP_K, field_option
+    from lib.serve.contract import DEFAULT_TOP_K
+
+    text = invoke("predict-images", "--help").stdout
+    for model in (PredictSettings, RuntimeSettings):
+        for name in model.model_fields:
+            flag = f"--{field_option(model, name).replace('_', '-')}"
+            assert (flag in text) == (name != "compile"), flag  # nothing compiles a prediction
+    schema = predict_images.parameters.model_dump()
+    assert schema["required"] == ["source"]
+    for model in (PredictSettings, RuntimeSettings):
+        assert set(schema["definitions"][model.__name__]["properties"]) == set(model.model_fields)
+    assert PREDICT_TOP_K == DEFAULT_TOP_K  # the CSV's top_k is the served answer's by default
