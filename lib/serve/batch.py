@@ -36,7 +36,7 @@ from lib.recipe import DEFAULT_BATCH_SIZE, DEFAULT_MIN_SCALE, DEFAULT_SEED, PRED
 from lib.serve.contract import UNREADABLE, answer_table, decode_picture, unreadable_reason
 from lib.serve.serving import ServingModel
 from lib.train.model import create_model
-from lib.train.precision import resolve_precision
+from lib.train.precision import resolve_precision, use_channels_last
 
 PREDICTION_COLUMNS = ("file", "label", "probability", "top_k", "error")  # predictions.csv; `probabilities` on request
 HISTOGRAM_DPI = 100
@@ -119,7 +119,10 @@ class BatchPredictor:
     def __init__(self, net: nn.Module, *, size: int, presize: int, device: torch.device | str, precision: str):
         self.device = torch.device(device)
         self.precision = resolve_precision(precision, self.device)
-        self.model = ServingModel(net, size=size).to(self.device).eval()
+        # channels_last: oneDNN's and cuDNN's faster convolutions (lib/train/precision.py); 8 against 10 ms a picture
+        # for resnet18 at 128 px in batches of 32 on the 2-core CPU measured here
+        memory_format = torch.channels_last if use_channels_last(self.device) else torch.contiguous_format
+        self.model = ServingModel(net, size=size).to(self.device, memory_format=memory_format).eval()
         self.presize = presize
 
     @torch.inference_mode()
