@@ -151,3 +151,34 @@ def test_every_prediction_and_runtime_setting_is_an_option_and_in_the_flows_form
     for model in (PredictSettings, RuntimeSettings):
         assert set(schema["definitions"][model.__name__]["properties"]) == set(model.model_fields)
     assert PREDICT_TOP_K == DEFAULT_TOP_K  # the CSV's top_k is the served answer's by default
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_cpu_deployment_labels_a_folder_through_a_real_worker(registered, tmp_path):
+    from tests.support.prefect_server import prefect_server
+
+    predicted, reported = bad_inputs(tmp_path / "images")
+    worker_env = {"MLFLOW_TRACKING_URI": registered["uri"], "MLFLOW_DISABLE_TELEMETRY": "true"}
+    with prefect_server(tmp_path / "prefect") as server:
+        server.cli("work-pool", "create", "cpu", "--type", "process", "--overwrite")
+        server.cli("--no-prompt", "deploy", "--name", "predict-images-cpu")
+        (deployment,) = server.post("/deployments/filter", {})
+        server.start_worker("cpu", extra_env=worker_env)
+        parameters = {
+            "source": str(tmp_path / "images"),
+            "settings": {"registered_model": MODEL, "workers": 0},
+            "runtime": {"device": "cpu", "out_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache")},
+        }
+        run = server.post(f"/deployments/{deployment['id']}/create_flow_run", {"parameters": parameters})
+        final = server.wait_for_final_state(run["id"], timeout=300)
+        assert final["state_type"] == "COMPLETED", f"{final['state']}\n{server.diagnostics()}"
+    assert (deployment["work_pool_name"], deployment["name"]) == ("cpu", "predict-images-cpu")
+
+    client = mlflow.MlflowClient(registered["uri"])
+    experiment = client.get_experiment_by_name("pets-predictions")
+    (found,) = client.search_runs([experiment.experiment_id], f"tags.`{tracking.FLOW_RUN_TAG}` = '{run['id']}'")
+    assert found.data.params["model_version"] == "1" and found.data.params["device"] == "cpu"
+    rows = read_predictions(tmp_path / "out" / found.info.run_id / "predictions.csv")
+    assert sorted(rows.loc[rows["error"].notna(), "file"]) == reported
+    assert sorted(rows.loc[rows["label"].notna(), "file"]) == predicted
