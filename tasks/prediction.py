@@ -28,7 +28,8 @@ INPUTS_FILE = "inputs.csv"  # what was labelled: file, local path, sha256, why i
 PREDICTIONS_FILE = "predictions.csv"
 HISTOGRAM_FILE = "class_histogram.png"
 PREDICTIONS_FOLDER = "predictions"  # under the cache folder: one CSV per cache key
-# The parameters of predict_batch that change its rows (the others say where and how fast it runs).
+# The parameters of predict_batch that change its rows; the others say where and how fast it runs (the batch size
+# changes at most the last bits of a probability, ~1e-7: how oneDNN splits a batch's sums).
 KEYED_PARAMETERS = ("input_digest", "top_k", "probabilities", "tta", "precision")
 KEYED_MODEL = ("registered_model", "version", "model_id")
 

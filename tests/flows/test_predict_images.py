@@ -98,6 +98,11 @@ def test_a_folder_is_labelled_as_the_registered_model_serves_it_recorded_in_mlfl
     assert pd.read_csv(again["predictions"]).equals(pd.read_csv(first["predictions"]))
     assert client.get_run(again["run_id"]).data.tags[tracking.CACHE_HIT_TAG] == "true"
 
+    for stored in (tmp_path / "cache" / "predictions").glob("*.csv"):  # the cached rows' file, gone
+        stored.unlink()
+    healed = predict_images(str(tmp_path / "images"), settings(probabilities=True, bs=3), runtime)
+    assert healed["cached"] is False and pd.read_csv(healed["predictions"]).equals(pd.read_csv(first["predictions"]))
+
     (tmp_path / "images" / "plain.jpg").write_bytes((tmp_path / "images" / "cmyk.jpg").read_bytes())
     changed = predict_images(str(tmp_path / "images"), settings(probabilities=True), runtime)
     assert changed["cached"] is False and changed["input_digest"] != first["input_digest"]
