@@ -2,6 +2,7 @@
 
 pets train | compare | lr-find     run the recipe (flows/train.py, flows/compare.py)
 pets predict MODEL_URI IMAGES...   label pictures with a logged or registered model
+pets predict-images INPUT          label a folder, archive or CSV of images with the champion: predictions.csv
 pets summary | demo                the data stage alone; the whole recipe offline on generated data
 pets ui | announce-dataset         the MLflow UI on the project's store; tell Prefect about a new dataset
 pets promote VERSION | champion    move the registry's champion alias (recorded); show its history
@@ -25,11 +26,19 @@ import typer
 
 from flows import console
 from flows.defaults import DEMO_BREEDS, DEMO_EPOCHS, DEMO_EXPERIMENT, DEMO_IMAGES_PER_BREED
-from flows.options import RecipeRequest, recipe_options, setting_type
+from flows.options import RecipeRequest, recipe_options, section_options, setting_type
 from flows.prefect_api import temporary_api
 from lib.common.errors import DEBUG_VARIABLE, UserError
 from lib.common.numbers import significant
-from lib.recipe import ARCHITECTURES, CHAMPION_ALIAS, DEFAULT_ARCHS, DEFAULT_REGISTERED_MODEL, Recipe
+from lib.recipe import (
+    ARCHITECTURES,
+    CHAMPION_ALIAS,
+    DEFAULT_ARCHS,
+    DEFAULT_REGISTERED_MODEL,
+    PredictSettings,
+    Recipe,
+    RuntimeSettings,
+)
 from tasks.mlflow_ui import SERVE_PORT, UI_HOST, UI_PORT, UI_URL_VARIABLE, local_ui_url
 
 console.quiet_telemetry()  # before anything imports Prefect or MLflow: both read it at import time
@@ -203,7 +212,7 @@ def predict(
     try:
         model, metadata = load_served_model(model_uri)
     except UserError as error:  # the registry has no such model, alias or version: it says what it has
-        _fail(str(error))
+        _fail(f"could not load the model {model_uri}: {error} Another store: set MLFLOW_TRACKING_URI.")
     except Exception as error:  # MlflowException or an OSError, depending on where the URI stops resolving
         _fail(
             f"could not load the model {model_uri} from the tracking store {tracking_uri()}: {error}\n"
@@ -265,6 +274,60 @@ def _tta_predictions(model, images: Sequence[Path], metadata: Mapping, top_k: in
             continue
         predictions.append(_top_k(str(image), probabilities.astype(np.float64), metadata["vocab"], top_k))
     return predictions
+
+
+@app.command("predict-images")
+@section_options(predict=PredictSettings, runtime=RuntimeSettings, exclude=("compile",))
+def predict_images(
+    source: Annotated[
+        str,
+        typer.Argument(
+            metavar="INPUT",
+            help="A folder of images (searched recursively), an archive (.tgz, .tar or .zip: http(s)://, file:// or a "
+            "path) or a CSV whose `path` or `url` column lists images (paths relative to the CSV, or URLs).",
+            show_default=False,
+        ),
+    ],
+    as_json: Json = False,
+    *,
+    predict: PredictSettings,
+    runtime: RuntimeSettings,
+) -> None:
+    """Label every image of INPUT with a registered model (default: its champion) into predictions.csv.
+
+    Batched on the device (fp16 on CUDA); an image that cannot be read is reported in its row. One MLflow run in the
+    experiment pets-predictions records the model version, the input's digest, the throughput and the CSV; the same
+    input and model version again come from the Prefect cache.
+    """
+    from lib.serve.inputs import input_kind, is_url
+    from tasks.tracking import resolve_model_version
+
+    if not is_url(source):
+        source = str(Path(source).expanduser().resolve())
+    input_kind(source)  # a path that is none of the three: one line, before anything starts
+    runtime.check_runnable()
+    _check_tracking_store()
+    # The flow resolves the alias again as it starts; this names an unknown model, alias or version at once.
+    resolve_model_version(predict.registered_model, alias=predict.alias, version=predict.version)
+    with temporary_api():  # after the checks: a bad option starts no server
+        from flows.predict import predict_images as predict_images_flow
+
+        console.quiet_run_logs()
+        state = predict_images_flow(source=source, settings=predict, runtime=runtime, return_state=True)
+        result = _result_or_exit(state)
+    if as_json:
+        _print_json(result)
+        return
+    alias = f" ({result['alias']})" if result["alias"] else ""
+    cached = ", from the Prefect cache" if result["cached"] else ""
+    typer.echo(
+        f"Labelled {result['images']} images with {result['registered_model']} v{result['model_version']}{alias}"
+        f"{cached}: {result['predictions']}"
+    )
+    if result["unreadable"]:
+        typer.echo(f"{result['unreadable']} could not be read: their rows say why.")
+    typer.echo(f"Predicted classes: {result['histogram']}")
+    typer.echo(f"MLflow run: {result['run_url']} (open the UI with `pets ui`)")
 
 
 @app.command()

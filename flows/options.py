@@ -23,7 +23,17 @@ import typer
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from lib.recipe import OPTIONS, SECTIONS, Recipe, RecipeError, describe_error, fields, option_name
+from lib.recipe import (
+    OPTIONS,
+    SECTIONS,
+    Recipe,
+    RecipeError,
+    Section,
+    describe_error,
+    field_option,
+    fields,
+    option_name,
+)
 
 PATH_OPTIONS = ("data_dir", "out_dir", "cache_dir")  # made absolute: a flow may run in another working directory
 PATH_OR_URL_OPTIONS = ("labels_csv",)  # made absolute when the path exists here; a URL is kept as it is
@@ -102,6 +112,66 @@ def recipe_options(*, exclude: tuple[str, ...] = ()) -> Callable[[Callable], Cal
     return decorate
 
 
+def section_options(*, exclude: tuple[str, ...] = (), **sections: type[Section]) -> Callable[[Callable], Callable]:
+    """Give the decorated command one option per field of each section but `exclude` (a command outside the recipe,
+    such as `pets predict-images`), grouped by section in `--help`.
+
+    The command declares one parameter per keyword, last (`predict: PredictSettings`), and gets each section built
+    from the options given over its defaults; a value the section refuses is a RecipeError naming the option.
+    """
+
+    def decorate(command: Callable) -> Callable:
+        hints = typing.get_type_hints(command, include_extras=True)
+        own = [
+            parameter.replace(annotation=hints[name])
+            for name, parameter in inspect.signature(command).parameters.items()
+            if name not in sections
+        ]
+        settings = {
+            field_option(model, name): (key, name)
+            for key, model in sections.items()
+            for name in model.model_fields
+            if field_option(model, name) not in exclude
+        }
+        context = inspect.Parameter(CONTEXT, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+        added = [context]
+        for option, (key, name) in settings.items():
+            info = sections[key].model_fields[name]
+            added.append(_option_parameter(option, info, panel=key.title()))
+
+        @functools.wraps(command)
+        def run(**arguments: Any) -> Any:
+            context = arguments.pop(CONTEXT)
+            given: dict[str, dict[str, Any]] = {key: {} for key in sections}
+            for option, (key, name) in settings.items():
+                value = arguments.pop(option)
+                source = context.get_parameter_source(option)
+                if source is not None and source.name != "DEFAULT":
+                    given[key][name] = _plain(option, value)
+            built = {key: _section(model, given[key]) for key, model in sections.items()}
+            return command(**arguments, **built)
+
+        parameters = own + added
+        run.__signature__ = inspect.Signature(parameters)
+        run.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
+        return run
+
+    return decorate
+
+
+def _section(model: type[Section], given: Mapping[str, Any]) -> Section:
+    """Build a section from the options given, or raise a RecipeError naming each refused option."""
+    try:
+        return model.model_validate(given)
+    except ValidationError as error:
+        problems = []
+        for problem in error.errors():
+            name = str(problem["loc"][0]) if problem["loc"] else ""
+            flag = f"--{field_option(model, name).replace('_', '-')}" if name in model.model_fields else "options"
+            problems.append(f"{flag}: {problem['msg'].removeprefix('Value error, ')}")
+        raise RecipeError("; ".join(problems)) from None
+
+
 def _file_parameter() -> inspect.Parameter:
     option = typer.Option(
         "--recipe",
@@ -116,7 +186,13 @@ def _file_parameter() -> inspect.Parameter:
 
 def _setting_parameter(option: str, section: str, name: str) -> inspect.Parameter:
     """Declare one recipe setting as a typer option: its type, default, help with the range, its section's panel."""
-    info = SECTIONS[section].model_fields[name]
+    return _option_parameter(
+        option, SECTIONS[section].model_fields[name], panel=f"{section.title()} (recipe: {section})"
+    )
+
+
+def _option_parameter(option: str, info: FieldInfo, *, panel: str) -> inspect.Parameter:
+    """Declare one setting as a typer option: its type, default, help with the range, in `panel` of `--help`."""
     flag = "--" + option.replace("_", "-")
     kind = _cli_type(option, info)
     declarations = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
@@ -130,7 +206,7 @@ def _setting_parameter(option: str, section: str, name: str) -> inspect.Paramete
         *declarations,
         help=help_text,
         show_default=info.default is not None,
-        rich_help_panel=f"{section.title()} (recipe: {section})",
+        rich_help_panel=panel,
     )
     annotation = kind if info.default is not None else kind | None
     return inspect.Parameter(

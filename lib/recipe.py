@@ -62,6 +62,10 @@ BASELINE_LR = 2e-3  # fastai 2.8.12 fastai/callback/schedule.py: fine_tune(..., 
 DEFAULT_EXPERIMENT = "pets"
 DEFAULT_REGISTERED_MODEL = "pets-classifier"
 CHAMPION_ALIAS = "champion"  # the registry alias the compare flow and `pets promote` move
+DEFAULT_PREDICT_EXPERIMENT = "pets-predictions"  # batch predictions have their own runs, apart from the trainings
+# TorchServe's image classifier answers the top 5 classes (pytorch/serve ts/torch_handler/image_classifier.py,
+# topk=5), as the served contract does (lib/serve/contract.py DEFAULT_TOP_K; it cannot import this module).
+PREDICT_TOP_K = 5
 
 
 class RecipeError(UserError, ValueError):
@@ -278,6 +282,55 @@ class RuntimeSettings(Section):
     )
     cache_dir: str | None = Field(None, description="Downloads and presize cache; default $PETS_HOME or ~/.cache/pets.")
 
+    def check_runnable(self) -> None:
+        """Refuse, naming the option, folders that cannot be and a device this machine lacks."""
+        for option, folder in (("--out-dir", self.out_dir), ("--cache-dir", self.cache_dir)):
+            _check_folder(option, folder)
+        if self.device is not None:
+            _check_device(self.device)
+
+    @property
+    def precision(self) -> str:
+        """The precision asked for: fp16 where the device allows it, else fp32 (`Recipe.precision`)."""
+        return "fp16" if self.fp16 else "fp32"
+
+
+class PredictSettings(Section):
+    """Batch prediction (`pets predict-images`): which registered model version labels the images, and how.
+
+    Not part of `Recipe`: a prediction trains nothing. Its runtime (device, fp16, folders) is a `RuntimeSettings`.
+    """
+
+    registered_model: str = Field(
+        DEFAULT_REGISTERED_MODEL,
+        min_length=1,
+        description="MLflow registered model whose version labels the images.",
+        json_schema_extra=_option("model"),
+    )
+    alias: str = Field(
+        CHAMPION_ALIAS, min_length=1, description="Registry alias naming the version; resolved once, as the run starts."
+    )
+    version: str | None = Field(None, description="A model version (3 or v3) to use instead of the alias.")
+    top_k: int = Field(PREDICT_TOP_K, ge=1, description="Classes in each row's top_k, best first.")
+    probabilities: bool = Field(
+        False, description="Also write every class's probability per image (a JSON `probabilities` column)."
+    )
+    tta: bool = Field(
+        False,
+        description="Test-time augmentation (fastai's tta): blend 4 seeded augmented views of each picture with the "
+        "plain one (5 predictions per picture).",
+    )
+    bs: int = Field(DEFAULT_BATCH_SIZE, ge=1, description="Pictures per batch on the device.")
+    workers: int | None = Field(
+        None,
+        ge=0,
+        description=f"DataLoader worker processes decoding pictures; default min({MAX_DEFAULT_WORKERS}, CPUs) with a "
+        f"GPU, CPUs // {CPU_CORES_PER_WORKER} on the CPU.",
+    )
+    experiment: str = Field(
+        DEFAULT_PREDICT_EXPERIMENT, min_length=1, description="MLflow experiment the prediction runs go to."
+    )
+
 
 class TrackingSettings(Section):
     """Where MLflow records the run and registers its model."""
@@ -416,7 +469,12 @@ def fields() -> Iterator[tuple[str, str]]:
 
 def option_name(section: str, name: str) -> str:
     """The setting's name on the command line (`--data-url` for data.url) and in flat mappings."""
-    extra = SECTIONS[section].model_fields[name].json_schema_extra or {}
+    return field_option(SECTIONS[section], name)
+
+
+def field_option(model: type[Section], name: str) -> str:
+    """The command-line name of a section's field: its own, or the one `_option` gave it."""
+    extra = model.model_fields[name].json_schema_extra or {}
     return extra.get("option", name)
 
 

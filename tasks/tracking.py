@@ -762,8 +762,8 @@ def resolve_model(model_uri: str) -> ResolvedModel:
             has = f"versions {', '.join(versions)}" if versions else "no versions"
             raise PromotionError(
                 f"The registered model {name!r} has no alias {alias!r}; it has {has}"
-                f"{f' (aliases: {aliases})' if aliases else ''}. Promote one with `pets promote VERSION`, or pass "
-                f"models:/{name}/<version>."
+                f"{f' (aliases: {aliases})' if aliases else ''}. Name one of them, or set the alias with "
+                "`pets promote VERSION`."
             )
         version = str(model.aliases[alias])
     else:
@@ -1028,3 +1028,101 @@ def compare_url(experiment_id: str, run_ids: Sequence[str]) -> str:
     runs = quote(json.dumps(list(run_ids)))
     experiments = quote(json.dumps([experiment_id]))
     return f"{ui_url()}/#/compare-runs?runs={runs}&experiments={experiments}"
+
+
+# -- batch prediction -------------------------------------------------------------------------------------------------
+# A prediction run's links, as params (compared in the runs table) and tags (searched): the model version it used,
+# how it was named, and the digest of what it labelled (lib/serve/inputs.py `input_digest`).
+CACHE_HIT_TAG = "pets.cache_hit"  # "true" when the predictions were the Prefect cache's, not computed by this run
+
+
+def resolve_model_version(registered_model: str, *, alias: str = CHAMPION_ALIAS, version: str | None = None) -> dict:
+    """Return the model version a prediction uses: `version` when given, else the one `alias` points at now.
+
+    An unknown model, alias or version is a PromotionError in one line naming the registered model with the aliases
+    and versions it has (`resolve_model`).
+    """
+    named = f"models:/{registered_model}/{version}" if version is not None else f"models:/{registered_model}@{alias}"
+    resolved = resolve_model(named)
+    found = _client().get_model_version(registered_model, resolved.version)
+    return {
+        "registered_model": registered_model,
+        "version": resolved.version,
+        "alias": resolved.alias,
+        "model_uri": resolved.uri,
+        "model_id": found.model_id or _logged_model_id(found.source),
+    }
+
+
+def _logged_model_id(source: str) -> str | None:
+    """The logged model a version was registered from, by its source `models:/m-<id>`: MLflow 3.17's sqlite registry
+    keeps no model_id column (store/model_registry/dbmodels/models.py), so the version's own field is None there."""
+    name = source.removeprefix("models:/")
+    return name if source.startswith("models:/") and name.startswith("m-") and "/" not in name else None
+
+
+def download_network(model_uri: str, folder: Path) -> dict:
+    """Download a registered model into `folder`; return its pt2 network's path and its metadata (vocab, sizes)."""
+    import mlflow
+    from mlflow.models import Model
+
+    from tasks.served_model import NETWORK_ARTIFACT
+
+    mlflow.set_tracking_uri(tracking_uri())
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(folder)))
+    model = Model.load(local)
+    network = model.flavors["python_function"]["artifacts"][NETWORK_ARTIFACT]["path"]
+    return {"network": str(local / network), **(model.metadata or {})}
+
+
+@contextmanager
+def prediction_run(experiment: str, run_name: str, tags: Mapping[str, str]) -> Iterator[TrainingRun]:
+    """Open an MLflow run for a batch prediction, ended FINISHED, or FAILED (KILLED on Ctrl-C) with the error."""
+    experiment_id = ensure_experiment(experiment)
+    run = _client().create_run(
+        experiment_id, run_name=run_name, tags={key: str(value) for key, value in {**source_tags(), **tags}.items()}
+    )
+    started = TrainingRun(run.info.run_id, experiment_id, {}, run.info.start_time)
+    try:
+        yield started
+    except KeyboardInterrupt:
+        end_run.fn(started.run_id, "KILLED")
+        raise
+    except BaseException as error:
+        end_run.fn(started.run_id, "FAILED", failure=f"{type(error).__name__}: {error}")
+        raise
+    end_run.fn(started.run_id, "FINISHED")
+
+
+def log_predictions(
+    run_id: str,
+    *,
+    model: Mapping[str, Any],
+    source: str,
+    input_digest: str,
+    settings: Mapping[str, Any],
+    stats: Mapping[str, Any],
+    cached: bool,
+    files: Sequence[str | Path],
+) -> None:
+    """Record a batch prediction: the model version (also as the run's input model) and the input's digest as
+    params, its counts and throughput as metrics, predictions.csv and the class histogram as artifacts."""
+    from mlflow.entities import LoggedModelInput
+
+    links = {
+        "registered_model": model["registered_model"],
+        "model_version": model["version"],
+        "model_alias": model["alias"],
+        "model_id": model["model_id"],
+        "model_uri": model["model_uri"],
+        "input": redact_url(source),
+        "input_digest": input_digest,
+    }
+    log_params(run_id, {**links, **settings, "device": stats["device"], "precision": stats["precision"]})
+    set_tags(run_id, {**{key: links[key] for key in ("registered_model", "model_version", "input_digest")},
+                      CACHE_HIT_TAG: str(cached).lower()})  # fmt: skip
+    counts = ("images", "unreadable", "images_per_second", "seconds")
+    log_metrics(run_id, {name: stats[name] for name in counts})
+    if model["model_id"]:  # the run's page lists the logged model as its input (MLflow 3.17 `log_inputs(models=)`)
+        _client().log_inputs(run_id, models=[LoggedModelInput(model["model_id"])])
+    log_files(run_id, files)

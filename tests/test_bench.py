@@ -102,3 +102,14 @@ def test_serving_reports_the_latency_percentiles_of_answered_requests(tmp_path):
     assert record["failed_requests"] == 0 and record["requests"] == 5
     assert 0 < record["served_p50_ms"] <= record["served_p95_ms"]
     assert record["server_overhead"] == pytest.approx(record["served_p50_ms"] / record["pyfunc_p50_ms"], rel=0.02)
+
+
+@pytest.mark.slow  # it logs and registers a model first (~15 s on 2 CPUs): beyond the budget of `make test`
+def test_predict_images_reports_the_ratio_of_its_medians_and_both_sides_agree(tmp_path):
+    record = run_bench("predict_images", *TINY, "--images", "12", "--repeats", "1", data_dir=tmp_path)
+    assert record["images"] == 12 and record["precision"] == "fp32"
+    assert record["batched_to_loop"] == pytest.approx(
+        record["batched_images_per_second"] / record["loop_images_per_second"], rel=0.01
+    )
+    assert record["max_probability_difference"] < 1e-5  # the same network on the same pictures
+    assert record["targets"] == {"ratio_at_least_5": record["batched_to_loop"] >= 5}

@@ -135,6 +135,24 @@ def augmented_pictures(
         raise ValueError(f"views must be >= 1, got {views}")
     picture = to_rgb(image) if isinstance(image, Image.Image) else open_rgb(Path(image))
     pixels = pil_to_tensor(presize_image(picture, presize))
+    return augmented_views(pixels, presize, views=views, min_scale=min_scale, generator=generator)
+
+
+def augmented_views(
+    pixels: torch.Tensor,
+    presize: int,
+    *,
+    views: int = TTA_VIEWS,
+    min_scale: float = DEFAULT_MIN_SCALE,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Return `views` augmented versions of a presized uint8 3 x H x W picture as uint8 views x presize x presize x 3.
+
+    What `augmented_pictures` does once the picture is read and presized: batch prediction decodes in its loader's
+    workers and augments here, in order, so one generator draws what `augmented_pictures` would draw.
+    """
+    if views < 1:
+        raise ValueError(f"views must be >= 1, got {views}")
     height, width = pixels.shape[1:]
     fractions = torch.rand(views, 2, generator=generator).tolist()
     crops = []

@@ -43,7 +43,7 @@ MAX_REQUEST_BYTES = 64 * 2**20
 RESULT_COLUMNS = ("label", "probability", "top_k", "error")
 # What decoding a picture can raise: Pillow's "not an image", broken or truncated data, a decompression bomb.
 _BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/=\s]+")
-_UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, EOFError, ValueError)
+UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, EOFError, ValueError)
 
 
 class RequestError(ValueError):
@@ -69,7 +69,7 @@ class PictureClassifier:
         for row, data in enumerate(encoded):
             try:
                 pictures[row] = decode_picture(data, self.presize, name=f"image {row}")
-            except _UNREADABLE as error:
+            except UNREADABLE as error:
                 errors[row] = unreadable_reason(error)
         scores = self.probabilities(list(pictures.values())) if pictures else torch.empty(0, len(self.vocab))
         by_row = dict(zip(pictures, scores, strict=True))

@@ -110,4 +110,4 @@ def test_an_unknown_model_is_one_line_naming_the_registered_models(registry, com
     result = invoke(*command)
 
     assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1
-    assert "registered models: pets-classifier" in result.stderr and "--model" in result.stderr
+    assert "registered models: pets-classifier" in result.stderr and "name one of them" in result.stderr

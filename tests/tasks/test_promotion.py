@@ -99,7 +99,7 @@ def test_an_unknown_model_names_the_registered_models(registry, mlflow_uri):
 
     message = str(raised.value)
     assert "\n" not in message and "'no-such-model'" in message and f"registered models: {MODEL}" in message
-    assert mlflow_uri in message and "--model" in message
+    assert mlflow_uri in message and "name one of them" in message
 
 
 @pytest.mark.parametrize("reason", ["", "   ", "x" * (tracking.MAX_REASON_LENGTH + 1)])
