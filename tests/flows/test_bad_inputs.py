@@ -104,6 +104,7 @@ def test_an_empty_folder_and_a_folder_without_images_are_named_with_the_fix(tmp_
         assert isinstance(error, NoImagesError) and str(folder) in str(error) and "--data-dir" in str(error)
 
 
+@pytest.mark.slow  # 20-40 s of real processes: CI runs it (make test-slow)
 def test_training_settings_from_the_corpus_run_like_the_book_or_stop_naming_the_setting(tmp_path, mlflow_uri):
     import math
 

@@ -140,6 +140,7 @@ def pets(*args, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=PROCESS_SECONDS)
 
 
+@pytest.mark.slow  # a real `pets train` in a subprocess up to the labelling: CI runs it (make test-slow)
 def test_a_pattern_that_matches_no_file_is_one_line_with_no_traceback_and_no_telemetry(tmp_path, mlflow_uri):
     images = make_pets_dataset(tmp_path / "pets", breeds=2, images_per_breed=4, max_side=96)
     # As a user starts it: none of the variables that turn telemetry off (this session sets them, and MLflow also

@@ -54,6 +54,7 @@ def wait_for_first_checkpoint(out_dir: Path, stage: str) -> Path:
     raise AssertionError(f"no {stage} checkpoint appeared under {out_dir} in {WAIT_SECONDS} s")
 
 
+@pytest.mark.slow  # 20-40 s of real processes: CI runs it (make test-slow)
 def test_a_stage_killed_mid_training_is_retried_by_prefect_and_resumes_to_the_uninterrupted_model(
     archive, tmp_path, mlflow_uri, caplog
 ):
@@ -240,6 +241,7 @@ def test_ctrl_c_ends_the_command_within_seconds_marks_the_run_killed_and_says_ho
     assert refused.output.count("Error:") == 1 and f"schedule.epochs {EPOCHS} -> {EPOCHS + 1}" in refused.output
 
 
+@pytest.mark.slow  # 20-40 s of real processes: CI runs it (make test-slow)
 def test_a_second_ctrl_c_quits_at_once_and_the_next_command_fails_the_run_it_left_then_resumes_it(
     archive, mlflow_uri, pets_command, caplog
 ):

@@ -30,6 +30,7 @@ def _environment():
     return {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}  # the session's server: no start-up
 
 
+@pytest.mark.slow  # 20-40 s of real processes: CI runs it (make test-slow)
 def test_class_folders_train_register_and_predict_back_with_their_names(tmp_path, mlflow_uri):
     root = make_shapes_dataset(tmp_path / "shapes", classes=CLASSES, images_per_class=PER_CLASS, extras=True)
     out = tmp_path / "runs"

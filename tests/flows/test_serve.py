@@ -159,18 +159,23 @@ def test_an_empty_or_oversized_request_is_a_4xx_and_the_server_keeps_serving(ser
     assert post(server["url"], [jpeg(40, 40, 5)]).status_code == 200
 
 
+def readme_block(marker: str, language: str, server) -> str:
+    """The README's code block after `<!-- marker -->`, pointed at the test server's port."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split(f"<!-- {marker} -->")[1].split(f"```{language}\n")[1].split("```")[0]
+    return block.replace("5001", server["url"].rsplit(":", 1)[1])
+
+
 @pytest.mark.slow
 def test_the_readmes_curl_prints_the_label(server, tmp_path):
     if subprocess.run(["which", "curl"], capture_output=True).returncode != 0:
         pytest.skip("curl is not installed")
     picture = tmp_path / "my_cat.jpg"
     picture.write_bytes(jpeg(80, 60, 6))
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    block = readme.split("<!-- serve-curl -->")[1].split("```bash\n")[1].split("```")[0]
-    port = server["url"].rsplit(":", 1)[1]
     done = subprocess.run(
-        ["bash", "-c", block.replace("5001", port)], cwd=tmp_path, capture_output=True, text=True, timeout=120
-    )
+        ["bash", "-c", readme_block("serve-curl", "bash", server)], cwd=tmp_path, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     model, _ = tracking.load_served_model(server["registered"].model_uri)
     expected = model.predict(pd.DataFrame({IMAGE_COLUMN: [picture.read_bytes()]}))["label"][0]
@@ -181,12 +186,10 @@ def test_the_readmes_curl_prints_the_label(server, tmp_path):
 def test_the_python_client_from_the_readme(server, tmp_path):
     picture = tmp_path / "my_cat.jpg"
     picture.write_bytes(jpeg(80, 60, 7))
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    block = readme.split("<!-- serve-python -->")[1].split("```python\n")[1].split("```")[0]
-    port = server["url"].rsplit(":", 1)[1]
     done = subprocess.run(
-        [sys.executable, "-c", block.replace("5001", port)], cwd=tmp_path, capture_output=True, text=True, timeout=120
-    )
+        [sys.executable, "-c", readme_block("serve-python", "python", server)], cwd=tmp_path, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout.strip().splitlines()[-1])
     assert rows[0]["label"] in server["registered"].vocab and 0 < rows[0]["probability"] <= 1

@@ -114,14 +114,14 @@ def test_default_workers_leave_the_cores_to_a_cpu_model_and_feed_a_gpu(monkeypat
 
 
 def test_kept_decoded_images_give_the_same_batches_and_are_not_opened_again(presized, monkeypatch):
-    from lib.data import loading
+    from PIL import Image
 
     train = presized[presized["split"] == "train"]
     from_disk = make_loader(train, size=SIZE, train=True, batch_size=3, workers=0, seed=1, keep_decoded=False)
     in_memory = make_loader(train, size=SIZE, train=True, batch_size=3, workers=0, seed=1, keep_decoded=True)
     opened = []
-    real_open = loading.Image.open
-    monkeypatch.setattr(loading.Image, "open", lambda path: opened.append(path) or real_open(path))
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda path: opened.append(path) or real_open(path))
     for _ in range(2):  # two epochs: other orders and crops, the same pixels
         for (a, ta), (b, tb) in zip(from_disk, in_memory, strict=True):
             assert torch.equal(a, b) and torch.equal(ta, tb)

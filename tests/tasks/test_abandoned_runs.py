@@ -117,6 +117,7 @@ client.set_terminated(run.info.run_id, "FINISHED")
 """
 
 
+@pytest.mark.slow  # 20-40 s of real processes: CI runs it (make test-slow)
 def test_four_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
     """MLflow 3.17 migrates a new store without a lock: four at once all failed here before `prepare_store`."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
