@@ -37,6 +37,7 @@ def run_bench(module: str, *arguments: str, data_dir: Path, timeout: int = 300) 
     return record
 
 
+@pytest.mark.slow  # a benchmark end to end in its own process: CI runs it (make test-slow)
 def test_train_throughput_reports_the_ratio_of_its_own_medians(tmp_path):
     record = run_bench("train_throughput", *TINY, "--repeats", "1", data_dir=tmp_path)
     ratio = record["project_images_per_second"] / record["model_only_channels_last_images_per_second"]
@@ -45,6 +46,7 @@ def test_train_throughput_reports_the_ratio_of_its_own_medians(tmp_path):
     assert record["targets"] == {"ratio_at_least_0.85": record["ratio_to_model_only"] >= 0.85}
 
 
+@pytest.mark.slow  # a benchmark end to end in its own process: CI runs it (make test-slow)
 def test_data_pipeline_compares_the_warm_loader_with_the_model(tmp_path):
     record = run_bench("data_pipeline", *TINY, "--epochs", "1", data_dir=tmp_path)
     assert record["images"] == 24 and record["workers"] == 0  # two CPUs: no loader workers on the CPU
@@ -54,6 +56,7 @@ def test_data_pipeline_compares_the_warm_loader_with_the_model(tmp_path):
     assert record["cold_presize_images_per_second"] > 0
 
 
+@pytest.mark.slow  # a benchmark end to end in its own process: CI runs it (make test-slow)
 def test_memory_records_rss_after_every_epoch(tmp_path):
     record = run_bench("memory", *TINY, "--epochs", "3", data_dir=tmp_path)
     after = record["rss_after_epoch_mb"]
@@ -61,6 +64,7 @@ def test_memory_records_rss_after_every_epoch(tmp_path):
     assert record["growth_after_first_epoch_mb"] == pytest.approx(after[-1] - after[0], abs=0.2)
 
 
+@pytest.mark.slow  # a benchmark end to end in its own process: CI runs it (make test-slow)
 def test_warm_rerun_fetches_and_decodes_nothing_the_second_time(tmp_path):
     record = run_bench("warm_rerun", "--breeds", "2", "--per-breed", "6", "--presize", "48", data_dir=tmp_path)
     assert record["images"] == 12 and record["http_requests"] == 1
@@ -68,6 +72,7 @@ def test_warm_rerun_fetches_and_decodes_nothing_the_second_time(tmp_path):
     assert record["warm_data_stages_seconds"] <= record["warm_flow_seconds"]
 
 
+@pytest.mark.slow  # a benchmark end to end in its own process: CI runs it (make test-slow)
 def test_overhead_splits_a_pets_train_into_phases_that_add_up_to_its_wall_time(tmp_path):
     # One fresh run, one stage (no baseline, no LR finder, no retraining): the cheapest `pets train` there is.
     quick = ["--", "--no-baseline", "--base-lr", "1e-3", "--freeze-epochs", "1", "--epochs", "1", "--bs", "8"]
