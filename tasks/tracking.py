@@ -755,14 +755,9 @@ def resolve_model(model_uri: str) -> ResolvedModel:
     if alias is not None:
         model = _registered_model(client, name)
         if alias not in model.aliases:
-            aliases = ", ".join(f"{known} -> v{number}" for known, number in sorted(model.aliases.items()))
-            versions = sorted(
-                (str(found.version) for found in client.search_model_versions(f"name = '{name}'")), key=int
-            )
-            has = f"versions {', '.join(versions)}" if versions else "no versions"
             raise PromotionError(
-                f"The registered model {name!r} has no alias {alias!r}; it has {has}"
-                f"{f' (aliases: {aliases})' if aliases else ''}. Name one of them, or set the alias with "
+                f"The registered model {name!r} has no alias {alias!r}; it has "
+                f"{_what_it_has(model, _version_numbers(client, name))}. Name one of them, or set the alias with "
                 "`pets promote VERSION`."
             )
         version = str(model.aliases[alias])
@@ -950,17 +945,26 @@ def _existing_version(client, registered_model: str, version: str | int) -> str:
     """Return the version as MLflow spells it ("3" from 3, "3" or "v3"); refuse one the model does not have."""
     model = _registered_model(client, registered_model)
     wanted = str(version).strip().removeprefix("v")
-    versions = sorted(
-        (str(found.version) for found in client.search_model_versions(f"name = '{registered_model}'")), key=int
-    )
+    versions = _version_numbers(client, registered_model)
     if wanted in versions:
         return wanted
+    raise PromotionError(
+        f"The registered model {registered_model!r} has no version {version!r}; it has "
+        f"{_what_it_has(model, versions)}. Pass one of them."
+    )
+
+
+def _version_numbers(client, registered_model: str) -> list[str]:
+    """The registered model's version numbers, as strings, in numeric order."""
+    found = client.search_model_versions(f"name = '{registered_model}'")
+    return sorted((str(version.version) for version in found), key=int)
+
+
+def _what_it_has(model, versions: Sequence[str]) -> str:
+    """e.g. `versions 1, 2 (aliases: champion -> v2)`, for a refusal naming what a registered model offers."""
     aliases = ", ".join(f"{alias} -> v{number}" for alias, number in sorted(model.aliases.items()))
     has = f"versions {', '.join(versions)}" if versions else "no versions"
-    raise PromotionError(
-        f"The registered model {registered_model!r} has no version {version!r}; it has {has}"
-        f"{f' (aliases: {aliases})' if aliases else ''}. Pass one of them."
-    )
+    return f"{has} (aliases: {aliases})" if aliases else has
 
 
 def _history_entries(value: str | None, registered_model: str, alias: str) -> list[dict]:
