@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from lib.common.errors import InputError
-from lib.data.pictures import crop_offset, presized_shape
+from lib.data.pictures import presized_shape, tensor_square_crop
 from lib.data.presize import read_presized
 from lib.recipe import CPU_CORES_PER_WORKER, DEFAULT_BATCH_SIZE, MAX_DEFAULT_WORKERS
 
@@ -93,10 +93,7 @@ class PresizedImages(Dataset):
 
     def __getitem__(self, request: CropRequest) -> tuple[torch.Tensor, int]:
         index, fraction_x, fraction_y = request
-        pixels = self.pixels(index)
-        height, width = pixels.shape[1:]
-        left, top = crop_offset(width, self.size, fraction_x), crop_offset(height, self.size, fraction_y)
-        return pixels[:, top : top + self.size, left : left + self.size], self.targets[index]
+        return tensor_square_crop(self.pixels(index), self.size, fraction_x, fraction_y), self.targets[index]
 
 
 def presized_images(manifest: pd.DataFrame, size: int, *, keep_decoded: bool = False) -> PresizedImages:

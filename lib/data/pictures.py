@@ -41,6 +41,13 @@ def square_crop(image: Image.Image, size: int, fraction_x: float, fraction_y: fl
     return image.crop((left, top, left + size, top + size))
 
 
+def tensor_square_crop(pixels: torch.Tensor, size: int, fraction_x: float, fraction_y: float) -> torch.Tensor:
+    """`square_crop` of a C x H x W tensor: the size x size square at the given fractions of the free room."""
+    height, width = pixels.shape[1:]
+    left, top = crop_offset(width, size, fraction_x), crop_offset(height, size, fraction_y)
+    return pixels[:, top : top + size, left : left + size]
+
+
 def validation_picture(picture: Image.Image, presize: int) -> torch.Tensor:
     """Return an upright RGB picture as the validation loader shows it: presized, centre square, uint8 3 x H x W."""
     return pil_to_tensor(square_crop(presize_image(picture, presize), presize, CENTRE, CENTRE))

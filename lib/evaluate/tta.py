@@ -31,7 +31,7 @@ from lib.data.loading import (
     keep_decoded_default,
     presized_images,
 )
-from lib.data.pictures import crop_offset, presize_image
+from lib.data.pictures import presize_image, tensor_square_crop
 from lib.evaluate.evaluation import evaluation_model, validation_predictions
 from lib.evaluate.interpret import Predictions
 from lib.recipe import DEFAULT_BATCH_SIZE, DEFAULT_MIN_SCALE, DEFAULT_PRESIZE
@@ -153,12 +153,8 @@ def augmented_views(
     """
     if views < 1:
         raise ValueError(f"views must be >= 1, got {views}")
-    height, width = pixels.shape[1:]
     fractions = torch.rand(views, 2, generator=generator).tolist()
-    crops = []
-    for fraction_x, fraction_y in fractions:
-        left, top = crop_offset(width, presize, fraction_x), crop_offset(height, presize, fraction_y)
-        crops.append(pixels[:, top : top + presize, left : left + presize])
+    crops = [tensor_square_crop(pixels, presize, fraction_x, fraction_y) for fraction_x, fraction_y in fractions]
     augmentation = aug_transforms(presize, min_scale)
     views_nchw = augmentation.decode(augmentation(torch.stack(crops), train=True, generator=generator))
     return views_nchw.permute(0, 2, 3, 1).contiguous()

@@ -13,7 +13,6 @@ seeded generator (lib/evaluate/tta.py `augmented_views`): the blend is the one `
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections.abc import Sequence
@@ -28,12 +27,11 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from lib.common.plots import pyplot, save_figure
 from lib.common.progress import ProgressCallback, progress_bar
-from lib.data.images import open_rgb
 from lib.data.loading import default_workers
-from lib.data.pictures import CENTRE, crop_offset, presize_image
+from lib.data.pictures import CENTRE, presize_image, tensor_square_crop
 from lib.evaluate.tta import TTA_BETA, TTA_VIEWS, augmented_views, blend
 from lib.recipe import DEFAULT_BATCH_SIZE, DEFAULT_MIN_SCALE, DEFAULT_SEED, PREDICT_TOP_K
-from lib.serve.contract import UNREADABLE, answer_table, decode_picture, unreadable_reason
+from lib.serve.contract import UNREADABLE, answer_table, decode_picture, open_picture, unreadable_reason
 from lib.serve.serving import ServingModel
 from lib.train.model import create_model
 from lib.train.precision import resolve_precision, use_channels_last
@@ -72,9 +70,7 @@ class PictureFiles(Dataset):
             data = Path(self.paths[index]).read_bytes()
             if self.square:
                 return index, decode_picture(data, self.presize, name=self.paths[index]), None
-            stream = io.BytesIO(data)
-            stream.name = self.paths[index]
-            return index, pil_to_tensor(presize_image(open_rgb(stream), self.presize)), None
+            return index, pil_to_tensor(presize_image(open_picture(data, name=self.paths[index]), self.presize)), None
         except UNREADABLE as error:
             return index, None, unreadable_reason(error)
 
@@ -137,7 +133,9 @@ class BatchPredictor:
         self, pictures: Sequence[torch.Tensor], generator: torch.Generator, *, views: int, beta: float, min_scale: float
     ) -> torch.Tensor:
         """Blend the plain centre squares of presized pictures with `views` augmented ones (lib/evaluate/tta.py)."""
-        plain = self.probabilities(torch.stack([_centre_square(picture, self.presize) for picture in pictures]))
+        plain = self.probabilities(
+            torch.stack([tensor_square_crop(picture, self.presize, CENTRE, CENTRE) for picture in pictures])
+        )
         augmented = torch.stack(
             [augmented_views(p, self.presize, views=views, min_scale=min_scale, generator=generator) for p in pictures]
         ).permute(0, 1, 4, 2, 3)  # N x views x 3 x presize x presize
@@ -193,13 +191,6 @@ class BatchPredictor:
                     on_progress(done, len(paths))
         seconds = time.perf_counter() - started
         return BatchPredictions(scores, reasons, seconds, self.device.type, self.precision.effective)
-
-
-def _centre_square(pixels: torch.Tensor, presize: int) -> torch.Tensor:
-    """The validation square of presized pixels: what `validation_picture` cuts from the same picture."""
-    height, width = pixels.shape[1:]
-    left, top = crop_offset(width, presize, CENTRE), crop_offset(height, presize, CENTRE)
-    return pixels[:, top : top + presize, left : left + presize]
 
 
 def predictions_table(

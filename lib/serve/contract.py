@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from lib.data.images import open_rgb
 from lib.data.pictures import validation_picture
@@ -121,6 +121,11 @@ def checked_top_k(top_k: int, classes: int) -> int:
 
 def decode_picture(data: bytes | bytearray | memoryview | str, presize: int, *, name: str) -> torch.Tensor:
     """Decode one encoded picture (bytes, or base64 text) into the validation square, uint8 3 x presize x presize."""
+    return validation_picture(open_picture(data, name=name), presize)
+
+
+def open_picture(data: bytes | bytearray | memoryview | str, *, name: str) -> Image.Image:
+    """Open one encoded picture (bytes, or base64 text) upright in RGB, named `name` in the errors it raises."""
     if not isinstance(data, str | bytes | bytearray | memoryview):
         raise ValueError(f"expected encoded image bytes or base64 text, got {type(data).__name__}")
     if isinstance(data, str):
@@ -138,7 +143,7 @@ def decode_picture(data: bytes | bytearray | memoryview | str, presize: int, *, 
         raise ValueError("the image is empty (0 bytes)")
     stream = io.BytesIO(data)
     stream.name = name  # names the picture in Pillow's and open_rgb's messages
-    return validation_picture(open_rgb(stream), presize)
+    return open_rgb(stream)
 
 
 def unreadable_reason(error: BaseException) -> str:
