@@ -30,9 +30,11 @@ from flows.options import RecipeRequest, recipe_options, section_options, settin
 from flows.prefect_api import temporary_api
 from lib.common.errors import DEBUG_VARIABLE, UserError
 from lib.common.numbers import significant
+from lib.common.paths import default_output_dir
 from lib.recipe import (
     ARCHITECTURES,
     CHAMPION_ALIAS,
+    DATA_PARALLEL_SETTINGS,
     DEFAULT_ARCHS,
     DEFAULT_REGISTERED_MODEL,
     PredictSettings,
@@ -277,7 +279,7 @@ def _tta_predictions(model, images: Sequence[Path], metadata: Mapping, top_k: in
 
 
 @app.command("predict-images")
-@section_options(predict=PredictSettings, runtime=RuntimeSettings, exclude=("compile",))
+@section_options(predict=PredictSettings, runtime=RuntimeSettings, exclude=("compile", *DATA_PARALLEL_SETTINGS))
 def predict_images(
     source: Annotated[
         str,
@@ -328,6 +330,29 @@ def predict_images(
         typer.echo(f"{result['unreadable']} could not be read: their rows say why.")
     typer.echo(f"Predicted classes: {result['histogram']}")
     typer.echo(f"MLflow run: {result['run_url']} (open the UI with `pets ui`)")
+
+
+@app.command("join-training")
+@section_options(runtime=RuntimeSettings, exclude=("fp16", "compile", "threads", "cache_dir"))
+def join_training(*, runtime: RuntimeSettings) -> None:
+    """Lend this node to the trainings node 0 runs: its ranks join every stage, one after another, until Ctrl-C.
+
+    Give the same --nnodes and --rdzv-endpoint as node 0's recipe, this node's --node-rank (1 or more) and its
+    --nproc-per-node. Every node needs node 0's --out-dir and --cache-dir on a shared file system, at the same path.
+    --out-dir here is where this node keeps torchrun's log (default ./outputs/join-training).
+    """
+    from lib.train.stages import follow_trainings
+
+    if runtime.node_rank == 0:
+        _fail("--node-rank 0 is the node that runs the flow (`pets train`); give this node its rank, 1 or more")
+    runtime.check_runnable()
+    runtime.check_processes()
+    log_dir = Path(runtime.out_dir or default_output_dir() / "join-training")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        follow_trainings(runtime, log_dir / "torchrun.log", typer.echo)
+    except KeyboardInterrupt:
+        typer.echo("Stopped: this node takes part in no more trainings.")
 
 
 @app.command()

@@ -53,6 +53,11 @@ MAX_DEFAULT_WORKERS = 16  # fastai 2.8.12 fastai/data/load.py: num_workers = min
 # delivers ~15x what a CPU-trained resnet18 consumes (BENCHMARKS.md), so one worker per 8 cores keeps up.
 CPU_CORES_PER_WORKER = 8
 
+# torchrun's rendezvous waits 600 s for the nodes by default (torch 2.x torch/distributed/elastic/rendezvous/
+# static_tcp_rendezvous.py, _default_timeout_seconds)
+DEFAULT_RDZV_TIMEOUT = 600
+# The runtime settings of data-parallel training: a command that trains nothing (`pets predict-images`) has none.
+DATA_PARALLEL_SETTINGS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_timeout")
 DEFAULT_FREEZE_EPOCHS = 3  # fastbook ch. 5's last model: fine_tune(6, freeze_epochs=3)
 DEFAULT_EPOCHS = 6
 DEFAULT_LR_MULT = 100  # fastai 2.8.12 fastai/callback/schedule.py: fine_tune(..., lr_mult=100)
@@ -281,6 +286,42 @@ class RuntimeSettings(Section):
         None, description="Where results go; default ./outputs/<command> (a training run: <out-dir>/<run id>/)."
     )
     cache_dir: str | None = Field(None, description="Downloads and presize cache; default $PETS_HOME or ~/.cache/pets.")
+    # Data-parallel training (lib/train/distributed.py): torchrun's settings, under its own names (PyTorch 2.x docs,
+    # "torchrun (Elastic Launch)"). --bs stays the global batch: each of the world's processes takes an equal share.
+    nproc_per_node: str = Field(
+        "1",
+        pattern=r"^([1-9][0-9]*|auto)$",
+        description="Training processes on this node (torchrun --nproc-per-node), one per GPU, each taking an equal "
+        "share of --bs; auto: one per visible GPU (one without a GPU).",
+    )
+    nnodes: int = Field(
+        1, ge=1, description="Nodes each training spans (torchrun --nnodes); the others run `pets join-training`."
+    )
+    node_rank: int = Field(0, ge=0, description="This node's rank among --nnodes; node 0 runs the flow and logs.")
+    rdzv_endpoint: str | None = Field(
+        None,
+        pattern=r"^[^\s:]+:[0-9]+$",
+        description="host:port on node 0 where the nodes meet (torchrun --rdzv-endpoint); needed with --nnodes > 1.",
+    )
+    rdzv_timeout: int = Field(
+        DEFAULT_RDZV_TIMEOUT, ge=1, description="Seconds every node has to join a training before it fails."
+    )
+
+    @field_validator("nproc_per_node", mode="before")
+    @classmethod
+    def _count_as_text(cls, value: Any) -> Any:
+        """A recipe file may give the count as a number (`nproc_per_node: 8`)."""
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _nodes(self) -> RuntimeSettings:
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"--node-rank {self.node_rank} must be below --nnodes {self.nnodes} (ranks count from 0)")
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError(
+                f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT, an address of node 0 every node can reach"
+            )
+        return self
 
     def check_runnable(self) -> None:
         """Refuse, naming the option, folders that cannot be and a device this machine lacks."""
@@ -288,6 +329,23 @@ class RuntimeSettings(Section):
             _check_folder(option, folder)
         if self.device is not None:
             _check_device(self.device)
+
+    def check_processes(self) -> int:
+        """Refuse more training processes than this node has GPUs; return how many it starts."""
+        processes = self.processes_per_node()
+        if processes > 1:
+            _check_gpu_count(self.device, processes, asked=self.nproc_per_node)
+        return processes
+
+    def processes_per_node(self) -> int:
+        """The training processes this node starts: `nproc_per_node`, with auto as the visible GPUs (1 with none)."""
+        if self.nproc_per_node != "auto":
+            return int(self.nproc_per_node)
+        if self.device is not None and not self.device.startswith("cuda"):
+            return 1
+        import torch  # only here: `pets --help` stays quick
+
+        return max(1, torch.cuda.device_count())
 
     @property
     def precision(self) -> str:
@@ -367,6 +425,19 @@ class Recipe(Section):
             _check_folder(option, folder)
         if training and self.runtime.device is not None:
             _check_device(self.runtime.device)
+        if training:
+            self.check_processes()
+
+    def check_processes(self) -> None:
+        """Refuse more training processes than this node has GPUs, and a batch they cannot share equally."""
+        runtime = self.runtime
+        processes = runtime.check_processes()
+        world = processes * runtime.nnodes
+        if self.data.bs % world:
+            raise RecipeError(
+                f"--bs {self.data.bs} does not split equally over {world} training processes (--nproc-per-node "
+                f"{processes} x --nnodes {runtime.nnodes}): --bs is the global batch, so give a multiple of {world}"
+            )
 
     @property
     def precision(self) -> str:
@@ -455,6 +526,28 @@ def _check_device(device: str) -> None:
         raise RecipeError(
             f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
             f"cuda:{torch.cuda.device_count() - 1}"
+        )
+
+
+def _check_gpu_count(device: str | None, processes: int, *, asked: str) -> None:
+    """Refuse several processes on one device that is not the CPU's: each process of a GPU training takes a GPU."""
+    import torch
+
+    kind = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cpu":
+        return  # gloo on the CPU: the processes share the cores
+    if kind != "cuda":
+        raise RecipeError(f"--nproc-per-node {asked}: data-parallel training runs on CUDA GPUs or the CPU, not {kind}")
+    if device and torch.device(device).index is not None:
+        raise RecipeError(
+            f"--device {device} names one GPU, but --nproc-per-node {asked} starts {processes} processes, one per "
+            "GPU: pass --device cuda and choose the GPUs with CUDA_VISIBLE_DEVICES"
+        )
+    visible = torch.cuda.device_count()
+    if processes > visible:
+        raise RecipeError(
+            f"--nproc-per-node {asked} asks for {processes} processes, one per GPU, but this node has {visible} "
+            f"visible GPU(s): pass at most {visible}, or auto (CUDA_VISIBLE_DEVICES decides which are visible)"
         )
 
 

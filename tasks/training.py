@@ -34,6 +34,7 @@ from lib.evaluate.interpret import Predictions, write_interpretation
 from lib.evaluate.tta import tta_predictions
 from lib.recipe import Recipe
 from lib.train.checkpoint import previous_checkpoint
+from lib.train.distributed import RankDiedError
 from lib.train.lr_finder import lr_find, plot_lr_find
 from lib.train.stages import SERVE, build_trainer, cpu_threads, last_checkpoint, release_device_memory
 from lib.train.trainer import EpochStats
@@ -64,8 +65,9 @@ class StageFailedError(RuntimeError):
 
 
 def _retry_when_killed(task, task_run, state) -> bool:
-    """Retry only kills: an exception in the stage (a diverging LR, a bad manifest) would happen again."""
-    return isinstance(state.data, StageKilledError)
+    """Retry only kills (of the stage process, or of a data-parallel rank): an exception in the stage (a diverging LR,
+    a bad manifest) or nodes that never met (their rendezvous waited its timeout already) would happen again."""
+    return isinstance(state.data, (StageKilledError, RankDiedError))
 
 
 def _progress_reporter(run_id: str, stage: str, total_epochs: int) -> Callable[[EpochStats, int], None]:

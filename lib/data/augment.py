@@ -128,6 +128,10 @@ class AugmentDraw:
         """Return which images have x -> -x (the horizontal flip; dihedral ops 1 and 3 also have it)."""
         return self.flip[:, 0, 0] < 0
 
+    def rows(self, chosen: slice) -> AugmentDraw:
+        """The draw of some images of the batch: a data-parallel rank's share of the global batch's draw."""
+        return AugmentDraw(**{f.name: getattr(self, f.name)[chosen] for f in fields(self)})
+
     def expand(self, batch_size: int) -> AugmentDraw:
         """Repeat a one-image draw for a whole batch (fastai's batch=True)."""
         return AugmentDraw(
@@ -366,8 +370,19 @@ class BatchAugmentation:
     def __repr__(self) -> str:
         return f"BatchAugmentation({self.settings!r})"
 
-    def __call__(self, images: torch.Tensor, *, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Augment (train) or just resize (valid) a B x 3 x H x W batch to normalised float32 B x 3 x size x size."""
+    def __call__(
+        self,
+        images: torch.Tensor,
+        *,
+        train: bool,
+        generator: torch.Generator | None = None,
+        share: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """Augment (train) or just resize (valid) a B x 3 x H x W batch to normalised float32 B x 3 x size x size.
+
+        `share` (rank, world size): the batch is a data-parallel rank's share of a global batch of B x world images;
+        the draw is the global batch's and the batch gets its rows, as one process augmenting it all would.
+        """
         if not train:
             pixels = _unit_pixels(images)
             # One identity grid serves the whole batch, so the batch size stays symbolic under torch.export.
@@ -375,7 +390,11 @@ class BatchAugmentation:
             grid = sampling_grid(identity_draw(1), height=height, width=width, size=self.settings.size)
             return normalize(self._sample(pixels, grid.to(pixels.device).expand(pixels.shape[0], -1, -1, -1)))
         height, width = images.shape[-2:]
-        return self.apply(images, self.draw(len(images), height=height, width=width, generator=generator))
+        if share is None:
+            return self.apply(images, self.draw(len(images), height=height, width=width, generator=generator))
+        rank, world_size = share
+        whole = self.draw(len(images) * world_size, height=height, width=width, generator=generator)
+        return self.apply(images, whole.rows(slice(rank * len(images), (rank + 1) * len(images))))
 
     def on_device(
         self,
@@ -385,9 +404,10 @@ class BatchAugmentation:
         train: bool,
         channels_last: bool,
         generator: torch.Generator | None = None,
+        share: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Move a loader's uint8 batch to the device and augment (or just resize) it there, channels_last if asked."""
-        batch = self(images.to(device, non_blocking=True), train=train, generator=generator)
+        batch = self(images.to(device, non_blocking=True), train=train, generator=generator, share=share)
         return batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
 
     def draw(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
@@ -114,17 +115,36 @@ class CropSampler(Sampler[CropRequest]):
     Each epoch's order and crops depend only on (seed, epoch), so training resumed from a checkpoint at epoch k draws
     what an uninterrupted run would have drawn. The epoch advances by itself after each pass; `set_epoch` moves it.
     `shuffle=False` with `train=True` keeps the items in order and still draws random crops (test-time augmentation).
+
+    A `shard` (rank, world size, the rank's batch size) makes it one rank's part of a data-parallel epoch, with
+    DistributedSampler's promise (each item once per epoch over the ranks) and more: in training, the rank's batch k
+    is its share of what batch k of one process with the global batch would hold, crops included, and the last
+    incomplete global batch is dropped; in validation, the ranks take consecutive runs of the items, none repeated
+    and none left out.
     """
 
-    def __init__(self, length: int, *, train: bool, seed: int | None = None, shuffle: bool | None = None):
+    def __init__(
+        self,
+        length: int,
+        *,
+        train: bool,
+        seed: int | None = None,
+        shuffle: bool | None = None,
+        shard: Shard | None = None,
+    ):
         self.length = length
         self.train = train
         self.shuffle = train if shuffle is None else shuffle
         self.seed = secrets.randbits(63) if seed is None else seed
+        self.shard = shard
         self.epoch = 0
 
     def __len__(self) -> int:
-        return self.length
+        if self.shard is None:
+            return self.length
+        if self.train:
+            return self.length // self.shard.global_batch * self.shard.batch_size
+        return len(self.shard.run_of(self.length))
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next pass draw the order and crops of this epoch (0-based)."""
@@ -132,12 +152,39 @@ class CropSampler(Sampler[CropRequest]):
 
     def __iter__(self) -> Iterator[CropRequest]:
         if not self.train:
-            return iter([(i, 0.5, 0.5) for i in range(self.length)])
+            items = range(self.length) if self.shard is None else self.shard.run_of(self.length)
+            return iter([(i, 0.5, 0.5) for i in items])
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         self.epoch += 1
         order = torch.randperm(self.length, generator=generator).tolist() if self.shuffle else range(self.length)
         fractions = torch.rand(self.length, 2, generator=generator).tolist()
-        return iter([(i, fx, fy) for i, (fx, fy) in zip(order, fractions, strict=True)])
+        requests = [(i, fx, fy) for i, (fx, fy) in zip(order, fractions, strict=True)]
+        return iter(requests if self.shard is None else self.shard.batches_of(requests))
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One rank's part of a data-parallel epoch: `rank` of `world_size`, taking `batch_size` items of each batch."""
+
+    rank: int
+    world_size: int
+    batch_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def batches_of(self, items: Sequence[CropRequest]) -> list[CropRequest]:
+        """This rank's share of every complete global batch of `items`, in order."""
+        mine = []
+        for start in range(0, len(items) - self.global_batch + 1, self.global_batch):
+            first = start + self.rank * self.batch_size
+            mine.extend(items[first : first + self.batch_size])
+        return mine
+
+    def run_of(self, length: int) -> range:
+        """This rank's consecutive run of `length` items (runs differ in length by one at most)."""
+        return range(length * self.rank // self.world_size, length * (self.rank + 1) // self.world_size)
 
 
 def decoded_bytes(manifest: pd.DataFrame, presize: int) -> int | None:
@@ -152,10 +199,11 @@ def decoded_bytes(manifest: pd.DataFrame, presize: int) -> int | None:
     return sum(width * height * 3 for width, height in shapes)
 
 
-def keep_decoded_default(manifest: pd.DataFrame, presize: int, workers: int) -> bool:
-    """Keep decoded images in memory when there are no worker processes and they fit the memory budget."""
+def keep_decoded_default(manifest: pd.DataFrame, presize: int, workers: int, *, copies: int = 1) -> bool:
+    """Keep decoded images in memory when there are no worker processes and `copies` of them (one per data-parallel
+    rank: each decodes every image over the epochs) fit the memory budget."""
     estimate = decoded_bytes(manifest, presize)
-    return workers == 0 and estimate is not None and estimate <= DECODED_MEMORY_FRACTION * physical_memory()
+    return workers == 0 and estimate is not None and estimate * copies <= DECODED_MEMORY_FRACTION * physical_memory()
 
 
 def physical_memory() -> int:
@@ -178,17 +226,20 @@ def make_loader(
     seed: int | None = None,
     pin_memory: bool = False,
     keep_decoded: bool | None = None,
+    shard: Shard | None = None,
 ) -> DataLoader:
     """Build a loader over manifest rows (needs `presized_path` and `target` columns; `path` lets it heal the cache).
 
     Training loaders shuffle and drop the last incomplete batch, as fastai's do. `workers` defaults to
-    `default_workers()` for the default device; `keep_decoded` to `keep_decoded_default` (see PresizedImages).
+    `default_workers()` for the default device; `keep_decoded` to `keep_decoded_default` (see PresizedImages). With a
+    `shard`, `batch_size` is the rank's share of the global batch and the loader yields the rank's part (CropSampler).
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    if train and len(manifest) < batch_size:
+    global_batch = batch_size if shard is None else shard.global_batch
+    if train and len(manifest) < global_batch:
         raise InputError(
-            f"The training set has {len(manifest)} images, fewer than one batch of {batch_size}: with drop_last "
+            f"The training set has {len(manifest)} images, fewer than one batch of {global_batch}: with drop_last "
             "there would be no batch at all. Lower --bs or add images."
         )
     workers = default_workers() if workers is None else workers
@@ -198,7 +249,7 @@ def make_loader(
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=CropSampler(len(dataset), train=train, seed=seed),
+        sampler=CropSampler(len(dataset), train=train, seed=seed, shard=shard),
         drop_last=train,
         num_workers=workers,
         pin_memory=pin_memory,
@@ -216,14 +267,16 @@ def make_loaders(
     workers: int | None = None,
     seed: int | None = None,
     pin_memory: bool = False,
+    shard: Shard | None = None,
 ) -> tuple[DataLoader, DataLoader]:
-    """Build (train_loader, valid_loader) from a split manifest."""
+    """Build (train_loader, valid_loader) from a split manifest (a rank's parts of them, with a `shard`)."""
     by_split = {name: manifest[manifest["split"] == name] for name in ("train", "valid")}
     workers = default_workers() if workers is None else workers
-    keep_decoded = keep_decoded_default(manifest, size, workers)  # the budget covers both loaders together
+    copies = 1 if shard is None else shard.world_size
+    keep_decoded = keep_decoded_default(manifest, size, workers, copies=copies)  # the budget covers both loaders
     common = {
         "size": size, "batch_size": batch_size, "workers": workers, "pin_memory": pin_memory,
-        "keep_decoded": keep_decoded,
+        "keep_decoded": keep_decoded, "shard": shard,
     }  # fmt: skip
     return (
         make_loader(by_split["train"], train=True, seed=seed, **common),

@@ -37,14 +37,16 @@ from typing import Any
 import pandas as pd
 import torch
 
-from lib.common.errors import UserError, debug_requested
+from lib.common.errors import InputError, UserError, debug_requested
 from lib.common.files import write_text_atomically
 from lib.common.plots import pyplot
 from lib.common.processes import signal_self_when_orphaned
 from lib.evaluate.interpret import plot_losses
-from lib.recipe import Recipe
+from lib.recipe import Recipe, RuntimeSettings
 from lib.serve.inference import export_classifier
+from lib.train import distributed
 from lib.train.checkpoint import LAST_CHECKPOINT, previous_checkpoint
+from lib.train.distributed import DataParallel
 from lib.train.model import count_parameters
 from lib.train.trainer import EpochStats, NonFiniteLossError, Trainer, best_epoch, vision_trainer
 
@@ -62,8 +64,13 @@ def build_trainer(
     checkpoint_dir: Path | None = None,
     on_epoch_end: Callable[[EpochStats], None] | None = None,
     on_resume: Callable[[str], None] | None = None,
+    parallel: DataParallel | None = None,
+    device: torch.device | None = None,
 ) -> Trainer:
-    """Build the vision trainer of the recipe; the model's random parts are seeded, so stages start alike."""
+    """Build the vision trainer of the recipe; the model's random parts are seeded, so stages start alike.
+
+    On a data-parallel rank, `device` is the one the rank joined the process group with.
+    """
     manifest = pd.read_csv(manifest_path)
     vocab = json.loads(Path(vocab_path).read_text())
     data, runtime = recipe.data, recipe.runtime
@@ -82,11 +89,12 @@ def build_trainer(
             workers=data.workers,
             compile=runtime.compile,
             seed=data.seed,
-            device=runtime.device,
+            device=device or runtime.device,
             precision=recipe.precision,
             checkpoint_dir=checkpoint_dir,
             on_epoch_end=on_epoch_end,
             on_resume=on_resume,
+            parallel=parallel,
         )
 
 
@@ -123,8 +131,17 @@ def last_checkpoint(stage_dir: Path) -> Path:
     return Path(stage_dir) / CHECKPOINTS / LAST_CHECKPOINT
 
 
-def fine_tune_stage(request: Mapping[str, Any], on_epoch_end: Callable[[EpochStats, int], None] | None = None) -> dict:
+def fine_tune_stage(
+    request: Mapping[str, Any],
+    on_epoch_end: Callable[[EpochStats, int], None] | None = None,
+    *,
+    parallel: DataParallel | None = None,
+    device: torch.device | None = None,
+) -> dict | None:
     """Fine-tune a fresh model the fastai way, resuming from the stage's checkpoint if there is one; export it.
+
+    On a data-parallel rank (`parallel`, which has joined its process group on `device`: `run_rank`) it trains its
+    share; rank 0 alone reports, writes and returns the result, the others return None.
 
     `request` holds the manifest and vocab paths, the recipe (as JSON), the stage folder and `epochs`, `base_lr`,
     `freeze_epochs`, `lr_mult`. `on_epoch_end(row, step)` gets every epoch of the stage once, with its index within the
@@ -155,12 +172,15 @@ def fine_tune_stage(request: Mapping[str, Any], on_epoch_end: Callable[[EpochSta
 
     trainer = build_trainer(
         request["manifest_path"], request["vocab_path"], recipe, checkpoint_dir=checkpoint.parent, on_epoch_end=report,
-        on_resume=lambda line: print(f"{stage_dir.name}: {line}", file=sys.stderr),
+        on_resume=lambda line: print(f"{stage_dir.name}: {line}", file=sys.stderr), parallel=parallel, device=device,
     )  # fmt: skip
     trainer.epoch_table = False  # whoever started the stage gets each epoch through on_epoch_end and shows it
     epochs, freeze_epochs = request["epochs"], request["freeze_epochs"]
+    threads = recipe.runtime.threads
+    if threads is None and parallel is not None and trainer.device.type == "cpu":
+        threads = parallel.cpu_threads()
     try:
-        with cpu_threads(recipe.runtime.threads):
+        with cpu_threads(threads):
             trainer.fine_tune(
                 epochs, request["base_lr"], freeze_epochs=freeze_epochs, lr_mult=request["lr_mult"],
                 resume_from=resume_from,
@@ -168,6 +188,8 @@ def fine_tune_stage(request: Mapping[str, Any], on_epoch_end: Callable[[EpochSta
     except NonFiniteLossError as error:  # the trainer knows the phase and epoch; the stage is named here
         message = str(error)
         raise NonFiniteLossError(f"The {stage_dir.name} stage stopped: {message[:1].lower()}{message[1:]}") from None
+    if not trainer.main:
+        return None
     report_history()  # a checkpoint of the whole stage trains nothing more, but its epochs are still reported
     history = trainer.history  # the whole stage, including epochs an earlier attempt ran
     model_path = export_classifier(
@@ -214,6 +236,7 @@ def read_history(history_path: str | Path) -> list[EpochStats]:
 
 # -- the stage process ------------------------------------------------------------------------------------------------
 SERVE = "--serve"
+RANK = "--rank"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if serving:
         return serve(Path(arguments[1]), send, sys.stdin)
+    if arguments[:1] == [RANK]:
+        runtime, *request_path = arguments[1:]
+        request = Path(request_path[0]) if request_path else None
+        return 0 if run_rank(RuntimeSettings.model_validate_json(runtime), request, send) else 1
     (request_path,) = arguments
     return 0 if run_request(Path(request_path), send) else 1
 
@@ -263,17 +290,79 @@ def serve(folder: Path, send: Callable[[dict], None], requests: Iterable[str]) -
 
 
 def run_request(request_path: Path, send: Callable[[dict], None]) -> bool:
-    """Train the stage a request file describes, sending its epochs and its result (or error); True if it trained."""
+    """Train the stage a request file describes, sending its epochs and its result (or error); True if it trained.
+
+    A recipe of several processes is trained by torchrun's ranks, each running `run_rank` (`distributed.launch`
+    passes rank 0's messages on).
+    """
     request = json.loads(Path(request_path).read_text())
     try:
+        runtime = Recipe.model_validate(request["recipe"]).runtime
+        if distributed.data_parallel(runtime):
+            stage_dir = Path(request["stage_dir"])
+            worker = ["-m", "lib.train.stages", RANK, runtime.model_dump_json(), str(Path(request_path).resolve())]
+            return distributed.launch(runtime, worker, send, stage_dir=stage_dir, checkpoint=last_checkpoint(stage_dir))
         result = fine_tune_stage(request, on_epoch_end=lambda row, step: send({"epoch": row.as_dict(), "step": step}))
     except Exception as error:
-        if debug_requested() or not isinstance(error, UserError):  # a user error is told once, by the CLI
-            traceback.print_exc()
-        send({"error": {"type": f"{type(error).__module__}.{type(error).__qualname__}", "message": str(error)}})
+        _send_error(error, send)
         return False
     send({"result": result})
     return True
+
+
+def run_rank(runtime: RuntimeSettings, request_path: Path | None, send: Callable[[dict], None]) -> bool:
+    """Train a stage as one of torchrun's ranks: join the others, take rank 0's request, train; True if it trained.
+
+    Rank 0 is given the request (node 0 launched it); ranks on other nodes (`pets join-training`) get its path from
+    rank 0, so the stage's folder must be on a file system every node shares at the same path. Rank 0 sends the
+    epochs and the result, any rank its error. The ranks leave together, once rank 0 has written the stage's files.
+    """
+    parallel = DataParallel.from_environment()
+    try:
+        device = distributed.join(parallel, runtime.device, timeout_seconds=runtime.rdzv_timeout)
+        try:
+            if parallel.main:
+                send({"started": {"world_size": parallel.world_size}})
+            shared = Path(distributed.share_rank0_object(str(request_path) if parallel.main else None))
+            request = _read_shared_request(shared)
+            if parallel.local_rank == 0 and not parallel.main:  # a following node's: `pets join-training` says it
+                stage_dir = Path(request["stage_dir"])
+                joined = {"stage": stage_dir.name, "run": stage_dir.parent.name, "world_size": parallel.world_size}
+                send({"joined": joined})
+            result = fine_tune_stage(
+                request, lambda row, step: send({"epoch": row.as_dict(), "step": step}), parallel=parallel,
+                device=device,
+            )  # fmt: skip
+            distributed.wait_for_all()
+        finally:
+            distributed.leave()
+    except Exception as error:
+        _send_error(error, send)
+        return False
+    if parallel.main:
+        send({"result": result})
+    return True
+
+
+def follow_trainings(runtime: RuntimeSettings, log_path: Path, say: Callable[[str], None]) -> None:
+    """Run this node's ranks of every training node 0 starts (`runtime.node_rank` > 0), until interrupted."""
+    distributed.follow(runtime, ["-m", "lib.train.stages", RANK, runtime.model_dump_json()], log_path, say)
+
+
+def _read_shared_request(request_path: Path) -> dict:
+    try:
+        return json.loads(request_path.read_text())
+    except FileNotFoundError:
+        raise InputError(
+            f"{request_path}, the stage node 0 asked for, is not on this node: give every node the same --out-dir "
+            "and --cache-dir on a file system they share (NFS, a cluster file system), at the same path"
+        ) from None
+
+
+def _send_error(error: Exception, send: Callable[[dict], None]) -> None:
+    if debug_requested() or not isinstance(error, UserError):  # a user error is told once, by the CLI
+        traceback.print_exc()
+    send({"error": {"type": f"{type(error).__module__}.{type(error).__qualname__}", "message": str(error)}})
 
 
 def _exit_with_parent(parent: int) -> None:

@@ -34,10 +34,19 @@ from tqdm.auto import tqdm
 from lib.common.errors import InputError, UserError
 from lib.common.progress import progress_bar
 from lib.data.augment import BatchAugmentation, aug_transforms
-from lib.data.loading import default_workers, epoch_seed, make_loaders
+from lib.data.loading import Shard, default_workers, epoch_seed, make_loaders
 from lib.data.presize import read_presized
 from lib.recipe import DEFAULT_BATCH_SIZE, DEFAULT_PRESIZE
-from lib.train.checkpoint import LAST_CHECKPOINT, previous_checkpoint, resume_checkpoint, save_checkpoint
+from lib.train import distributed
+from lib.train.checkpoint import (
+    LAST_CHECKPOINT,
+    Resumption,
+    load_checkpoint,
+    previous_checkpoint,
+    resume_checkpoint,
+    save_checkpoint,
+)
+from lib.train.distributed import DataParallel
 from lib.train.lr_finder import SmoothedLoss
 from lib.train.model import create_model, freeze_to, no_weight_decay, parameter_groups
 from lib.train.precision import Precision, resolve_precision, use_channels_last
@@ -142,7 +151,11 @@ class Trainer:
         progress: bool | None = None,
         epoch_table: bool = True,
         compile: bool = False,
+        parallel: DataParallel | None = None,
     ):
+        # A data-parallel rank (lib/train/distributed.py): its loaders yield its share, rank 0 alone writes and tells.
+        self.parallel = parallel
+        self.main = parallel is None or parallel.main
         self.device = resolve_device(device)
         self.precision: Precision = resolve_precision(precision, self.device)
         self.channels_last = use_channels_last(self.device, channels_last)
@@ -151,7 +164,7 @@ class Trainer:
         # torch.compile pays only when its minute of compiling is amortised: off by default (BENCHMARKS.md). The
         # compiled module shares the parameters, so checkpoints and exports keep using `self.model`.
         self.compiled = compile
-        self.forward = torch.compile(self.model) if compile else self.model
+        self._wrap()
         self.train_loader, self.valid_loader = train_loader, valid_loader
         self.vocab = tuple(vocab)
         self.augmentation = augmentation or aug_transforms()
@@ -162,8 +175,8 @@ class Trainer:
         self.on_epoch_end = on_epoch_end
         # Told in one line which checkpoint a resumed fit continues from, and any damaged one it moved aside.
         self.on_resume = on_resume or (lambda line: tqdm.write(line, file=sys.stderr))
-        self.progress = progress  # per-batch bars: on a terminal (None), always (True) or never (False)
-        self.epoch_table = epoch_table  # each epoch as a row of fastai's table on stderr
+        self.progress = progress if self.main else False  # per-batch bars: on a terminal (None), always or never
+        self.epoch_table = epoch_table  # each epoch as a row of fastai's table on stderr (rank 0's)
         self.optimizer = make_optimizer(self.model, weight_decay=weight_decay, fused=self.device.type == "cuda")
         self.n_groups = len(parameter_groups(self.model))
         self.loss_function = nn.CrossEntropyLoss()  # fastai CrossEntropyLossFlat: mean, no smoothing
@@ -173,11 +186,18 @@ class Trainer:
         self.valid_points: list[tuple[int, float]] = []  # (iteration, valid loss) at each epoch end
         self.epochs_run = 0  # across fits: seeds each epoch's randomness
 
+    def _wrap(self) -> None:
+        """Make `forward`: the model, in DDP over its trainable parameters on a rank, compiled if asked."""
+        module = distributed.wrap(self.model, self.device) if self.parallel else self.model
+        self.forward = torch.compile(module) if self.compiled else module
+
     # -- freezing -------------------------------------------------------------------------------------------------
     def freeze_to(self, n: int) -> None:
         """Freeze the groups before `n` (norm layers keep training with train_bn) and clear the optimizer state."""
         freeze_to(self.model, n, train_bn=self.train_bn)
         self.optimizer.state.clear()  # fastai freeze_to calls opt.clear_state(): Adam moments start again
+        if self.parallel is not None:
+            self._wrap()  # DDP syncs the gradients of the parameters that trained when it was built
 
     def freeze(self) -> None:
         """Train only the head (and norm layers): fastai's freeze() == freeze_to(-1)."""
@@ -326,7 +346,7 @@ class Trainer:
         self.model.train()  # frozen BatchNorm layers keep updating their statistics, as in fastai
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epochs_run))
         batches = self._epoch_batches(self.train_loader, desc=f"{phase.name} {epoch + 1}/{phase.epochs}")
-        losses = LossReadback(smoother, self.smoothed_losses)
+        losses = LossReadback(smoother, self.smoothed_losses, across_ranks=self.parallel is not None)
         images, lrs = 0, [0.0]
         for batch, (inputs, targets) in enumerate(batches):
             step = epoch * len(self.train_loader) + batch
@@ -336,7 +356,8 @@ class Trainer:
             if losses.due() or batch == len(self.train_loader) - 1:
                 self._read_losses(losses, phase, epoch, batch)
                 batches.set_postfix(loss=f"{smoother.value:.4f}", refresh=False)
-        return losses.total / max(1, len(self.train_loader)), lrs[-1], images
+        world_size = self.parallel.world_size if self.parallel else 1
+        return losses.total / max(1, len(self.train_loader)), lrs[-1], images * world_size
 
     def _read_losses(self, losses: LossReadback, phase: Phase, epoch: int, batch: int) -> None:
         non_finite = losses.read()
@@ -377,15 +398,19 @@ class Trainer:
     def seeded(self, epoch: int) -> Iterator[None]:
         """Seed the global RNG (dropout) for `epoch` of this run inside the block; outside, it is left as it was."""
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        seed = epoch_seed(self.seed, epoch)
+        if self.parallel is not None and self.parallel.rank:  # rank 0 draws what one process would; the others differ
+            seed = epoch_seed(seed, self.parallel.rank)
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(epoch_seed(self.seed, epoch))
+            torch.manual_seed(seed)
             yield
 
     def _to_device(
         self, inputs: torch.Tensor, targets: torch.Tensor, *, train: bool, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        share = (self.parallel.rank, self.parallel.world_size) if self.parallel and train else None
         inputs = self.augmentation.on_device(
-            inputs, self.device, train=train, channels_last=self.channels_last, generator=generator
+            inputs, self.device, train=train, channels_last=self.channels_last, generator=generator, share=share
         )
         return inputs, targets.to(self.device, non_blocking=True)
 
@@ -414,8 +439,14 @@ class Trainer:
     # -- validation ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def validate(self, loader: DataLoader | None = None) -> tuple[float, float]:
-        """Return (mean cross-entropy, accuracy) over a loader, the validation set by default."""
+        """Return (mean cross-entropy, accuracy) over a loader, the validation set by default.
+
+        On a data-parallel rank, the loader holds the rank's run of the images, the model is rank 0's (its BatchNorm
+        statistics shared first) and the sums are reduced over every rank: the metrics of the whole set.
+        """
         self.model.eval()
+        if self.parallel is not None:
+            distributed.share_rank0_buffers(self.model)
         # Per-batch sums stay on the device and are read back once: no GPU sync per validation batch.
         loss_sums, correct, count = [], [], 0
         for inputs, targets in self._epoch_batches(loader or self.valid_loader, desc="valid"):
@@ -426,14 +457,27 @@ class Trainer:
             loss_sums.append(F.cross_entropy(logits, targets, reduction="sum"))
             correct.append((logits.argmax(dim=1) == targets).sum())
             count += len(targets)
+        # One float64 vector of the three sums (a rank may hold no batch at all); one all-reduce on a rank.
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        sums = torch.stack(
+            [
+                torch.stack(loss_sums).double().sum() if loss_sums else zero,
+                torch.stack(correct).double().sum() if correct else zero,
+                torch.tensor(float(count), dtype=torch.float64, device=self.device),
+            ]
+        )
+        if self.parallel is not None:
+            sums = distributed.sum_across(sums)
+        loss_sum, correct_count, count = sums.cpu().tolist()
         if count == 0:
             raise InputError("The validation set is empty: raise --valid-pct so some images are held out.")
-        loss_sum = torch.stack(loss_sums).cpu().double().sum().item()
-        return loss_sum / count, torch.stack(correct).sum().item() / count
+        return loss_sum / count, correct_count / count
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def _resume(self, resume_from: Path, plan: dict[str, Any]) -> dict[str, Any] | None:
-        found = resume_checkpoint(resume_from, plan=plan, keys=PROGRESS_KEYS)
+        found = self._find_resumption(resume_from, plan)
+        if not self.main:
+            return found.state
         if found.state is None:
             outcome = "training from the start"
         else:  # beside a damaged file, its folder is named already
@@ -442,10 +486,21 @@ class Trainer:
         self.on_resume("; ".join([*found.damaged, outcome]) + ".")
         return found.state
 
+    def _find_resumption(self, resume_from: Path, plan: dict[str, Any]) -> Resumption:
+        """Find the checkpoint to resume from; on ranks, rank 0 finds it (moving damaged ones aside) for all."""
+        if self.parallel is None:
+            return resume_checkpoint(resume_from, plan=plan, keys=PROGRESS_KEYS)
+        found = resume_checkpoint(resume_from, plan=plan, keys=PROGRESS_KEYS) if self.main else None
+        path = distributed.share_rank0_object(None if found is None or found.path is None else str(found.path))
+        if self.main:
+            return found
+        state = None if path is None else load_checkpoint(Path(path), plan=plan, keys=PROGRESS_KEYS)
+        return Resumption(state, None if path is None else Path(path), ())
+
     def _save_progress(
         self, plan: dict[str, Any], phase_index: int, epochs_done: int, scaler: torch.amp.GradScaler, smoother
     ) -> None:
-        if self.checkpoint_dir is None:
+        if self.checkpoint_dir is None or not self.main:
             return
         state = {
             "plan": plan,
@@ -471,6 +526,8 @@ class Trainer:
         self.valid_points = [tuple(point) for point in state["valid_points"]]
 
     def _report(self, row: EpochStats) -> None:
+        if not self.main:
+            return
         if self.epoch_table:
             tqdm.write(format_stats_row(row, header=len(self.history) == 1), file=sys.stderr)
         if self.on_epoch_end is not None:
@@ -483,8 +540,17 @@ class LossReadback:
     `read()` returns (value, batches before the chunk's end, head LRs) of the first non-finite loss, if any.
     """
 
-    def __init__(self, smoother: SmoothedLoss, smoothed: list[float], every: int = LOSS_READBACK_BATCHES):
+    def __init__(
+        self,
+        smoother: SmoothedLoss,
+        smoothed: list[float],
+        every: int = LOSS_READBACK_BATCHES,
+        *,
+        across_ranks: bool = False,
+    ):
         self.smoother, self.smoothed, self.every = smoother, smoothed, every
+        # On data-parallel ranks each loss is the mean over the rank's equal share: their mean is the global batch's
+        self.across_ranks = across_ranks
         self.pending: list[torch.Tensor] = []
         self.pending_lrs: list[Sequence[float]] = []
         self.total = 0.0
@@ -497,7 +563,10 @@ class LossReadback:
         return len(self.pending) >= self.every
 
     def read(self) -> tuple[float, int, Sequence[float]] | None:
-        values = torch.stack(self.pending).tolist()  # the one host-device sync of the chunk
+        losses = torch.stack(self.pending)
+        if self.across_ranks:
+            losses = distributed.sum_across(losses) / torch.distributed.get_world_size()
+        values = losses.tolist()  # the one host-device sync of the chunk
         lrs, count = self.pending_lrs, len(values)
         self.pending, self.pending_lrs = [], []
         for index, value in enumerate(values):
@@ -534,6 +603,16 @@ def format_stats_row(row: EpochStats, *, header: bool = False) -> str:
     return titles + "\n" + line
 
 
+def rank_batch_size(batch_size: int, world_size: int) -> int:
+    """Each rank's share of the global batch; refused when the ranks cannot share it equally."""
+    if batch_size % world_size:
+        raise InputError(
+            f"--bs {batch_size} does not split equally over the {world_size} training processes: give a multiple of "
+            f"{world_size} (--bs is the global batch)"
+        )
+    return batch_size // world_size
+
+
 def check_presize(manifest: pd.DataFrame, presize: int) -> None:
     """Fail early, in the main process, when the manifest's images were presized for another size."""
     if manifest.empty:
@@ -559,15 +638,23 @@ def vision_trainer(
     batch_size: int = DEFAULT_BATCH_SIZE,
     workers: int | None = None,
     seed: int | None = None,
+    parallel: DataParallel | None = None,
     **trainer_settings: Any,
 ) -> Trainer:
-    """Build fastai's `vision_learner` equivalent over a presized split manifest; pretrained models start frozen."""
+    """Build fastai's `vision_learner` equivalent over a presized split manifest; pretrained models start frozen.
+
+    On a data-parallel rank (`parallel`), `batch_size` is still the global batch: the rank's loaders take its share.
+    """
     check_presize(manifest, presize)
     device = resolve_device(trainer_settings.pop("device", None))
     workers = default_workers(device) if workers is None else workers
+    shard = None
+    if parallel is not None:
+        shard = Shard(parallel.rank, parallel.world_size, rank_batch_size(batch_size, parallel.world_size))
     train_loader, valid_loader = make_loaders(
-        manifest, size=presize, batch_size=batch_size, workers=workers, seed=seed, pin_memory=device.type == "cuda"
-    )
+        manifest, size=presize, batch_size=shard.batch_size if shard else batch_size, workers=workers, seed=seed,
+        pin_memory=device.type == "cuda", shard=shard,
+    )  # fmt: skip
     model = create_model(arch, len(vocab), pretrained=pretrained)
     trainer = Trainer(
         model,
@@ -577,6 +664,7 @@ def vision_trainer(
         augmentation=aug_transforms(size, min_scale),
         device=device,
         seed=seed,
+        parallel=parallel,
         **trainer_settings,
     )
     if pretrained:

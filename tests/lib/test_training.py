@@ -263,20 +263,27 @@ def test_best_epoch_counts_unfrozen_epochs_up_to_the_lowest_error_with_ties_brok
 
 
 def test_training_reads_losses_back_in_chunks_not_once_per_batch(pets, monkeypatch):
+    from lib.train.trainer import LOSS_READBACK_BATCHES
+
     trainer = build(pets)
-    calls = {"item": 0}
-    real_item = torch.Tensor.item
-    project = str(Path(__file__).resolve().parents[2] / "lib")
+    calls = {"readback": 0}
+    project = str(Path(__file__).resolve().parents[2] / "lib" / "train")  # the loop's; the sampler's are CPU lists
 
-    def counting_item(self):
-        if sys._getframe(1).f_code.co_filename.startswith(project):  # torch's own CPU AdamW reads its step count
-            calls["item"] += 1
-        return real_item(self)
+    def counting(real):
+        def readback(self):
+            if sys._getframe(1).f_code.co_filename.startswith(project):  # torch's own CPU AdamW reads its step count
+                calls["readback"] += 1
+            return real(self)
 
-    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+        return readback
+
+    for name in ("item", "tolist"):  # each reads a tensor back to the host: on a GPU, a sync
+        monkeypatch.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name)))
     row = trainer.fit_one_cycle(1, 1e-3)[0]
-    assert len(trainer.train_loader) > 2
-    assert calls["item"] == 2  # the validation loss and accuracy, once an epoch; no `.item()` per training batch
+    batches = len(trainer.train_loader)
+    assert batches > 2
+    # One read-back per chunk of training losses and one for the validation sums; none per training batch.
+    assert calls["readback"] == math.ceil(batches / LOSS_READBACK_BATCHES) + 1
     assert len(trainer.smoothed_losses) == len(trainer.train_loader)  # every loss still reached the smoother
     assert math.isfinite(row.train_loss) and row.train_loss_mean > 0
 
