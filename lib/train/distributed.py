@@ -8,7 +8,8 @@ train itself: `launch` runs torchrun (`torch.distributed.run`), whose ranks each
   the batch of a single process would hold (lib/data/loading.py shards the seeded order), so the learning rates and
   the schedule are unchanged; DDP averages the gradients (PyTorch docs, "DistributedDataParallel").
 - The batch augmentation is drawn for the whole global batch and each rank applies its rows, on its own device.
-- Validation is sharded without padding or dropping; the sums are reduced over the world, on rank 0's weights.
+- Validation is sharded without padding or dropping and its sums are reduced over the world; the ranks' BatchNorm
+  statistics are averaged first, so every rank evaluates (and rank 0 saves) the same model.
 - Only rank 0 writes checkpoints, the history, plots and the exported model, and talks to the stage process: one
   MLflow run however many ranks there are.
 
@@ -129,7 +130,8 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     DistributedDataParallel: "the set of parameters used must not change"), so an unfrozen body needs a new wrapper.
     """
     device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    # Each rank keeps its own BatchNorm statistics between evaluations, which average them (`average_buffers`).
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
 
 def sum_across(values: torch.Tensor) -> torch.Tensor:
@@ -143,10 +145,18 @@ def wait_for_all() -> None:
     dist.barrier()
 
 
-def share_rank0_buffers(model: nn.Module) -> None:
-    """Give every rank rank 0's buffers (BatchNorm's running statistics), so all evaluate the model rank 0 saves."""
+def average_buffers(model: nn.Module) -> None:
+    """Average the ranks' floating-point buffers (BatchNorm's running statistics) in place, on every rank.
+
+    Each rank's running mean follows its own share of every batch; their average is the running mean of the whole
+    batches, as one process keeps it (the update is linear), and the running variance comes close. timm averages
+    them the same way before each evaluation (timm train.py, `--dist-bn reduce`); DDP's default instead copies rank
+    0's at every step, statistics of 1/world of the images.
+    """
+    world_size = dist.get_world_size()
     for buffer in model.buffers():
-        dist.broadcast(buffer, src=0)
+        if buffer.is_floating_point():
+            sum_across(buffer).div_(world_size)
 
 
 def share_rank0_object(value: object) -> object:
@@ -201,6 +211,7 @@ def launch(
         )
     failure = {"runtime": runtime, "stage": Path(stage_dir).name, "checkpoint": checkpoint, "log": log_path}
     started = result = error = None
+    killed: dict[int, int] = {}  # rank: the signal that ended it
     try:
         for line in process.stdout:
             message = _message(line)
@@ -208,6 +219,8 @@ def launch(
                 sys.stderr.write(line)  # not ours: a library's print
             elif "started" in message:
                 started = message["started"]
+            elif "failures" in message:
+                killed = _killed_ranks(message["failures"])
             elif "error" in message:
                 error = error or message  # the first: a rank's failure makes the others fail after it
             elif "result" in message:
@@ -221,27 +234,46 @@ def launch(
     if result is not None and returncode == 0:
         send(result)
         return True
-    send(error or _failure(started, returncode, **failure))
+    # A killed rank is the cause: the others' errors (a peer's connection reset) follow from it.
+    send(_failure(started, returncode, killed=killed, **failure) if killed or error is None else error)
     return False
 
 
 def _message(line: str) -> dict | None:
     with suppress(ValueError):
         message = json.loads(line)
-        if isinstance(message, dict) and message.keys() & {"started", "joined", "epoch", "result", "error"}:
+        if isinstance(message, dict) and message.keys() & {"started", "joined", "epoch", "result", "error", "failures"}:
             return message
     return None
 
 
+def _killed_ranks(failures: dict[str, dict]) -> dict[int, int]:
+    """{rank: signal} of the ranks a signal ended; SIGTERM only when nothing else did (torchrun's agent sends it to
+    the survivors of a rank that died)."""
+    killed = {int(rank): -failure["exitcode"] for rank, failure in failures.items() if failure["exitcode"] < 0}
+    first = {rank: number for rank, number in killed.items() if number != signal.SIGTERM}
+    return first or killed
+
+
 def _failure(
-    started: dict | None, returncode: int, *, runtime: RuntimeSettings, stage: str, checkpoint: Path, log: Path
+    started: dict | None,
+    returncode: int,
+    *,
+    killed: dict[int, int],
+    runtime: RuntimeSettings,
+    stage: str,
+    checkpoint: Path,
+    log: Path,
 ) -> dict:
-    if started is not None:
+    if killed or started is not None:
+        how = ", ".join(f"rank {rank} by {signal.Signals(number).name}" for rank, number in sorted(killed.items()))
+        how = how or f"torchrun exited with status {returncode}"
+        world = f"{started['world_size']} processes" if started else f"{runtime.processes_per_node()} processes here"
         error = RankDiedError(
-            f"A training process of the {stage} stage ({started['world_size']} processes) died without a word "
-            f"(torchrun exited with status {returncode}; its report in {log} names the rank and the signal). The "
-            f"last complete epoch is in {checkpoint}; a retry resumes every rank from there. Killed every time, it "
-            "most often ran out of memory: lower --bs or --workers."
+            f"A training process of the {stage} stage ({world}) died without a word ({how}; torchrun's log: {log}). "
+            f"The last complete epoch is in {checkpoint}; a retry "
+            "resumes every rank from there. Killed every time, it most often ran out of memory: lower --bs or "
+            "--workers."
         )
     elif runtime.nnodes > 1:
         error = RendezvousError(
@@ -323,9 +355,15 @@ def _run_torchrun(argv: list[str]) -> None:
     """
     parent, *arguments = argv
     signal_self_when_orphaned(int(parent), signal.SIGTERM, name="torchrun-exit-with-parent")
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main
 
-    main(arguments)
+    try:
+        main(arguments)
+    except ChildFailedError as error:  # which ranks failed, and how: a rank killed by a signal is retried
+        failures = {rank: {"exitcode": failure.exitcode} for rank, failure in error.failures.items()}
+        print(json.dumps({"failures": failures}), flush=True)
+        raise
 
 
 if __name__ == "__main__":

@@ -441,12 +441,13 @@ class Trainer:
     def validate(self, loader: DataLoader | None = None) -> tuple[float, float]:
         """Return (mean cross-entropy, accuracy) over a loader, the validation set by default.
 
-        On a data-parallel rank, the loader holds the rank's run of the images, the model is rank 0's (its BatchNorm
-        statistics shared first) and the sums are reduced over every rank: the metrics of the whole set.
+        On a data-parallel rank, the loader holds the rank's run of the images, the ranks' BatchNorm statistics are
+        averaged first (the same model on every rank, the one rank 0 saves) and the sums are reduced over every rank:
+        the metrics of the whole set.
         """
         self.model.eval()
         if self.parallel is not None:
-            distributed.share_rank0_buffers(self.model)
+            distributed.average_buffers(self.model)
         # Per-batch sums stay on the device and are read back once: no GPU sync per validation batch.
         loss_sums, correct, count = [], [], 0
         for inputs, targets in self._epoch_batches(loader or self.valid_loader, desc="valid"):

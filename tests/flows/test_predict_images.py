@@ -143,14 +143,15 @@ def test_pets_predict_images_labels_a_csv_with_tta_and_names_an_unknown_alias_or
 
 
 def test_every_prediction_and_runtime_setting_is_an_option_and_in_the_flows_form():
-    from lib.recipe import PREDICT_TOP_K, field_option
+    from lib.recipe import DATA_PARALLEL_SETTINGS, PREDICT_TOP_K, field_option
     from lib.serve.contract import DEFAULT_TOP_K
 
     text = invoke("predict-images", "--help").stdout
+    trains_only = {"compile", *DATA_PARALLEL_SETTINGS}  # nothing compiles a prediction or runs it on several ranks
     for model in (PredictSettings, RuntimeSettings):
         for name in model.model_fields:
             flag = f"--{field_option(model, name).replace('_', '-')}"
-            assert (flag in text) == (name != "compile"), flag  # nothing compiles a prediction
+            assert (flag in text) == (name not in trains_only), flag
     schema = predict_images.parameters.model_dump()
     assert schema["required"] == ["source"]
     for model in (PredictSettings, RuntimeSettings):
