@@ -118,3 +118,33 @@ def test_predict_images_reports_the_ratio_of_its_medians_and_both_sides_agree(tm
     )
     assert record["max_probability_difference"] < 1e-5  # the same network on the same pictures
     assert record["targets"] == {"ratio_at_least_5": record["batched_to_loop"] >= 5}
+
+
+@pytest.mark.slow  # two torchrun ranks and two spawned gloo processes: CI runs it (make test-slow)
+def test_data_parallel_compares_two_gloo_ranks_with_one_process_and_sizes_the_all_reduce(tmp_path):
+    record = run_bench("data_parallel", *TINY, "--epochs", "1", data_dir=tmp_path)
+    assert record["two_ranks_to_one_process"] == pytest.approx(
+        record["two_ranks_images_per_second"] / record["one_process_images_per_second"], rel=0.01
+    )
+    share = record["gloo_all_reduce_seconds"] / (
+        record["gloo_all_reduce_seconds"] + record["rank_forward_backward_seconds"]
+    )
+    assert record["all_reduce_share_of_step"] == pytest.approx(share, abs=0.002)
+    for arch in ("resnet50", "resnet101"):
+        volume = record["ring_all_reduce_per_gpu"][arch]
+        assert volume["parameters_millions"] == pytest.approx(body_and_head_parameters(arch, classes=2) / 1e6, abs=1e-3)
+        assert volume["gradient_megabytes"] == pytest.approx(4 * volume["parameters_millions"], rel=0.01)
+        # a ring all-reduce over 8 GPUs sends 2 * 7/8 of the gradients from each GPU
+        assert volume["sent_megabytes_per_gpu_8_gpus"] == pytest.approx(1.75 * volume["gradient_megabytes"], rel=0.01)
+        assert volume["nvlink4_milliseconds"] < volume["pcie5_x16_milliseconds"]
+
+
+def body_and_head_parameters(arch: str, classes: int) -> int:
+    """torchvision's network without its fc, plus fastai's head on its 2048 features, counted by hand: BatchNorm1d
+    over the 4096 concatenated pooled features, Linear(4096, 512) and BatchNorm1d(512), Linear(512, classes), the
+    linear layers without bias as they follow a BatchNorm (fastai vision/learner.py `create_head`)."""
+    import torchvision
+
+    network = getattr(torchvision.models, arch)()
+    body = sum(p.numel() for p in network.parameters()) - sum(p.numel() for p in network.fc.parameters())
+    return body + 2 * 4096 + 4096 * 512 + 2 * 512 + 512 * classes

@@ -2,7 +2,7 @@
 
 A stage process whose recipe asks for more than one process (`runtime.nproc_per_node`, `runtime.nnodes`) does not
 train itself: `launch` runs torchrun (`torch.distributed.run`), whose ranks each run `python -m lib.train.stages
-<request.json>` and train the stage together. What a fastai user expects holds:
+--rank <runtime JSON> <request.json>` and train the stage together. What a fastai user expects holds:
 
 - `bs` is the global batch: each of the world's processes takes `bs / world` images of every batch, the same images
   the batch of a single process would hold (lib/data/loading.py shards the seeded order), so the learning rates and
@@ -16,6 +16,11 @@ train itself: `launch` runs torchrun (`torch.distributed.run`), whose ranks each
 What still differs from one process with the same global batch: BatchNorm normalises each rank's share of the batch
 with its own statistics (torchvision's reference scripts offer `--sync-bn` on GPUs for this), each rank draws its own
 dropout masks, and all-reduce adds the gradients in another order.
+
+The LR finder takes no part: it sweeps in the flow's own process, on one device, before any stage starts
+(tasks/training.py), so no rank ever waits in a collective for a peer that is not sweeping, the deadlock fastai's
+`lr_find` met under DDP (fastai issues #2485 and #3688: one rank stops its sweep early, the others wait for it). Its
+suggestion is for the global batch, which is what every rank's share adds up to.
 
 Messages reach the stage process on rank 0's standard output, one JSON object per line as lib/train/stages.py
 describes, plus `{"started": {...}}` once the process group is up; any rank may report an error. A torchrun that ends

@@ -5,6 +5,10 @@
     python -m lib.train.stages --serve <folder> <pid>    a stage process: train each stage whose request path
                                                          arrives on standard input (one per line, under <folder>),
                                                          until it closes or the process <pid> that started it dies
+    python -m lib.train.stages --rank <runtime JSON> [<request.json>]
+                                                         one data-parallel rank, as torchrun starts it
+                                                         (lib/train/distributed.py); without a request, a rank of
+                                                         another node, told the request by rank 0
 
 The training flow starts one `--serve` process ahead of its first stage, so the interpreter, torch and the plotting
 library are loaded while the data stage runs, and sends it every stage in turn (tasks/training.py). For each request
