@@ -55,9 +55,12 @@ def test_a_worker_elsewhere_clones_the_deployed_commit_installs_it_and_runs_data
     (host / "tmp").mkdir(parents=True)
     runs.mkdir()
     python = _environment_without_the_project(host / "venv")
-    probe = subprocess.run([python, "-c", "import lib"], cwd=host, capture_output=True, text=True)
+    # An empty PYTHONPATH adds nothing to sys.path: the tests' own (the checkout, in development) stays out.
+    outside = {**os.environ, "PYTHONPATH": ""}
+    probe = subprocess.run([python, "-c", "import lib"], cwd=host, env=outside, capture_output=True, text=True)
     assert probe.returncode != 0 and "No module named 'lib'" in probe.stderr, "the worker's Python sees the project"
     worker_env = {
+        "PYTHONPATH": "",
         # The install step runs `python` from the PATH: the worker's own interpreter, as with an activated venv.
         "PATH": f"{python.parent}{os.pathsep}{os.environ['PATH']}",
         # Offline, fast: every dependency is already importable, so pip needs no index; without build isolation it
@@ -108,11 +111,11 @@ def test_a_worker_elsewhere_clones_the_deployed_commit_installs_it_and_runs_data
     assert (clone / "outputs" / "data-smoke" / "data" / "summary.txt").is_file(), diagnostics
     # The install step put the clone's package, not an editable link to this checkout, into the worker's Python.
     shown = subprocess.run(
-        [python, "-m", "pip", "show", "--files", "pets-pipeline"], cwd=host, capture_output=True, text=True
+        [python, "-m", "pip", "show", "pets-pipeline"], cwd=host, env=outside, capture_output=True, text=True
     )
     assert shown.returncode == 0, f"{shown.stderr}\n{diagnostics}"
     assert "Editable project location" not in shown.stdout
     located = subprocess.run(
-        [python, "-c", "import lib; print(lib.__file__)"], cwd=host, capture_output=True, text=True
+        [python, "-c", "import lib; print(lib.__file__)"], cwd=host, env=outside, capture_output=True, text=True
     )
     assert Path(located.stdout.strip()).is_relative_to(host / "venv"), located
