@@ -28,16 +28,18 @@ def _git(*args: str, cwd: Path = ROOT) -> str:
 
 
 def _environment_without_the_project(path: Path) -> Path:
-    """A venv (no pip of its own) that imports the test venv's packages but not this project; returns its python.
+    """A venv (no pip of its own) holding the test venv's packages but not this project; returns its python.
 
-    A .pth line naming a folder only appends it to sys.path; the .pth files in that folder, among them the editable
-    install's finder, are not run (Python 3.11 `site` docs, "site-specific configuration hook").
+    Its site-packages links every entry of the test venv's, except the project's editable install (its finder, its
+    .pth and its metadata), so pip there sees no pets-pipeline and `import lib` fails outside a clone.
     """
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     subprocess.run([Path(sys.base_prefix) / "bin" / version, "-m", "venv", "--without-pip", path], check=True)
-    (path / "lib" / version / "site-packages" / "test-venv-dependencies.pth").write_text(
-        "\n".join(site.getsitepackages()) + "\n"
-    )
+    target = path / "lib" / version / "site-packages"
+    for source in site.getsitepackages():
+        for entry in Path(source).iterdir():
+            if not entry.name.startswith(("__editable__", "pets_pipeline-")) and not (target / entry.name).exists():
+                (target / entry.name).symlink_to(entry)
     return path / "bin" / "python"
 
 
