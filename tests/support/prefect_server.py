@@ -301,10 +301,15 @@ def _spawn(name: str, command: list[str], env: Mapping[str, str], log: Path, cwd
 
 
 def server_environment(home: Path, port: int) -> dict[str, str]:
-    """The test process's environment without any PREFECT_* variable, plus the settings of a private server."""
+    """The test process's environment without any PREFECT_* variable, plus the settings of a private server.
+
+    PATH starts with the venv's bin folder, as for workers started with their environment activated.
+    """
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     env.update(
         {
+            # The venv's interpreter first on PATH, as in an activated venv: prefect.yaml's install step runs `python`.
+            "PATH": f"{PREFECT.parent}{os.pathsep}{os.environ.get('PATH', os.defpath)}",
             "PREFECT_HOME": str(home / "prefect-home"),
             "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
             "PREFECT_SERVER_API_HOST": "127.0.0.1",
