@@ -1,12 +1,14 @@
 """Deployments for real: a Prefect server, `prefect deploy --all` of prefect.yaml, process workers, MLflow on disk.
 
 Everything runs in separate processes, as in production: the server and the workers are started by
-tests/support/prefect_server.py and stopped by PID when the test ends, whatever happens in it. The `gpu` pool is only
-a name here (CI has no GPU): what is proved is that compare runs its trainings as runs of the training deployments,
-on the pool's `training` queue, at the same time.
+tests/support/prefect_server.py and stopped by PID when the test ends, whatever happens in it. The workers run the
+flows from clones of this checkout's HEAD (prefect.yaml's pull steps), made from a local bare repository. The `gpu`
+pool is only a name here (CI has no GPU): what is proved is that compare runs its trainings as runs of the training
+deployments, on the pool's `training` queue, at the same time.
 """
 
 import copy
+import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
@@ -64,7 +66,8 @@ def test_deploy_all_then_workers_run_smoke_and_compare_runs_its_trainings_in_par
     # compare trains on a dataset of the user's own layout: train/ and val/ folders holding class folders.
     shapes = make_shapes_dataset(tmp_path / "shapes", layout="split", valid_name="val", images_per_class=8)
     archive = pack_tgz(shapes, tmp_path / "served" / "shapes.tgz", top_level="shapes")
-    with prefect_server(tmp_path / "prefect") as server:
+    repository = _bare_repository_of_head(tmp_path / "pets-pipeline.git")
+    with prefect_server(tmp_path / "prefect", extra_env={"PETS_REPOSITORY": str(repository)}) as server:
         for pool in sorted({entry["work_pool"]["name"] for entry in CONFIG["deployments"]}):
             server.cli("work-pool", "create", pool, "--type", "process", "--overwrite")
         server.cli("--no-prompt", "deploy", "--all")  # from the repository root: prefect.yaml as committed
@@ -78,7 +81,10 @@ def test_deploy_all_then_workers_run_smoke_and_compare_runs_its_trainings_in_par
         training_names = [compare_defaults["train_deployment"].format(arch=arch) for arch in compare_defaults["archs"]]
         assert set(training_names) <= set(full_names), full_names
         for name, entry in DEPLOYMENTS.items():
-            _assert_registered_as_configured(deployed[name], entry)
+            _assert_registered_as_configured(deployed[name], entry, repository)
+        # The multi-GPU deployment's parameters are a recipe that trains on every visible GPU.
+        multi_gpu = Recipe.model_validate(deployed["train-multi-gpu"]["parameters"]["recipe"])
+        assert (multi_gpu.runtime.nproc_per_node, multi_gpu.runtime.nnodes) == ("auto", 1)
         compare = deployed["compare"]
         _assert_weekly_schedule(compare)
         automation = _assert_event_trigger(server, compare)
@@ -216,22 +222,32 @@ def _time(value: str) -> datetime:
     return datetime.fromisoformat(value)
 
 
+def _bare_repository_of_head(path: Path) -> Path:
+    """A bare repository holding this checkout's HEAD on a branch (CI may have HEAD detached); returns its path."""
+    subprocess.run(["git", "init", "--quiet", "--bare", str(path)], check=True)
+    subprocess.run(["git", "push", "--quiet", str(path), "HEAD:refs/heads/main"], cwd=ROOT, check=True)
+    return path
+
+
 def _deployments_by_name(server) -> dict[str, dict]:
     deployments = server.post("/deployments/filter", {})
     flows = {flow["id"]: flow["name"] for flow in server.post("/flows/filter", {})}
     return {deployment["name"]: {**deployment, "flow_name": flows[deployment["flow_id"]]} for deployment in deployments}
 
 
-def _assert_registered_as_configured(deployment: dict, entry: dict) -> None:
+def _assert_registered_as_configured(deployment: dict, entry: dict, repository: Path) -> None:
     name = entry["name"]
     assert deployment["entrypoint"] == entry["entrypoint"], name
     assert deployment["work_pool_name"] == entry["work_pool"]["name"], name
     assert deployment["work_queue_name"] == entry["work_pool"].get("work_queue_name", "default"), name
     assert sorted(deployment["tags"]) == sorted(entry["tags"]), name
     assert deployment["parameters"] == entry.get("parameters", {}), name
-    assert deployment["pull_steps"] == [
-        {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}
-    ], name
+    # The pull steps clone the deployed commit (this checkout's HEAD) from PETS_REPOSITORY, then install it.
+    clone, install = deployment["pull_steps"]
+    assert clone["prefect.deployments.steps.git_clone"]["repository"] == str(repository), name
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, check=True, capture_output=True, text=True)
+    assert clone["prefect.deployments.steps.git_clone"]["commit_sha"] == head.stdout.strip(), name
+    assert install["prefect.deployments.steps.run_shell_script"]["directory"] == "{{ clone-step.directory }}", name
     # The server keeps a deployment's concurrency limit as a global concurrency limit named after it.
     limit = entry.get("concurrency_limit")
     if limit is None:

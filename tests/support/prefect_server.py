@@ -190,19 +190,25 @@ class PrefectServer:
         name: str | None = None,
         limit: int | None = None,
         wait: float = 90,
+        cwd: Path | None = None,
+        python: Path | None = None,
     ) -> ManagedProcess:
         """Start `prefect worker start --pool POOL` in the background; return once the server lists it.
 
         extra_env is added to this server's environment; flow runs the worker starts inherit it. limit is the
-        worker's `--limit`: how many flow runs it runs at once (no limit by default).
+        worker's `--limit`: how many flow runs it runs at once (no limit by default). cwd is the worker's working
+        directory (the repository root by default); python, an interpreter to run it with (`python -m prefect`)
+        instead of the venv's `prefect`: its flow runs use that interpreter too.
         """
         name = name or f"test-{pool}-{len(self.workers)}"
-        command = [str(PREFECT), "worker", "start", "--pool", pool, "--name", name]
+        prefect = [str(PREFECT)] if python is None else [str(python), "-m", "prefect"]
+        command = [*prefect, "worker", "start", "--pool", pool, "--name", name]
         if work_queue:
             command += ["--work-queue", work_queue]
         if limit is not None:
             command += ["--limit", str(limit)]
-        worker = _spawn(name, command, {**self.env, **(extra_env or {})}, self.home / f"worker-{name}.log")
+        env = {**self.env, **(extra_env or {})}
+        worker = _spawn(name, command, env, self.home / f"worker-{name}.log", cwd=cwd or ROOT)
         self.workers.append(worker)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
@@ -280,11 +286,11 @@ class PrefectServer:
         return "\n".join(parts)
 
 
-def _spawn(name: str, command: list[str], env: Mapping[str, str], log: Path) -> ManagedProcess:
+def _spawn(name: str, command: list[str], env: Mapping[str, str], log: Path, cwd: Path = ROOT) -> ManagedProcess:
     with log.open("ab") as output:
         process = subprocess.Popen(
             command,
-            cwd=ROOT,
+            cwd=cwd,
             env=dict(env),
             stdin=subprocess.DEVNULL,
             stdout=output,
@@ -295,10 +301,15 @@ def _spawn(name: str, command: list[str], env: Mapping[str, str], log: Path) -> 
 
 
 def server_environment(home: Path, port: int) -> dict[str, str]:
-    """The test process's environment without any PREFECT_* variable, plus the settings of a private server."""
+    """The test process's environment without any PREFECT_* variable, plus the settings of a private server.
+
+    PATH starts with the venv's bin folder, as for workers started with their environment activated.
+    """
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     env.update(
         {
+            # The venv's interpreter first on PATH, as in an activated venv: prefect.yaml's install step runs `python`.
+            "PATH": f"{PREFECT.parent}{os.pathsep}{os.environ.get('PATH', os.defpath)}",
             "PREFECT_HOME": str(home / "prefect-home"),
             "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
             "PREFECT_SERVER_API_HOST": "127.0.0.1",
