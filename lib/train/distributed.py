@@ -136,7 +136,9 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """
     device_ids = [device.index] if device.type == "cuda" else None
     # Each rank keeps its own BatchNorm statistics between evaluations, which average them (`average_buffers`).
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    # Wrapping still copies rank 0's buffers once; the ranks' are equal then anyway, right after an evaluation.
+    # (`forward_sync_buffers` replaces the deprecated `broadcast_buffers` in PyTorch 2.14.)
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
 
 
 def sum_across(values: torch.Tensor) -> torch.Tensor:

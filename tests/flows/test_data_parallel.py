@@ -4,6 +4,7 @@ store; one rank SIGKILLed mid-stage, nodes that never meet, and a second node jo
 The ranks are found as `ps` would find them (their command line and environment in /proc) before they are signalled.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -21,7 +22,9 @@ import torch
 from flows.train import train
 from lib.data.synthetic import make_pets_dataset, pack_tgz
 from lib.serve.inference import read_export
+from lib.train.checkpoint import CHECKPOINT_FORMAT
 from lib.train.stages import fine_tune_stage, run_request
+from tasks.training import STAGE_RETRIES
 from tests.flows.test_console import pets
 from tests.flows.test_faults import wait_for_first_checkpoint
 from tests.flows.test_train_flow import TINY, task_runs, tiny
@@ -138,6 +141,47 @@ def test_two_gloo_ranks_train_like_one_process_log_one_run_and_resume_after_a_ra
     assert abs(two["error_rate"] - one["error_rate"]) <= ERROR_RATE_TOLERANCE, measured
     assert abs(two["valid_loss"] - one["valid_loss"]) <= VALID_LOSS_TOLERANCE, measured
     assert max(two["valid_loss"], one["valid_loss"]) < math.log(3) / 2, measured  # both learned the three breeds
+
+
+def test_a_rank_killed_at_every_attempt_fails_the_run_with_the_reason_and_leaves_the_checkpoint(
+    archive, tmp_path, mlflow_uri
+):
+    out_dir = (tmp_path / "runs").resolve()
+    done = threading.Event()
+    killed = []
+
+    def kill_rank_1_whenever_it_trains() -> None:  # memory that never suffices: the OOM killer every time
+        wait_for_first_checkpoint(out_dir, "probe")
+        while not done.is_set():
+            pid = rank_processes(out_dir).get(1)
+            if pid is not None and pid not in killed:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_rank_1_whenever_it_trains, daemon=True)
+    killer.start()
+    recipe = tiny(
+        data_url=archive.as_uri(), epochs=3, out_dir=str(out_dir), cache_dir=str(tmp_path / "cache"), **PARALLEL
+    )
+    try:
+        state = train(recipe, return_state=True)
+    finally:
+        done.set()
+        killer.join(timeout=30)
+    assert state.is_failed() and len(killed) == 1 + STAGE_RETRIES, (state.message, killed)
+    assert not rank_processes(out_dir)
+
+    client = mlflow.MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(TINY["experiment"]).experiment_id])
+    failure = run.data.tags["pets.failure"]
+    assert run.info.status == "FAILED" and failure.startswith("RankDiedError: "), failure
+    assert "rank 1 by SIGKILL" in failure and "lower --bs or --workers" in failure
+    assert client.search_registered_models() == []
+    # The last complete epoch is still there to resume from (`pets train --resume`), whole.
+    (checkpoint,) = out_dir.glob("*/probe/checkpoints/last.pt")
+    assert torch.load(checkpoint, weights_only=False)["format"] == CHECKPOINT_FORMAT
 
 
 def test_nodes_that_never_meet_fail_the_run_in_one_line_within_the_rendezvous_timeout(archive, tmp_path, mlflow_uri):
