@@ -11,9 +11,10 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.data import prepare_data
-from lib.data.synthetic import BROKEN_FILES, ODD_MODES, make_pets_dataset, pack_tgz
+from lib.data.synthetic import BROKEN_FILES, ODD_MODES, make_pets_dataset
 from lib.recipe import Recipe
 from tests.support.http_server import serve_directory
+from tests.support.pets import pets_archive
 
 BREEDS, PER_BREED, PRESIZE = 4, 10, 64
 
@@ -29,10 +30,7 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
     root = tmp_path_factory.mktemp("source")
-    images = make_pets_dataset(
-        root / "pets", breeds=BREEDS, images_per_breed=PER_BREED, max_side=160, broken=True, odd_modes=True
-    )
-    return pack_tgz(images, root / "served" / "pets.tgz")
+    return pets_archive(root, breeds=BREEDS, images_per_breed=PER_BREED, max_side=160, broken=True, odd_modes=True)
 
 
 def test_prepare_data_over_http_then_a_warm_rerun_reuses_every_cache(archive, tmp_path):

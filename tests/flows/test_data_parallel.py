@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from flows.train import train
-from lib.data.synthetic import make_pets_dataset, pack_tgz
 from lib.serve.inference import read_export
 from lib.train.checkpoint import CHECKPOINT_FORMAT
 from lib.train.stages import fine_tune_stage, run_request
@@ -28,6 +27,7 @@ from tasks.training import STAGE_RETRIES
 from tests.flows.test_console import pets
 from tests.flows.test_faults import wait_for_first_checkpoint
 from tests.flows.test_train_flow import TINY, task_runs, tiny
+from tests.support.pets import pets_archive
 from tests.support.prefect_server import _free_port
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]  # torchrun's start-up: ~10 s a stage
@@ -49,8 +49,7 @@ VALID_LOSS_TOLERANCE = 0.35
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
     root = tmp_path_factory.mktemp("source")
-    images = make_pets_dataset(root / "pets", breeds=3, images_per_breed=48, max_side=96)
-    return pack_tgz(images, root / "served" / "pets.tgz")
+    return pets_archive(root, breeds=3, images_per_breed=48, max_side=96)
 
 
 def rank_processes(out_dir: Path) -> dict[int, int]:

@@ -21,13 +21,13 @@ import pytest
 import torch
 
 from flows.train import train
-from lib.data.synthetic import make_pets_dataset, pack_tgz
 from lib.serve.inference import read_export
 from lib.train.stages import fine_tune_stage, last_checkpoint
 from tasks import tracking
 from tests.flows.test_cli import invoke
 from tests.flows.test_train_flow import TINY, task_runs, tiny
 from tests.support.http_server import serve_directory
+from tests.support.pets import pets_archive
 from tests.support.processes import parent_pid, stage_process_ids, start_time
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -39,8 +39,7 @@ WAIT_SECONDS = 180
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
     root = tmp_path_factory.mktemp("source")
-    images = make_pets_dataset(root / "pets", breeds=4, images_per_breed=10, max_side=96)
-    return pack_tgz(images, root / "served" / "pets.tgz")
+    return pets_archive(root, breeds=4, images_per_breed=10, max_side=96)
 
 
 def wait_for_first_checkpoint(out_dir: Path, stage: str) -> Path:

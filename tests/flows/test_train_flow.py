@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 
 from flows.train import SUMMARY_METRICS, train
-from lib.data.synthetic import make_pets_dataset, pack_tgz
 from lib.recipe import Recipe
 from lib.serve.inference import Classifier
 from lib.train.trainer import NonFiniteLossError
 from tasks.tracking import DATASET_NAME, EPOCH_METRICS, describe, load_served_model
 from tests.support.http_server import serve_directory
+from tests.support.pets import pets_archive
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -48,8 +48,7 @@ EVALUATION_ARTIFACTS = {"predictions.pt", "confusion_matrix.png", "most_confused
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
     root = tmp_path_factory.mktemp("source")
-    images = make_pets_dataset(root / "pets", breeds=BREEDS, images_per_breed=PER_BREED, max_side=96)
-    return pack_tgz(images, root / "served" / "pets.tgz")
+    return pets_archive(root, breeds=BREEDS, images_per_breed=PER_BREED, max_side=96)
 
 
 def artifact_names(client, run_id, path):

@@ -13,7 +13,7 @@ from lib.data.cleaning import clean_images
 from lib.data.labelling import label_images
 from lib.data.presize import PresizeCache, presize_images
 from lib.data.splitting import split_manifest
-from lib.data.synthetic import make_pets_dataset
+from lib.data.synthetic import make_pets_dataset, pack_tgz
 from lib.recipe import Recipe
 from lib.train.trainer import Trainer, vision_trainer
 
@@ -31,6 +31,12 @@ def presized_pets(
     split = split_manifest(kept, seed=seed)
     presized = presize_images(split.manifest, cache, presize=presize, workers=1, progress=False).manifest
     return presized, split.vocab
+
+
+def pets_archive(root: Path, **drawing: Any) -> Path:
+    """Generated pets (make_pets_dataset's settings) packed as root/served/pets.tgz: a test's data URL."""
+    images = make_pets_dataset(root / "pets", **drawing)
+    return pack_tgz(images, root / "served" / "pets.tgz")
 
 
 def tiny_trainer(
