@@ -91,7 +91,6 @@ class Stack:
     local_postgres: bool
     prefect_url: str
     mlflow_url: str
-    processes: tuple[dict, ...]
 
     @property
     def prefect_api_url(self) -> str:
@@ -420,7 +419,7 @@ def _work_pools() -> list[str]:
 def _environment(api_url: str, state_dir: Path) -> dict[str, str]:
     """This process's environment for the stack's Prefect processes, pointed at its server and profile home.
 
-    A Prefect Cloud key or another server's URL in the caller's environment is dropped: they would go elsewhere.
+    A Prefect Cloud key or profile in the caller's environment is dropped: it would send them elsewhere.
     """
     env = {key: value for key, value in os.environ.items() if key not in ("PREFECT_API_KEY", "PREFECT_PROFILE")}
     env.update(
@@ -541,7 +540,6 @@ def up(settings: StackSettings, say: Callable[[str], None] = lambda _: None) -> 
         local_postgres=external is None,
         prefect_url=prefect_url,
         mlflow_url=mlflow_url,
-        processes=tuple(record["processes"]),
     )
 
 

@@ -9,6 +9,7 @@ with `pets stack down` (by their recorded PIDs and start times) whatever happens
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -169,3 +170,32 @@ def test_stack_up_against_a_postgresql_url_that_does_not_answer_is_one_line_nami
     assert not (state_dir / "stack").exists()  # checked before anything was made or started
     status = _pets("stack", "status", "--state-dir", str(state_dir / "stack"), env=env, timeout=60)
     assert status.returncode == 0 and "No stack recorded" in status.stdout, status.stdout + status.stderr
+
+
+@pytest.mark.timeout(60)
+def test_down_stops_a_recorded_process_and_spares_one_whose_pid_now_names_another_process(state_dir):
+    from lib.ops.stack import down
+
+    recorded, reused = (subprocess.Popen(["sleep", "120"], start_new_session=True) for _ in range(2))
+    try:
+        record = {
+            "postgres": {"url": None, "local": False},
+            "processes": [
+                {"name": "worker", "pid": recorded.pid, "started": start_ticks(recorded.pid), "log": ""},
+                # A start time that is not the live process's: the recorded one ended and its PID was reused.
+                {"name": "mlflow-server", "pid": reused.pid, "started": "1", "log": ""},
+            ],
+        }
+        (state_dir / "pids.json").write_text(json.dumps(record))
+        messages = down(state_dir)
+        assert recorded.wait(timeout=30) == -signal.SIGTERM
+        assert reused.poll() is None, "down signalled a process it never started"
+        assert messages == [
+            f"mlflow-server (PID {reused.pid}) had stopped already",
+            f"worker (PID {recorded.pid}) stopped",
+        ]
+        assert down(state_dir) == [f"No stack recorded in {state_dir.resolve()}: nothing to stop."]
+    finally:
+        for process in (recorded, reused):
+            process.kill()
+            process.wait()
