@@ -12,7 +12,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install demo test test-slow lint format ui clean bench
+.PHONY: install demo test test-slow lint format ui clean bench stack stack-down
 
 install: $(STAMP)
 
@@ -48,6 +48,13 @@ bench: $(STAMP)
 # `pets ui` serves the store below on 127.0.0.1 with artifacts beside it (flows/cli.py; MLflow 3.17 `mlflow server`).
 ui: $(STAMP)
 	MLFLOW_TRACKING_URI=sqlite:///$(MLFLOW_DIR)/mlflow.db $(BIN)/pets ui --port $(UI_PORT)
+
+# The local production stack on PostgreSQL (README, "Production stack"; lib/ops/stack.py): state in outputs/stack/.
+stack: $(STAMP)
+	$(BIN)/pets stack up
+
+stack-down: $(STAMP)
+	$(BIN)/pets stack down
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

@@ -6,6 +6,7 @@ pets predict-images INPUT          label a folder, archive or CSV of images with
 pets summary | demo                the data stage alone; the whole recipe offline on generated data
 pets ui | announce-dataset         the MLflow UI on the project's store; tell Prefect about a new dataset
 pets promote VERSION | champion    move the registry's champion alias (recorded); show its history
+pets stack up | down | status      the local production stack: PostgreSQL, Prefect and MLflow servers, a worker
 
 An error the user can fix is one line, `Error: ...`, with exit status 2 (`pets --debug` adds the traceback); see
 flows/console.py.
@@ -31,6 +32,7 @@ from flows.prefect_api import temporary_api
 from lib.common.errors import DEBUG_VARIABLE, UserError
 from lib.common.numbers import significant
 from lib.common.paths import default_output_dir
+from lib.ops.stack import MLFLOW_PORT, PG_PORT, PG_URL_VARIABLE, PREFECT_PORT, STATE_DIR_VARIABLE
 from lib.recipe import (
     ARCHITECTURES,
     CHAMPION_ALIAS,
@@ -531,6 +533,82 @@ def announce_dataset(
     except RuntimeError as error:
         _fail(str(error))
     typer.echo(f"Sent {DATASET_PUBLISHED} for pets.dataset.{name} ({data_url}); event id {event_id}.")
+
+
+# -- the production stack (lib/ops/stack.py) --------------------------------------------------------------------------
+stack_app = typer.Typer(
+    cls=console.Commands,
+    help="The local production stack: PostgreSQL, a Prefect server and an MLflow tracking server on it, and a worker.",
+    no_args_is_help=True,
+)
+app.add_typer(stack_app, name="stack")
+
+StateDir = Annotated[
+    Path | None,
+    typer.Option(
+        envvar=STATE_DIR_VARIABLE,
+        help="The stack's folder: the PostgreSQL cluster, logs, proxied artifacts and pids.json.",
+        show_default="./outputs/stack",
+    ),
+]
+
+
+def _state_dir(state_dir: Path | None) -> Path:
+    from lib.ops.stack import default_state_dir
+
+    return (state_dir or default_state_dir()).expanduser()
+
+
+@stack_app.command("up")
+def stack_up(
+    state_dir: StateDir = None,
+    pg_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar=PG_URL_VARIABLE,
+            help="An existing PostgreSQL server, postgresql://USER[:PASSWORD]@HOST[:PORT][/DB]: the databases prefect "
+            "and mlflow are created there when missing.",
+            show_default="a local cluster in the state folder",
+        ),
+    ] = None,
+    pg_port: Annotated[int, typer.Option(min=1, max=65535, help="The local cluster's port.")] = PG_PORT,
+    prefect_port: Annotated[int, typer.Option(min=1, max=65535, help="The Prefect server's port.")] = PREFECT_PORT,
+    mlflow_port: Annotated[int, typer.Option(min=1, max=65535, help="The MLflow server's port.")] = MLFLOW_PORT,
+) -> None:
+    """Start the stack on 127.0.0.1, deploy prefect.yaml to it, and print the variables that point at it."""
+    from lib.ops.stack import StackSettings, up
+
+    settings = StackSettings(
+        state_dir=_state_dir(state_dir), pg_url=pg_url, pg_port=pg_port, prefect_port=prefect_port,
+        mlflow_port=mlflow_port,
+    )  # fmt: skip
+    stack = up(settings, say=typer.echo)
+    where = f"cluster in {stack.state_dir / 'pgdata'}" if stack.local_postgres else "an existing server"
+    typer.echo(f"PostgreSQL  {stack.postgres_url} ({where}), databases prefect and mlflow")
+    typer.echo(f"Prefect     {stack.prefect_url} (API {stack.prefect_api_url}), every deployment of prefect.yaml")
+    typer.echo(f"MLflow      {stack.mlflow_url}, artifacts proxied into {stack.artifacts}")
+    typer.echo(f"Worker      on the cpu pool; logs in {stack.logs}; `pets stack down` (make stack-down) stops it all")
+    typer.echo("Point this shell at it:")
+    for name, value in stack.exports().items():
+        typer.echo(f"export {name}={value}")
+
+
+@stack_app.command("down")
+def stack_down(state_dir: StateDir = None) -> None:
+    """Stop the stack's processes by their recorded PIDs: worker, MLflow, Prefect, then the local PostgreSQL."""
+    from lib.ops.stack import down
+
+    for line in down(_state_dir(state_dir)):
+        typer.echo(line)
+
+
+@stack_app.command("status")
+def stack_status(state_dir: StateDir = None) -> None:
+    """Show the stack's URLs and whether each of its processes runs."""
+    from lib.ops.stack import status
+
+    for line in status(_state_dir(state_dir)):
+        typer.echo(line)
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""Operating the pipeline's services: the local production stack (stack.py)."""
