@@ -417,7 +417,8 @@ def _work_pools() -> list[str]:
 
 
 def _environment(api_url: str, state_dir: Path) -> dict[str, str]:
-    """This process's environment for the stack's Prefect processes, pointed at its server and profile home.
+    """This process's environment for the stack's Prefect processes, pointed at its server and profile home, with
+    this environment's scripts first on PATH.
 
     A Prefect Cloud key or profile in the caller's environment is dropped: it would send them elsewhere.
     """
@@ -427,6 +428,9 @@ def _environment(api_url: str, state_dir: Path) -> dict[str, str]:
             "PREFECT_API_URL": api_url,
             "PREFECT_HOME": str(state_dir / "prefect-home"),
             "PREFECT_CLI_PROMPT": "false",
+            # This environment's `python` first, as in an activated venv: prefect.yaml's install pull step runs
+            # `python -m pip`, which must be the worker's own interpreter, not the system's.
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', os.defpath)}",
         }
     )
     return env
