@@ -68,8 +68,7 @@ def test_deploy_all_then_workers_run_smoke_and_compare_runs_its_trainings_in_par
     archive = pack_tgz(shapes, tmp_path / "served" / "shapes.tgz", top_level="shapes")
     repository = _bare_repository_of_head(tmp_path / "pets-pipeline.git")
     with prefect_server(tmp_path / "prefect", extra_env={"PETS_REPOSITORY": str(repository)}) as server:
-        for pool in sorted({entry["work_pool"]["name"] for entry in CONFIG["deployments"]}):
-            server.cli("work-pool", "create", pool, "--type", "process", "--overwrite")
+        server.create_work_pools()
         server.cli("--no-prompt", "deploy", "--all")  # from the repository root: prefect.yaml as committed
 
         deployed = _deployments_by_name(server)

@@ -399,8 +399,7 @@ def test_a_deployment_run_whose_process_is_killed_crashes_fails_its_mlflow_run_a
         return client.search_runs([experiment.experiment_id]) if experiment else []
 
     with prefect_server(tmp_path / "prefect") as server:
-        for pool in ("gpu", "cpu"):
-            server.cli("work-pool", "create", pool, "--type", "process", "--overwrite")
+        server.create_work_pools()
         server.cli("--no-prompt", "deploy", "--all")
         (deployment,) = server.post("/deployments/filter", {"deployments": {"name": {"any_": ["train-resnet50"]}}})
         server.start_worker("gpu", work_queue="training", extra_env=worker_env)

@@ -77,8 +77,7 @@ def test_a_worker_elsewhere_clones_the_deployed_commit_installs_it_and_runs_data
         "MLFLOW_DISABLE_TELEMETRY": "true",
     }
     with prefect_server(tmp_path / "prefect", extra_env={"PETS_REPOSITORY": str(repository)}) as server:
-        for pool in sorted({entry["work_pool"]["name"] for entry in CONFIG["deployments"]}):
-            server.cli("work-pool", "create", pool, "--type", "process", "--overwrite")
+        server.create_work_pools()
         server.cli("--no-prompt", "deploy", "--all")  # from the checkout, as a user deploys
         (deployment,) = server.post("/deployments/filter", {"deployments": {"name": {"any_": ["data-smoke"]}}})
         clone_step, install_step = deployment["pull_steps"]

@@ -1,7 +1,7 @@
 """Real Prefect processes for tests: an API server on 127.0.0.1, the `prefect` CLI against it, and process workers.
 
 with prefect_server(tmp_path) as server:
-    server.cli("work-pool", "create", "cpu", "--type", "process", "--overwrite")
+    server.create_work_pools()
     server.cli("--no-prompt", "deploy", "--all")
     server.start_worker("cpu", extra_env={"MLFLOW_TRACKING_URI": ...})
     run = server.post("/deployments/name/demo-pets/smoke/create_flow_run", {}) ...
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import yaml
 
 from tests.support.processes import parent_pid, start_time
 
@@ -181,6 +182,15 @@ class PrefectServer:
                 f"\n{self.diagnostics()}"
             )
         return result
+
+    def create_work_pools(self) -> list[str]:
+        """Create, as process pools, every work pool prefect.yaml's deployments name (`prefect deploy --all` stops at
+        the first that does not exist); return their names."""
+        deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+        pools = sorted({entry["work_pool"]["name"] for entry in deployments})
+        for pool in pools:
+            self.cli("work-pool", "create", pool, "--type", "process", "--overwrite")
+        return pools
 
     def start_worker(
         self,
