@@ -12,6 +12,7 @@ from lib.recipe import DataSettings, Recipe
 from tasks.data import (
     clean_images,
     download_dataset,
+    find_duplicates,
     label_images,
     presize_images,
     split_dataset,
@@ -26,10 +27,13 @@ def prepare_data(recipe: Recipe = Recipe()) -> dict:
     1. download the archive (cached, retried) or take a local folder;
     2. label the images (a regex, class folders, a CSV or split folders; data.labels), and refuse labels that cannot
        train a classifier (lib/data/label_gate.py);
-    3. clean: exclude files that do not decode; each one that does is presized into the shared cache while decoded;
-    4. split into training and validation sets;
-    5. presize: collect the cached images (and presize any still missing);
-    6. write the summary and a show_batch grid.
+    3. clean: exclude files that do not decode; each one that does is presized into the shared cache, and its
+       perceptual hash taken, while decoded;
+    4. group near-duplicates (unless data.find_duplicates is off): exact copies are used once, groups with
+       conflicting labels are reported (and left out with data.exclude_conflicting_duplicates);
+    5. split into training and validation sets, each near-duplicate group on one side;
+    6. presize: collect the cached images (and presize any still missing);
+    7. write the summary and a show_batch grid.
 
     With neither data.url nor data.dir, the Oxford-IIIT Pet archive the book uses is downloaded. Files go to
     runtime.out_dir (default ./outputs/data).
@@ -52,8 +56,12 @@ def data_stage(data: DataSettings, *, cache_dir: str | None, out_dir: str) -> di
     )
     option = "--data-dir" if data.dir else "--data-url"  # what an error about the images names
     labelled = label_images(images_dir, data, out_dir, cache_dir, option)
-    cleaned = clean_images(labelled["manifest"], cache_dir, data.presize)
-    split = split_dataset(cleaned["manifest"], data.valid_pct, data.seed)
+    cleaned = clean_images(labelled["manifest"], cache_dir, data.presize, data.find_duplicates)
+    grouped = None
+    if data.find_duplicates:
+        args = (cleaned["manifest"], cache_dir, data.duplicate_distance, data.exclude_conflicting_duplicates)
+        grouped = find_duplicates(*args)
+    split = split_dataset((grouped or cleaned)["manifest"], data.valid_pct, data.seed)
     presized = presize_images(split["manifest"], cache_dir, data.presize)
     summarized = summarize_data(
         presized["manifest"],
@@ -66,6 +74,7 @@ def data_stage(data: DataSettings, *, cache_dir: str | None, out_dir: str) -> di
         left_out_path=labelled["left_out"],
         seed=data.seed,
         cache_dir=cache_dir,
+        near_duplicates=grouped,
     )
     return {
         "images_dir": images_dir,
@@ -74,6 +83,7 @@ def data_stage(data: DataSettings, *, cache_dir: str | None, out_dir: str) -> di
         "vocab": split["vocab"],
         "classes": split["classes"],
         "cleaning_report": cleaned["report"],
+        "duplicates": grouped,
         "left_out": labelled["left_out"],
         "label_source": labelled["label_source"],
         "labels_csv": labelled["labels_csv"],

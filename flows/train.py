@@ -183,6 +183,9 @@ def _log_data(run: tracking.TrainingRun, data: dict) -> str:
     facts["data.label_source"] = data["label_source"]  # what `--labels auto` chose (the recipe's data.labels says auto)
     data_files = [data["manifest"], data["vocab"], data["cleaning_report"], data["summary"], data["show_batch"]]
     data_files += [data["class_counts"], data["left_out"]]
+    if data["duplicates"]:  # near-duplicate groups: the table, and the contact sheet when there are groups
+        data_files += [path for path in (data["duplicates"]["duplicates"], data["duplicates"]["contact_sheet"]) if path]
+        facts["duplicate_groups"] = data["duplicates"]["duplicate_groups"]
     if data["labels_csv"]:  # the labels themselves, and their digest: the CSV is part of the data's lineage
         facts["labels_csv_sha256"] = file_sha256(Path(data["labels_csv"]))
         data_files.append(data["labels_csv"])

@@ -40,6 +40,8 @@ DEFAULT_TRAIN_FOLDER, DEFAULT_VALID_FOLDERS, DEFAULT_TEST_FOLDER = "train", ("va
 DEFAULT_MAX_UNLABELLED = 0.05  # more than 5% of the images without a label means the labelling is wrong, not the data
 DEFAULT_VALID_PCT = 0.2  # fastai 2.8.12 fastai/data/transforms.py: RandomSplitter(valid_pct=0.2, seed=None)
 DEFAULT_SEED = 42  # fastbook ch. 5 passes seed=42 to RandomSplitter
+# imagededup 0.3 imagededup/methods/hashing.py: find_duplicates(max_distance_threshold=10) for its 64-bit hashes
+DEFAULT_DUPLICATE_DISTANCE = 10
 DEFAULT_PRESIZE = 460  # fastbook ch. 5: item_tfms=Resize(460)
 DEFAULT_SIZE = 224  # fastbook ch. 5: batch_tfms=aug_transforms(size=224, min_scale=0.75)
 DEFAULT_MIN_SCALE = 0.75
@@ -162,6 +164,22 @@ class DataSettings(Section):
     )
     seed: int | None = Field(
         DEFAULT_SEED, description="Seed of the random split, the crops and the model's random init (none: random)."
+    )
+    find_duplicates: bool = Field(
+        True,
+        description="Find near-duplicate images (perceptual hashes within --duplicate-distance bits) and keep each "
+        "group on one side of the split; exact copies are used once.",
+    )
+    duplicate_distance: int = Field(
+        DEFAULT_DUPLICATE_DISTANCE,
+        ge=0,
+        le=64,
+        description="Most bits two 64-bit perceptual hashes may differ in for their images to be near-duplicates.",
+    )
+    exclude_conflicting_duplicates: bool = Field(
+        False,
+        description="Leave out every image of a near-duplicate group whose images carry different labels (they are "
+        "always listed in duplicates.csv).",
     )
     presize: int = Field(
         DEFAULT_PRESIZE, ge=8, description="Short side in pixels of the images cached before training."

@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from lib.common.download import DownloadError
-from lib.data import cleaning, label_gate, labelling, presize, splitting, summary, synthetic
+from lib.data import cleaning, duplicates, label_gate, labelling, presize, splitting, summary, synthetic
 from lib.data.augment import AugmentSettings, aug_transforms
 from lib.data.digests import DIGESTS_FILE, FileDigests
 from lib.data.source import (
@@ -120,22 +120,56 @@ def label_images(images_dir: str, data: DataSettings, out_dir: str, cache_dir: s
 
 
 @task(cache_policy=NO_CACHE)
-def clean_images(manifest_path: str, cache_dir: str, size: int) -> dict:
+def clean_images(manifest_path: str, cache_dir: str, size: int, hash_images: bool = True) -> dict:
     """Decode every image, exclude the broken ones and write the cleaned manifest and the report beside it.
 
-    Each image that decodes is presized into the shared cache while it is in memory, so no original is decoded twice.
+    Each image that decodes is presized into the shared cache while it is in memory, so no original is decoded twice,
+    and (with hash_images) its perceptual hash is remembered for `find_duplicates`.
     """
     cache = presize.PresizeCache(Path(cache_dir), size)
     digests = FileDigests(Path(cache_dir) / DIGESTS_FILE)  # a warm re-run stats the originals instead of hashing
+    hashes = duplicates.PerceptualHashes(duplicates.memo_path(Path(cache_dir))) if hash_images else None
     progress = ProgressArtifact(f"clean and presize to {size}px: images read")  # none on a warm run: nothing to read
     result = cleaning.clean_images(
-        pd.read_csv(manifest_path), presize_cache=cache, digests=digests, on_progress=progress
+        pd.read_csv(manifest_path), presize_cache=cache, digests=digests, on_progress=progress, hashes=hashes
     )
     out = Path(manifest_path).parent
     cleaned_path = out / "cleaned.csv"
     result.kept.to_csv(cleaned_path, index=False)
     report_path = cleaning.write_cleaning_report(result, out)
     return {"manifest": str(cleaned_path), "report": str(report_path), "decoded": result.decoded, **result.counts()}
+
+
+@task(cache_policy=NO_CACHE)
+def find_duplicates(manifest_path: str, cache_dir: str, distance: int, exclude_conflicting: bool) -> dict:
+    """Group near-duplicate images, leave out exact copies (and conflicting groups if asked), write the reports.
+
+    Writes grouped.csv (the rows to split, with their `group`), duplicates.csv and, when there are groups, the
+    duplicates.png contact sheet beside the manifest.
+    """
+    logger = get_run_logger()
+    manifest = pd.read_csv(manifest_path)
+    hashes = duplicates.hashes_for(manifest, duplicates.PerceptualHashes(duplicates.memo_path(Path(cache_dir))))
+    grouped = duplicates.find_groups(manifest, hashes, distance)
+    report = duplicates.choose_rows(grouped, exclude_conflicting=exclude_conflicting)
+    out = Path(manifest_path).parent
+    table_path = duplicates.write_table(report, out)
+    sheet_path = summary.plot_duplicate_groups(report.table, out / duplicates.DUPLICATES_PNG)
+    grouped_path = out / "grouped.csv"
+    report.used.drop(columns=["group_size", "distance", "exact", "conflicting"]).to_csv(grouped_path, index=False)
+    counts = {**report.counts(), "distance": distance, "excluded_conflicting": exclude_conflicting}
+    logger.info(summary.duplicates_line(counts))
+    if counts["conflicting_groups"]:
+        logger.warning(
+            f"{counts['conflicting_groups']} near-duplicate groups carry more than one label (label noise): see the "
+            f"rows with conflicting=True in {table_path}."
+        )
+    return {
+        "manifest": str(grouped_path),
+        "duplicates": str(table_path),
+        "contact_sheet": str(sheet_path) if sheet_path else None,
+        **counts,
+    }
 
 
 @task(cache_policy=NO_CACHE)
@@ -178,6 +212,7 @@ def summarize_data(
     left_out_path: str,
     seed: int | None,
     cache_dir: str | None = None,
+    near_duplicates: dict | None = None,
 ) -> dict:
     """Write the DataBlock.summary analogue, the per-class bar plot and a show_batch grid beside the manifest."""
     out = Path(manifest_path).parent
@@ -193,12 +228,15 @@ def summarize_data(
         found=found,
         left_out=pd.read_csv(left_out_path),
         excluded=excluded,
+        duplicates=near_duplicates,
     )
     summary_path = out / "summary.txt"
     summary_path.write_text(text, "utf-8")
     counts_path = summary.plot_class_counts(split.manifest, out / "class_counts.png")
+    sheet = near_duplicates and near_duplicates["contact_sheet"]
     create_markdown_artifact(
-        f"```\n{text}```\nPer-class bar plot: {counts_path}",
+        f"```\n{text}```\nPer-class bar plot: {counts_path}"
+        + (f"\n\nNear-duplicate groups: {near_duplicates['duplicates']}; contact sheet: {sheet}" if sheet else ""),
         key="data-summary",
         description="DataBlock.summary analogue",
     )

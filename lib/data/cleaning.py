@@ -23,6 +23,7 @@ from lib.common.pools import thread_pool
 from lib.common.progress import ProgressCallback, progress_bar
 from lib.data import images
 from lib.data.digests import FileDigests, stamp_of
+from lib.data.duplicates import PerceptualHashes, perceptual_hash
 from lib.data.presize import PresizeCache
 
 REASONS = ("empty", "not_image", "truncated", "too_large", "unreadable")
@@ -82,6 +83,7 @@ def clean_images(
     presize_cache: PresizeCache | None = None,
     digests: FileDigests | None = None,
     on_progress: ProgressCallback | None = None,
+    hashes: PerceptualHashes | None = None,
 ) -> CleaningResult:
     """Decode every image of a manifest and split its rows into kept and excluded.
 
@@ -95,6 +97,8 @@ def clean_images(
             rebuilt from its original (lib/data/presize.py says how entries are checked).
         digests: Remembered digests of unchanged files: with the presize cache, a warm re-run reads no original.
         on_progress: Called as `on_progress(done, total)` after each file that had to be read.
+        hashes: Where the perceptual hash of each image decoded is remembered (lib/data/duplicates.py), computed
+            while the image is in memory.
     """
     paths = manifest["path"].astype(str).tolist()
     workers = workers or len(os.sched_getaffinity(0))
@@ -107,7 +111,9 @@ def clean_images(
         # Unchanged files the cache holds are settled here, with a stat each; the others are read in the pool.
         verdicts = [_remembered(path, presize_cache, digests) for path in paths]
         unsettled = [index for index, verdict in enumerate(verdicts) if verdict is None]
-        checks = pool.map(lambda index: _check_image(paths[index], max_pixels, presize_cache, digests), unsettled)
+        checks = pool.map(
+            lambda index: _check_image(paths[index], max_pixels, presize_cache, digests, hashes), unsettled
+        )
         bar = progress_bar(checks, show=progress, total=len(unsettled), desc="verifying images", unit="image")
         for done, (index, verdict) in enumerate(zip(unsettled, bar, strict=True), start=1):
             verdicts[index] = verdict
@@ -115,6 +121,8 @@ def clean_images(
                 on_progress(done, len(unsettled))
     if digests is not None:
         digests.save()
+    if hashes is not None:
+        hashes.save()
     # A positional mask, not an index-aligned Series: the manifest's index may be anything.
     is_kept = np.array([verdict.reason is None for verdict in verdicts], dtype=bool)
     return CleaningResult(
@@ -135,7 +143,11 @@ def write_cleaning_report(result: CleaningResult, out_dir: Path) -> Path:
 
 
 def _check_image(
-    path: str, max_pixels: int | None, presize_cache: PresizeCache | None, digests: FileDigests | None = None
+    path: str,
+    max_pixels: int | None,
+    presize_cache: PresizeCache | None,
+    digests: FileDigests | None = None,
+    hashes: PerceptualHashes | None = None,
 ) -> _Verdict:
     """Read one file once, decode it fully (unless the presize cache knows it) and say whether to keep it."""
     try:
@@ -150,7 +162,7 @@ def _check_image(
     if known is not None:  # these exact bytes decoded before, or the cache would not hold them
         verdict = _Verdict(sha256=sha256, **known.as_dict())
     else:
-        verdict = _decode(path, data, sha256, max_pixels, presize_cache)
+        verdict = _decode(path, data, sha256, max_pixels, presize_cache, hashes)
         if verdict.reason is not None:
             return verdict
     if digests is not None:
@@ -174,7 +186,12 @@ def _remembered(path: str, presize_cache: PresizeCache | None, digests: FileDige
 
 
 def _decode(
-    path: str, data: bytes, sha256: str, max_pixels: int | None, presize_cache: PresizeCache | None
+    path: str,
+    data: bytes,
+    sha256: str,
+    max_pixels: int | None,
+    presize_cache: PresizeCache | None,
+    hashes: PerceptualHashes | None = None,
 ) -> _Verdict:
     """Decode image bytes through images.open_rgb_with_facts, presize them if asked, and record the facts.
 
@@ -190,6 +207,8 @@ def _decode(
         return _Verdict(reason=_reason_for(error), detail=str(error) or type(error).__name__, decoded=True)
     if presize_cache is not None:
         presize_cache.store(sha256, rgb, facts)
+    if hashes is not None:
+        hashes.remember(sha256, perceptual_hash(rgb))
     return _Verdict(sha256=sha256, decoded=True, **facts.as_dict())
 
 

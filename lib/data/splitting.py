@@ -13,6 +13,7 @@ from lib.recipe import DEFAULT_SEED, DEFAULT_VALID_PCT
 
 # fastbook ch. 5: RandomSplitter(valid_pct=0.2, seed=42)
 FIXED_SPLIT_COLUMN = "is_valid"  # fastai 2.8.12 fastai/data/transforms.py: ColSplitter(col='is_valid')
+GROUP_COLUMN = "group"  # near-duplicate groups (lib/data/duplicates.py): a group never straddles a random split
 
 
 @dataclass(frozen=True)
@@ -45,13 +46,44 @@ def random_split(n: int, *, valid_pct: float = DEFAULT_VALID_PCT, seed: int | No
     return permutation[cut:].tolist(), permutation[:cut].tolist()
 
 
+def grouped_split(
+    groups: list[int], *, valid_pct: float = DEFAULT_VALID_PCT, seed: int | None = DEFAULT_SEED
+) -> tuple[list[int], list[int]]:
+    """Return (train_indices, valid_indices) of items labelled with groups, every group on one side.
+
+    The groups are shuffled with a generator seeded as `random_split`'s, and each in turn goes to validation when it
+    still fits under int(valid_pct * n) items; so validation falls short of that target by less than the size of any
+    group left out of it, and with singletons to fill it reaches the target exactly.
+    """
+    if not 0 < valid_pct < 1:
+        raise ValueError(f"valid_pct must be between 0 and 1 (exclusive), got {valid_pct}: e.g. --valid-pct 0.2.")
+    members: dict[int, list[int]] = {}
+    for index, group in enumerate(groups):
+        members.setdefault(group, []).append(index)
+    if len(members) < 2:
+        raise InputError(
+            f"Cannot split {len(groups)} item(s) in {len(members)} near-duplicate group(s) into training and "
+            "validation sets: at least 2 groups are needed (lower --duplicate-distance, or --no-find-duplicates)."
+        )
+    generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
+    order = list(members.values())
+    target = int(valid_pct * len(groups))
+    train, valid = [], []
+    for position in torch.randperm(len(order), generator=generator).tolist():
+        group = order[position]
+        side = valid if len(valid) + len(group) <= target else train
+        side.extend(group)
+    return train, valid
+
+
 def split_manifest(
     manifest: pd.DataFrame, *, valid_pct: float = DEFAULT_VALID_PCT, seed: int | None = DEFAULT_SEED
 ) -> SplitManifest:
     """Add split and target columns; build the vocabulary from the training split.
 
     A manifest with an `is_valid` column (a CSV's valid column, split folders) keeps the split it gives, as fastai's
-    ColSplitter and GrandparentSplitter; any other is split at random (`random_split`).
+    ColSplitter and GrandparentSplitter; any other is split at random: by `grouped_split` when a `group` column holds
+    a group of two or more near-duplicates, else by `random_split` (then exactly as fastai's RandomSplitter).
 
     Validation rows whose label never occurs in training cannot be scored by a model that lacks the class: they are
     removed from the manifest and returned in `valid_only`, which the label gate refuses (lib/data/label_gate.py).
@@ -59,7 +91,12 @@ def split_manifest(
     if FIXED_SPLIT_COLUMN in manifest.columns:
         split = manifest[FIXED_SPLIT_COLUMN].map({True: "valid", False: "train"}).reset_index(drop=True)
     else:
-        train_idx, valid_idx = random_split(len(manifest), valid_pct=valid_pct, seed=seed)
+        grouped = GROUP_COLUMN in manifest.columns and manifest[GROUP_COLUMN].duplicated().any()
+        if grouped:
+            groups = manifest[GROUP_COLUMN].astype("int64").tolist()
+            train_idx, valid_idx = grouped_split(groups, valid_pct=valid_pct, seed=seed)
+        else:
+            train_idx, valid_idx = random_split(len(manifest), valid_pct=valid_pct, seed=seed)
         split = pd.Series("train", index=range(len(manifest)))
         split.iloc[valid_idx] = "valid"
     result = manifest.reset_index(drop=True).assign(split=split.to_numpy())

@@ -35,6 +35,12 @@ MAX_VOCAB_SHOWN = 40
 MAX_CLASSES_PLOTTED = 60
 INCHES_PER_CLASS = 0.3  # two bars and a 9-point name per class
 CLASS_COUNTS_DPI = 100
+# The duplicates contact sheet: one row per group, the largest groups first, each row cut to the first few members
+# (sorted by distance from the group's first image): enough to judge by eye whether a group is one picture.
+SHEET_GROUPS = 8
+SHEET_MEMBERS = 6
+SHEET_INCHES = 1.6
+SHEET_DPI = 80
 
 
 def collate_or_explain(images: list[torch.Tensor]) -> tuple[torch.Tensor | None, str]:
@@ -60,6 +66,7 @@ def data_summary(
     found: int,
     left_out: pd.DataFrame | None = None,
     excluded: pd.DataFrame | None = None,
+    duplicates: dict | None = None,
     batch_size: int = 4,
 ) -> str:
     """Describe the data stage step by step, as fastai's DataBlock.summary does, and return it as text.
@@ -73,11 +80,14 @@ def data_summary(
         found: number of image files found.
         left_out: what labelling left out or skipped, with a `reason` column (lib/data/labelling.py).
         excluded: rows removed by cleaning, with a `reason` column.
+        duplicates: the near-duplicate counts (`DuplicateReport.counts`) with `distance` and `excluded_conflicting`
+            (the recipe's settings), or None when duplicates were not looked for.
         batch_size: items in the traced batch (fastai's summary uses 4).
     """
     lines = [f"Collecting items from {source}", f"Found {found} items", labels]
     lines += _reason_lines("Left out while labelling", left_out, "left_out.csv")
     lines += _reason_lines("Cleaning excluded", excluded, "excluded.csv")
+    lines.append(duplicates_line(duplicates))
     sizes = split.sizes()
     lines.append(f"2 datasets of sizes {sizes['train']},{sizes['valid']}")
     lines += _vocab_lines(split)
@@ -92,6 +102,64 @@ def _reason_lines(what: str, rows: pd.DataFrame | None, listed_in: str) -> list[
         return [f"{what}: no files"]
     counts = rows["reason"].value_counts().sort_index()
     return [f"{what} {len(rows)} files ({listed_in}): " + ", ".join(f"{r} {n}" for r, n in counts.items())]
+
+
+def duplicates_line(duplicates: dict | None) -> str:
+    """One line on the near-duplicate groups found, and what was left out because of them."""
+    if duplicates is None:
+        return "Near-duplicates: not looked for (--no-find-duplicates)"
+    what = f"Near-duplicates (hashes within {duplicates['distance']} bits)"
+    if not duplicates["duplicate_groups"]:
+        return f"{what}: none"
+    conflicting = duplicates["conflicting_groups"]
+    handled = "left out"
+    if not duplicates["excluded_conflicting"]:
+        handled = "kept (--exclude-conflicting-duplicates leaves them out)"
+    return (
+        f"{what}: {duplicates['duplicate_groups']} groups holding {duplicates['images_in_groups']} images "
+        f"(duplicates.csv), each kept on one side of the split; {duplicates['exact_copies']} exact copies used once; "
+        f"{conflicting} groups with conflicting labels{', ' + handled if conflicting else ''}; "
+        f"{duplicates['left_out']} images left out"
+    )
+
+
+def duplicates_figure(table: pd.DataFrame) -> Figure | None:
+    """Build a contact sheet of the largest near-duplicate groups (a `duplicates.csv` table), or None for no groups.
+
+    One row per group, largest first (up to SHEET_GROUPS), its first SHEET_MEMBERS images by distance, each titled
+    with its label, its distance in bits from the group's first image, and whether it is an exact copy.
+    """
+    if table.empty:
+        return None
+    sizes = table["group"].value_counts()
+    largest = sorted(sizes.index, key=lambda group: (-sizes[group], group))[:SHEET_GROUPS]
+    columns = min(SHEET_MEMBERS, int(sizes.max()))
+    figure, axes = pyplot().subplots(
+        len(largest), columns, figsize=(columns * SHEET_INCHES, len(largest) * (SHEET_INCHES + 0.3)), squeeze=False
+    )
+    for row, group in zip(axes, largest, strict=True):
+        members = table[table["group"] == group].head(columns)
+        for axis in row:
+            axis.axis("off")
+        for axis, member in zip(row, members.itertuples(), strict=False):
+            image = open_rgb(member.path)
+            image.thumbnail((160, 160))
+            axis.imshow(image)
+            mark = ", exact" if member.exact else ""
+            axis.set_title(f"{member.label}\n{member.distance} bits{mark}", fontsize=7)
+        label = f"group {group}\n{sizes[group]} images"
+        row[0].text(-0.1, 0.5, label, transform=row[0].transAxes, ha="right", va="center", fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def plot_duplicate_groups(table: pd.DataFrame, out_path: Path) -> Path | None:
+    """Save duplicates_figure(table) as a PNG and return its path; None (and no file) when there are no groups."""
+    figure = duplicates_figure(table)
+    if figure is None:
+        Path(out_path).unlink(missing_ok=True)  # a reused folder keeps no sheet of an earlier run
+        return None
+    return save_figure(figure, out_path, dpi=SHEET_DPI)
 
 
 def _vocab_lines(split: SplitManifest) -> list[str]:
