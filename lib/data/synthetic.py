@@ -46,6 +46,12 @@ BROKEN_FILES: dict[str, str] = {
     f"{CAT_BREEDS[0]}_{_FIRST_BROKEN_NUMBER + 1}.jpg": "not_image",
     f"{CAT_BREEDS[0]}_{_FIRST_BROKEN_NUMBER + 2}.jpg": "truncated",
 }
+# Near-duplicates written by duplicates=True, named like real items and numbered far above them: each is a copy of
+# `<first breed>_<n>.jpg` (n = 1, 2, 3): the same bytes, the picture shrunk to 80% and saved at a lower quality, and
+# the picture saved again at a lower quality under the second breed's name (a conflicting label).
+_FIRST_DUPLICATE_NUMBER = 8001
+DUPLICATE_KINDS = ("exact", "resized", "relabelled")
+_DUPLICATE_QUALITY = 75
 # The convertible oddities written by odd_modes=True, in file-number order, as the Pillow mode each opens as.
 # The real archive holds PNG, grayscale and CMYK data under .jpg names (TFDS oxford_iiit_pet 4.0.0 notes).
 ODD_MODES: tuple[str, ...] = ("L", "CMYK", "RGBA", "P", "I;16")
@@ -91,6 +97,16 @@ class _Signature:
     shape: str
 
 
+def duplicate_files(breeds: int) -> dict[str, tuple[str, str]]:
+    """Return the file names written by duplicates=True, each with the name of its original and its kind."""
+    names = breed_names(breeds)
+    labels = {"exact": names[0], "resized": names[0], "relabelled": names[min(1, len(names) - 1)]}
+    return {
+        f"{labels[kind]}_{_FIRST_DUPLICATE_NUMBER + offset}.jpg": (f"{names[0]}_{offset + 1}.jpg", kind)
+        for offset, kind in enumerate(DUPLICATE_KINDS)
+    }
+
+
 def breed_names(count: int) -> tuple[str, ...]:
     """Return the first `count` breeds, alternating cats and dogs so both spellings appear."""
     if not 1 <= count <= len(CAT_BREEDS) + len(DOG_BREEDS):
@@ -116,8 +132,15 @@ def make_pets_dataset(
     max_side: int = 320,
     broken: bool = False,
     odd_modes: bool = False,
+    duplicates: bool = False,
 ) -> Path:
-    """Write `root/images/<breed>_<n>.jpg` pictures, Oxford-IIIT Pet style, and return the images folder."""
+    """Write `root/images/<breed>_<n>.jpg` pictures, Oxford-IIIT Pet style, and return the images folder.
+
+    duplicates: also write the near-duplicates `duplicate_files` lists (needs 2 breeds and 3 images per breed).
+    """
+    if duplicates and (breeds < 2 or images_per_breed < len(DUPLICATE_KINDS)):
+        raise ValueError(f"duplicates=True needs at least 2 breeds and 3 images per breed, got {breeds} and "
+                         f"{images_per_breed}")  # fmt: skip
     if not 1 <= images_per_breed < _FIRST_BROKEN_NUMBER - len(ODD_MODES):
         largest = _FIRST_BROKEN_NUMBER - len(ODD_MODES) - 1
         raise ValueError(f"images_per_breed must be between 1 and {largest}, got {images_per_breed}")
@@ -133,6 +156,8 @@ def make_pets_dataset(
         _write_odd_modes(images_dir, images_per_breed, seed=seed, min_side=min_side, max_side=max_side)
     if broken:
         _write_broken_files(images_dir, seed=seed, min_side=min_side, max_side=max_side)
+    if duplicates:
+        _write_duplicates(images_dir, breeds)
     return images_dir
 
 
@@ -422,6 +447,18 @@ def _cut_out(rgb: Image.Image) -> Image.Image:
     pixels = np.where(opaque[..., None], np.asarray(rgb), 0).astype(np.uint8)
     alpha = (opaque * 255).astype(np.uint8)
     return Image.fromarray(np.dstack([pixels, alpha]))  # (h, w, 4) uint8 becomes RGBA
+
+
+def _write_duplicates(images_dir: Path, breeds: int) -> None:
+    """Write the near-duplicates of duplicate_files: an exact copy, a shrunk re-encoding, a relabelled re-encoding."""
+    for name, (original, kind) in duplicate_files(breeds).items():
+        if kind == "exact":
+            (images_dir / name).write_bytes((images_dir / original).read_bytes())
+            continue
+        with Image.open(images_dir / original) as picture:
+            if kind == "resized":
+                picture = picture.resize((picture.width * 4 // 5, picture.height * 4 // 5), Image.Resampling.BILINEAR)
+            picture.save(images_dir / name, "JPEG", quality=_DUPLICATE_QUALITY)
 
 
 def _write_broken_files(images_dir: Path, *, seed: int, min_side: int, max_side: int) -> None:
