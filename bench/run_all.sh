@@ -7,7 +7,7 @@ PYTHON=${PYTHON:-.venv/bin/python}
 RESULTS=${RESULTS:-outputs/bench/results.jsonl}
 mkdir -p "$(dirname "$RESULTS")"
 : > "$RESULTS"
-for benchmark in train_throughput data_pipeline memory warm_rerun overhead vs_fastai serving predict_images data_parallel; do
+for benchmark in train_throughput data_pipeline memory warm_rerun duplicates overhead vs_fastai serving predict_images data_parallel; do
     echo "== bench.$benchmark" >&2
     "$PYTHON" -m "bench.$benchmark" 2> "outputs/bench/$benchmark.log" | tee -a "$RESULTS"
 done

@@ -73,6 +73,16 @@ def test_warm_rerun_fetches_and_decodes_nothing_the_second_time(tmp_path):
 
 
 @pytest.mark.slow  # a benchmark end to end in its own process: CI runs it (make test-slow)
+@pytest.mark.timeout(300)
+def test_duplicates_times_the_data_stage_with_and_without_detection(tmp_path):
+    arguments = ["--breeds", "2", "--per-breed", "6", "--presize", "48", "--rounds", "1"]
+    record = run_bench("duplicates", *arguments, data_dir=tmp_path)
+    assert record["images"] == 12 and record["rounds"] == 1
+    assert record["ratio"] == pytest.approx(record["with_seconds"] / record["without_seconds"], rel=0.02)
+    assert record["images_in_groups"] >= 2 * record["duplicate_groups"]
+
+
+@pytest.mark.slow  # a benchmark end to end in its own process: CI runs it (make test-slow)
 def test_overhead_splits_a_pets_train_into_phases_that_add_up_to_its_wall_time(tmp_path):
     # One fresh run, one stage (no baseline, no LR finder, no retraining): the cheapest `pets train` there is.
     quick = ["--", "--no-baseline", "--base-lr", "1e-3", "--freeze-epochs", "1", "--epochs", "1", "--bs", "8"]
