@@ -35,7 +35,12 @@ from lib.recipe import (
     option_name,
 )
 
-PATH_OPTIONS = ("data_dir", "out_dir", "cache_dir")  # made absolute: a flow may run in another working directory
+PATH_OPTIONS = (
+    "data_dir",
+    "out_dir",
+    "cache_dir",
+    "overrides",
+)  # made absolute: a flow may run in another working directory
 PATH_OR_URL_OPTIONS = ("labels_csv",)  # made absolute when the path exists here; a URL is kept as it is
 RECIPE_PANEL = "Recipe"
 CONTEXT = "recipe_context"  # the command's click context (typer passes it): which options were given

@@ -42,6 +42,10 @@ DEFAULT_VALID_PCT = 0.2  # fastai 2.8.12 fastai/data/transforms.py: RandomSplitt
 DEFAULT_SEED = 42  # fastbook ch. 5 passes seed=42 to RandomSplitter
 # imagededup 0.3 imagededup/methods/hashing.py: find_duplicates(max_distance_threshold=10) for its 64-bit hashes
 DEFAULT_DUPLICATE_DISTANCE = 10
+# cleanlab 2.x cleanlab/filter.py find_label_issues: out-of-sample probabilities from K-fold cross-validation, cv_n_folds=5
+DEFAULT_FOLDS = 5
+LABEL_REVIEWS = ("losses", "oof", "off")  # in-sample top losses after the baseline (the book's way), out-of-fold, none
+DEFAULT_REVIEW_PER_CLASS = 8  # pictures per class on the top-losses contact sheet
 DEFAULT_PRESIZE = 460  # fastbook ch. 5: item_tfms=Resize(460)
 DEFAULT_SIZE = 224  # fastbook ch. 5: batch_tfms=aug_transforms(size=224, min_scale=0.75)
 DEFAULT_MIN_SCALE = 0.75
@@ -180,6 +184,11 @@ class DataSettings(Section):
         False,
         description="Leave out every image of a near-duplicate group whose images carry different labels (they are "
         "always listed in duplicates.csv).",
+    )
+    overrides: str | None = Field(
+        None,
+        description="Review decisions to apply (an overrides file `pets review apply` wrote): files deleted or "
+        "relabelled without touching the originals.",
     )
     presize: int = Field(
         DEFAULT_PRESIZE, ge=8, description="Short side in pixels of the images cached before training."
@@ -408,6 +417,20 @@ class PredictSettings(Section):
     )
 
 
+class ReviewSettings(Section):
+    """Model-guided data review: which images look mislabelled, ranked for a person to keep, delete or relabel."""
+
+    label_review: Literal[LABEL_REVIEWS] = Field(
+        "losses",
+        description="How candidates are ranked: losses (the baseline's top losses), oof (out-of-fold confident "
+        "learning over --folds baseline models) or off.",
+    )
+    folds: int = Field(DEFAULT_FOLDS, ge=2, description="Folds (baseline models) of --label-review oof.")
+    review_per_class: int = Field(
+        DEFAULT_REVIEW_PER_CLASS, ge=1, description="Top candidates per class on the review contact sheets."
+    )
+
+
 class TrackingSettings(Section):
     """Where MLflow records the run and registers its model."""
 
@@ -426,6 +449,7 @@ class Recipe(Section):
     model: ModelSettings = ModelSettings()
     schedule: ScheduleSettings = ScheduleSettings()
     runtime: RuntimeSettings = RuntimeSettings()
+    review: ReviewSettings = ReviewSettings()
     tracking: TrackingSettings = TrackingSettings()
 
     def check_runnable(self, *, training: bool = True) -> None:
