@@ -42,7 +42,7 @@ DEFAULT_VALID_PCT = 0.2  # fastai 2.8.12 fastai/data/transforms.py: RandomSplitt
 DEFAULT_SEED = 42  # fastbook ch. 5 passes seed=42 to RandomSplitter
 # imagededup 0.3 imagededup/methods/hashing.py: find_duplicates(max_distance_threshold=10) for its 64-bit hashes
 DEFAULT_DUPLICATE_DISTANCE = 10
-# cleanlab 2.x cleanlab/filter.py find_label_issues: out-of-sample probabilities from K-fold cross-validation, cv_n_folds=5
+# cleanlab 2.9 cleanlab/count.py estimate_cv_predicted_probabilities(cv_n_folds=5): K-fold out-of-sample probabilities
 DEFAULT_FOLDS = 5
 LABEL_REVIEWS = ("losses", "oof", "off")  # in-sample top losses after the baseline (the book's way), out-of-fold, none
 DEFAULT_REVIEW_PER_CLASS = 8  # pictures per class on the top-losses contact sheet
