@@ -36,14 +36,11 @@ def random_split(n: int, *, valid_pct: float = DEFAULT_VALID_PCT, seed: int | No
     Validation is the first int(valid_pct * n) items of torch.randperm(n), as in fastai's RandomSplitter. A private
     generator seeded like torch.manual_seed(seed) gives the same permutation without touching global RNG state.
     """
-    if not 0 < valid_pct < 1:
-        raise ValueError(f"valid_pct must be between 0 and 1 (exclusive), got {valid_pct}: e.g. --valid-pct 0.2.")
     if n < 2:
         raise InputError(f"Cannot split {n} item(s) into training and validation sets: at least 2 are needed.")
-    generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
-    permutation = torch.randperm(n, generator=generator)
+    permutation = _permutation(n, valid_pct, seed)
     cut = int(valid_pct * n)
-    return permutation[cut:].tolist(), permutation[:cut].tolist()
+    return permutation[cut:], permutation[:cut]
 
 
 def grouped_split(
@@ -51,29 +48,36 @@ def grouped_split(
 ) -> tuple[list[int], list[int]]:
     """Return (train_indices, valid_indices) of items labelled with groups, every group on one side.
 
-    The groups are shuffled with a generator seeded as `random_split`'s, and each in turn goes to validation when it
-    still fits under int(valid_pct * n) items; so validation falls short of that target by less than the size of any
-    group left out of it, and with singletons to fill it reaches the target exactly.
+    The items are taken in `random_split`'s permutation; the first item of a group seen places the whole group:
+    in validation while it still fits under int(valid_pct * n) items, else in training. So validation falls short of
+    that target by less than the size of any group left out of it (singletons fill it to the target exactly), and
+    with every group a singleton the split is `random_split`'s, item for item.
     """
-    if not 0 < valid_pct < 1:
-        raise ValueError(f"valid_pct must be between 0 and 1 (exclusive), got {valid_pct}: e.g. --valid-pct 0.2.")
+    if len(set(groups)) < 2:
+        raise InputError(
+            f"Cannot split {len(groups)} item(s) in {len(set(groups))} near-duplicate group(s) into training and "
+            "validation sets: at least 2 groups are needed (lower --duplicate-distance, or --no-find-duplicates)."
+        )
     members: dict[int, list[int]] = {}
     for index, group in enumerate(groups):
         members.setdefault(group, []).append(index)
-    if len(members) < 2:
-        raise InputError(
-            f"Cannot split {len(groups)} item(s) in {len(members)} near-duplicate group(s) into training and "
-            "validation sets: at least 2 groups are needed (lower --duplicate-distance, or --no-find-duplicates)."
-        )
-    generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
-    order = list(members.values())
     target = int(valid_pct * len(groups))
-    train, valid = [], []
-    for position in torch.randperm(len(order), generator=generator).tolist():
-        group = order[position]
+    train: list[int] = []
+    valid: list[int] = []
+    for index in _permutation(len(groups), valid_pct, seed):
+        group = members.pop(groups[index], None)
+        if group is None:  # placed with an earlier member
+            continue
         side = valid if len(valid) + len(group) <= target else train
-        side.extend(group)
+        side.extend([index, *(member for member in group if member != index)])
     return train, valid
+
+
+def _permutation(n: int, valid_pct: float, seed: int | None) -> list[int]:
+    if not 0 < valid_pct < 1:
+        raise ValueError(f"valid_pct must be between 0 and 1 (exclusive), got {valid_pct}: e.g. --valid-pct 0.2.")
+    generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
+    return torch.randperm(n, generator=generator).tolist()
 
 
 def split_manifest(

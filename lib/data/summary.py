@@ -120,6 +120,10 @@ def duplicates_line(duplicates: dict | None) -> str:
         f"(duplicates.csv), each kept on one side of the split; {duplicates['exact_copies']} exact copies used once; "
         f"{conflicting} groups with conflicting labels{', ' + handled if conflicting else ''}; "
         f"{duplicates['left_out']} images left out"
+        + (
+            f"; {duplicates['near_other_group']} images also near one of another group"
+            * bool(duplicates["near_other_group"])
+        )
     )
 
 

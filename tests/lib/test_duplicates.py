@@ -57,28 +57,52 @@ def test_every_planted_duplicate_joins_its_original(planted):
         assert row["conflicting"] == (kind == "relabelled")  # the relabelled copy's group has two labels
 
 
-def test_groups_match_a_brute_force_over_all_pairs(planted, monkeypatch):
+def _leader_oracle(hashes: list[int], max_distance: int) -> list[int]:
+    """Groups by the rule, item by item over all pairs: each image no group holds leads one of the later free ones
+    within max_distance of it."""
+    leader = [-1] * len(hashes)
+    for i, value in enumerate(hashes):
+        if leader[i] < 0:
+            leader[i] = i
+            for j in range(i + 1, len(hashes)):
+                if leader[j] < 0 and duplicates.hamming(value, hashes[j]) <= max_distance:
+                    leader[j] = i
+    return leader
+
+
+def test_pairs_and_groups_match_a_brute_force_over_all_pairs(planted, monkeypatch):
     monkeypatch.setattr(duplicates, "_BLOCK_ROWS", 7)  # blocks that do not divide the count
     hashes = [int(value) for value in planted["hashes"]]
-    expected = {
+    expected = [
         (i, j)
         for i, j in itertools.combinations(range(len(hashes)), 2)
         if duplicates.hamming(hashes[i], hashes[j]) <= DEFAULT_DUPLICATE_DISTANCE
-    }
+    ]
     firsts, seconds = duplicates.near_pairs(planted["hashes"], DEFAULT_DUPLICATE_DISTANCE)
-    assert set(zip(firsts.tolist(), seconds.tolist(), strict=True)) == expected
-    groups = planted["grouped"]["group"].tolist()
-    assert all(groups[i] == groups[j] for i, j in expected)
+    assert list(zip(firsts.tolist(), seconds.tolist(), strict=True)) == expected  # in order: groups need it
+    grouped = planted["grouped"]
+    assert (
+        grouped["group"].tolist()
+        == pd.factorize(np.array(_leader_oracle(hashes, DEFAULT_DUPLICATE_DISTANCE)))[0].tolist()
+    )
+    assert (grouped["distance"] <= DEFAULT_DUPLICATE_DISTANCE).all()
+    groups = grouped["group"].tolist()
+    across = {i for i, j in expected if groups[i] != groups[j]} | {j for i, j in expected if groups[i] != groups[j]}
+    assert set(np.flatnonzero(grouped["near_other_group"])) == across
 
 
-def test_chains_of_near_duplicates_form_one_group():
+def test_near_duplicates_do_not_chain_into_one_group():
     manifest = pd.DataFrame({"path": list("abcd"), "label": ["x", "x", "y", "z"], "sha256": list("1234")})
-    # a-b 3 bits, b-c 3 bits (a-c 6), d far from all: at distance 3, {a, b, c} and {d}
+    # a-b 3 bits, b-c 3 bits (a-c 6), d far from all: at distance 3, c is too far from a to join a's group
     hashes = np.array([0, 0b111, 0b111111, (1 << 64) - 1], dtype=np.uint64)
     grouped = duplicates.find_groups(manifest, hashes, 3)
-    assert grouped["group"].tolist() == [0, 0, 0, 1]
-    assert grouped["distance"].tolist() == [0, 3, 6, 0]
-    assert grouped["conflicting"].tolist() == [True, True, True, False]
+    assert grouped["group"].tolist() == [0, 0, 1, 2]
+    assert grouped["distance"].tolist() == [0, 3, 0, 0]
+    assert grouped["conflicting"].tolist() == [False, False, False, False]
+    assert grouped["near_other_group"].tolist() == [False, True, True, False]  # b and c may land apart
+    assert duplicates.choose_rows(grouped, exclude_conflicting=False).counts()["near_other_group"] == 2
+    # at 6 bits c is near a too, and the three are one group
+    assert duplicates.find_groups(manifest, hashes, 6)["group"].tolist() == [0, 0, 0, 1]
     with pytest.raises(ValueError, match="between 0 and 64"):
         duplicates.find_groups(manifest, hashes, 65)
 
@@ -121,6 +145,18 @@ def test_without_groups_the_split_is_randomsplitters():
     assert with_column["split"].tolist() == plain["split"].tolist()
     _, valid = random_split(100, valid_pct=0.2, seed=42)
     assert sorted(with_column.index[with_column["split"] == "valid"]) == sorted(valid)
+    assert grouped_split(list(range(100)), valid_pct=0.2, seed=42) == random_split(100, valid_pct=0.2, seed=42)
+
+
+def test_a_grouped_split_moves_only_what_its_groups_need():
+    # Pairing items 0-1, 2-3, ..., 18-19 of 100: the others keep the side fastai's RandomSplitter gives them unless
+    # validation had to take a singleton in place of a pair that no longer fitted.
+    groups = [index // 2 if index < 20 else index for index in range(100)]
+    train, valid = grouped_split(groups, valid_pct=0.2, seed=42)
+    _, fastai_valid = random_split(100, valid_pct=0.2, seed=42)
+    assert len(valid) == 20 and all((2 * pair in valid) == (2 * pair + 1 in valid) for pair in range(10))
+    moved = set(valid) ^ set(fastai_valid)
+    assert len(moved) <= 2 * 10 + 2  # at most each pair's partner, and one singleton each way at the edge
 
 
 def test_grouped_split_is_seeded_and_refuses_a_single_group():
