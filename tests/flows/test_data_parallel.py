@@ -30,7 +30,8 @@ from tests.flows.test_train_flow import TINY, task_runs, tiny
 from tests.support.pets import pets_archive
 from tests.support.prefect_server import _free_port
 
-pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]  # torchrun's start-up: ~10 s a stage
+# torchrun's start-up is ~8 s a stage; the first test trains 4 stages of 6 epochs (2-3 minutes on 2 idle CPUs).
+pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow, pytest.mark.timeout(900)]
 
 EPOCHS = 5  # after TINY's one frozen epoch: six epochs in the probe stage, enough to learn the three breeds
 # Two ranks of 8 make the global batch of 16; one thread each (torchrun's default), and one for the single process.
