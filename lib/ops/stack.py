@@ -37,7 +37,7 @@ import yaml
 from lib.common.download import redact_url
 from lib.common.errors import UserError
 from lib.common.paths import default_output_dir
-from lib.common.processes import ProcessIdentity, start_ticks, stat_fields
+from lib.common.processes import ProcessIdentity, descendants, start_ticks
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: prefect.yaml, and the path deployments record
 STATE_DIR_VARIABLE = "PETS_STACK_DIR"
@@ -261,24 +261,6 @@ def _identity(entry: Mapping) -> ProcessIdentity:
     return ProcessIdentity(host=socket.gethostname(), pid=int(entry["pid"]), started=entry.get("started", ""))
 
 
-def _descendants(root: int) -> list[tuple[int, str]]:
-    """(PID, start time) of every live descendant of root, from /proc's parent links."""
-    children: dict[int, list[int]] = {}
-    with contextlib.suppress(OSError):
-        for entry in os.scandir("/proc"):
-            fields = stat_fields(int(entry.name)) if entry.name.isdigit() else None
-            if fields is not None:
-                children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, pending = [], list(children.get(root, []))
-    while pending:
-        pid = pending.pop()
-        started = start_ticks(pid)
-        if started is not None:
-            found.append((pid, started))
-        pending += children.get(pid, [])
-    return found
-
-
 def _signal(pid: int, started: str, signum: int) -> None:
     if start_ticks(pid) == started:  # still that process, not another one that got its PID
         with contextlib.suppress(ProcessLookupError):
@@ -304,7 +286,7 @@ def stop_process(entry: Mapping, grace: float = STOP_GRACE_SECONDS) -> str:
     name, pid, started = entry["name"], int(entry["pid"]), entry.get("started", "")
     if not _identity(entry).is_alive():
         return f"{name} (PID {pid}) had stopped already"
-    family = [(pid, started), *_descendants(pid)]
+    family = [(pid, started), *descendants(pid)]
     for signum in (signal.SIGTERM, signal.SIGTERM):
         _signal(pid, started, signum)
         if _wait_gone(family[:1], grace / 2):
