@@ -36,6 +36,7 @@ import yaml
 
 from lib.common.download import redact_url
 from lib.common.errors import UserError
+from lib.common.files import write_text_atomically
 from lib.common.paths import default_output_dir
 from lib.common.processes import ProcessIdentity, descendants, start_ticks
 
@@ -382,9 +383,7 @@ def read_record(state_dir: Path) -> dict | None:
 
 
 def _write_record(state_dir: Path, record: Mapping) -> None:
-    partial = _pids_file(state_dir).with_suffix(".json.partial")
-    partial.write_text(json.dumps(record, indent=2) + "\n")
-    partial.replace(_pids_file(state_dir))  # a reader never sees half a file
+    write_text_atomically(_pids_file(state_dir), json.dumps(record, indent=2) + "\n")  # never half a file
 
 
 def running(state_dir: Path) -> list[dict]:
@@ -393,7 +392,8 @@ def running(state_dir: Path) -> list[dict]:
     return [entry for entry in record["processes"] if _identity(entry).is_alive()]
 
 
-def _work_pools() -> list[str]:
+def work_pools() -> list[str]:
+    """The work pools prefect.yaml's deployments name (each must exist before `prefect deploy --all`)."""
     config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     return sorted({deployment["work_pool"]["name"] for deployment in config["deployments"]})
 
@@ -503,7 +503,7 @@ def up(settings: StackSettings, say: Callable[[str], None] = lambda _: None) -> 
 
         say("Creating the work pools and deploying prefect.yaml")
         prefect = str(bin_dir / "prefect")
-        for pool in _work_pools():  # `prefect deploy --all` stops at the first pool that does not exist
+        for pool in work_pools():  # `prefect deploy --all` stops at the first pool that does not exist
             _run_logged(
                 [prefect, "work-pool", "create", pool, "--type", "process", "--overwrite"], logs / "deploy.log", env=env
             )

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import yaml
 
 from lib.common.processes import descendants
+from lib.ops.stack import work_pools
 from tests.support.processes import start_time
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -165,10 +165,8 @@ class PrefectServer:
         return result
 
     def create_work_pools(self) -> list[str]:
-        """Create, as process pools, every work pool prefect.yaml's deployments name (`prefect deploy --all` stops at
-        the first that does not exist); return their names."""
-        deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
-        pools = sorted({entry["work_pool"]["name"] for entry in deployments})
+        """Create, as process pools, every work pool prefect.yaml's deployments name; return their names."""
+        pools = work_pools()
         for pool in pools:
             self.cli("work-pool", "create", pool, "--type", "process", "--overwrite")
         return pools
