@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
         "two_ranks_images_per_second": rates["2"],
         "two_ranks_to_one_process": efficiency,
         "gradient_megabytes": gradients * 4 / 1e6,
-        "gloo_all_reduce_seconds": communication,
-        "rank_forward_backward_seconds": computation,
+        "gloo_all_reduce_milliseconds": communication * 1e3,
+        "rank_forward_backward_milliseconds": computation * 1e3,
         "all_reduce_share_of_step": communication / (communication + computation),
         "ring_all_reduce_per_gpu": {arch: ring_volume(arch, len(vocab)) for arch in ("resnet50", "resnet101")},
     }

@@ -2,18 +2,22 @@
 
 No imports beyond the standard library, so `pets --help` stays quick. The recipe's own defaults are in lib/recipe.py.
 
-The demo gives the same error rate on every x86-64 machine with the same library versions. What can make two CPU
-runs of one recipe differ, and how the demo pins it:
+Two x86-64 machines of one CPU family give the demo the same error rate with the same library versions. What can
+make two CPU runs of one recipe differ, and how the demo pins it:
 - the thread count: a CPU reduction (a convolution's weight gradient, a sum) is split by the number of intra-op
   threads, so its fp32 result differs in the last bits between counts and training drifts apart from there (measured
   here: 1 and 2 threads part at the first unfrozen epoch); torch's default is one thread per core, so the demo fixes
   `threads`;
-- the instruction set: oneDNN, which runs the convolutions, picks AVX-512 kernels where the CPU has them and AVX2
-  ones elsewhere, and they round differently (measured here, on an AVX-512 machine); the demo caps oneDNN at AVX2,
-  which Intel CPUs have since 2013 (Haswell) and AMD ones since 2015 (`ONEDNN_MAX_CPU_ISA`, read when oneDNN first
-  runs: set before the first convolution of the flow's process, and inherited by every stage process). torch's
-  own kernels and MKL's matrix products gave the same bits with AVX-512 and AVX2 (ATEN_CPU_CAPABILITY,
-  MKL_ENABLE_INSTRUCTIONS);
+- the instruction set: oneDNN (the convolutions), ATen's own kernels and MKL (the matrix products) each pick
+  AVX-512 code where the CPU has it and AVX2 code elsewhere, and they round differently; the demo caps all three at
+  AVX2 (`ONEDNN_MAX_CPU_ISA`, oneDNN docs "CPU Dispatcher Control"; `ATEN_CPU_CAPABILITY`, PyTorch
+  aten/src/ATen/native/DispatchStub.cpp; `MKL_ENABLE_INSTRUCTIONS`, oneMKL developer guide "Instruction Set
+  Specific Dispatching"), which Intel CPUs have since 2013 (Haswell) and AMD ones since 2015. Each is read when its
+  library first runs, so they are set before the flow's stage processes start, which inherit them. Measured: on an
+  AMD EPYC with AVX-512 the oneDNN cap alone sufficed (ATen and MKL gave the same bits either way); on an Intel
+  Xeon with AVX-512 ATen's or MKL's AVX-512 code changed the numbers too, and with all three capped a one-thread
+  default run and a two-thread AVX2-only one agreed. With the caps, that Xeon still reached other numbers than the
+  EPYC (best epoch 8 of 8 against 5 of 8): the libraries' AVX2 paths are not the same on both vendors' CPUs;
 - randomness: the split, the initialisation, the crops, the augmentation and the dropout all derive from the recipe's
   seed, whatever the loader's workers (lib/train/trainer.py); the demo keeps no workers, and none of its operations
   runs a non-deterministic kernel on the CPU (under torch.use_deterministic_algorithms(True) a fine_tune raised
@@ -48,5 +52,5 @@ DEMO_SETTINGS = {
     "experiment": DEMO_EXPERIMENT,
     "registered_model": "pets-demo-classifier",
 }
-# oneDNN 3.x's ISA cap (oneDNN docs, "CPU Dispatcher Control"): the same kernels, so the same rounding, on every CPU.
-DEMO_ENVIRONMENT = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+# oneDNN's, ATen's and MKL's instruction-set caps (see above): the same kernels, so the same rounding.
+DEMO_ENVIRONMENT = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}

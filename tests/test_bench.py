@@ -136,8 +136,8 @@ def test_data_parallel_compares_two_gloo_ranks_with_one_process_and_sizes_the_al
     assert record["two_ranks_to_one_process"] == pytest.approx(
         record["two_ranks_images_per_second"] / record["one_process_images_per_second"], rel=0.01
     )
-    share = record["gloo_all_reduce_seconds"] / (
-        record["gloo_all_reduce_seconds"] + record["rank_forward_backward_seconds"]
+    share = record["gloo_all_reduce_milliseconds"] / (
+        record["gloo_all_reduce_milliseconds"] + record["rank_forward_backward_milliseconds"]
     )
     assert record["all_reduce_share_of_step"] == pytest.approx(share, abs=0.002)
     for arch in ("resnet50", "resnet101"):

@@ -8,6 +8,7 @@ PID. Elsewhere only the PID is compared.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -30,6 +31,28 @@ def start_ticks(pid: int) -> str | None:
     """The process's start time from /proc (Linux), or None when it is gone, a zombie, or /proc is not there."""
     fields = stat_fields(pid)
     return None if fields is None or fields[0] in ("Z", "X") else fields[19]  # a zombie has finished already
+
+
+def descendants(root: int) -> list[tuple[int, str]]:
+    """(PID, start time) of every live descendant of root, from /proc's parent links (none without /proc).
+
+    Found before a process is stopped, they can be stopped after it too: a process that started them in a session of
+    their own (a Prefect process worker's flow runs) does not take them with it.
+    """
+    children: dict[int, list[int]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            fields = stat_fields(int(entry.name)) if entry.name.isdigit() else None
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, pending = [], list(children.get(root, []))
+    while pending:
+        pid = pending.pop()
+        started = start_ticks(pid)
+        if started is not None:
+            found.append((pid, started))
+        pending += children.get(pid, [])
+    return found
 
 
 @dataclass(frozen=True)

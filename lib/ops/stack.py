@@ -36,8 +36,9 @@ import yaml
 
 from lib.common.download import redact_url
 from lib.common.errors import UserError
+from lib.common.files import write_text_atomically
 from lib.common.paths import default_output_dir
-from lib.common.processes import ProcessIdentity, start_ticks, stat_fields
+from lib.common.processes import ProcessIdentity, descendants, start_ticks
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: prefect.yaml, and the path deployments record
 STATE_DIR_VARIABLE = "PETS_STACK_DIR"
@@ -261,24 +262,6 @@ def _identity(entry: Mapping) -> ProcessIdentity:
     return ProcessIdentity(host=socket.gethostname(), pid=int(entry["pid"]), started=entry.get("started", ""))
 
 
-def _descendants(root: int) -> list[tuple[int, str]]:
-    """(PID, start time) of every live descendant of root, from /proc's parent links."""
-    children: dict[int, list[int]] = {}
-    with contextlib.suppress(OSError):
-        for entry in os.scandir("/proc"):
-            fields = stat_fields(int(entry.name)) if entry.name.isdigit() else None
-            if fields is not None:
-                children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, pending = [], list(children.get(root, []))
-    while pending:
-        pid = pending.pop()
-        started = start_ticks(pid)
-        if started is not None:
-            found.append((pid, started))
-        pending += children.get(pid, [])
-    return found
-
-
 def _signal(pid: int, started: str, signum: int) -> None:
     if start_ticks(pid) == started:  # still that process, not another one that got its PID
         with contextlib.suppress(ProcessLookupError):
@@ -304,7 +287,7 @@ def stop_process(entry: Mapping, grace: float = STOP_GRACE_SECONDS) -> str:
     name, pid, started = entry["name"], int(entry["pid"]), entry.get("started", "")
     if not _identity(entry).is_alive():
         return f"{name} (PID {pid}) had stopped already"
-    family = [(pid, started), *_descendants(pid)]
+    family = [(pid, started), *descendants(pid)]
     for signum in (signal.SIGTERM, signal.SIGTERM):
         _signal(pid, started, signum)
         if _wait_gone(family[:1], grace / 2):
@@ -400,9 +383,7 @@ def read_record(state_dir: Path) -> dict | None:
 
 
 def _write_record(state_dir: Path, record: Mapping) -> None:
-    partial = _pids_file(state_dir).with_suffix(".json.partial")
-    partial.write_text(json.dumps(record, indent=2) + "\n")
-    partial.replace(_pids_file(state_dir))  # a reader never sees half a file
+    write_text_atomically(_pids_file(state_dir), json.dumps(record, indent=2) + "\n")  # never half a file
 
 
 def running(state_dir: Path) -> list[dict]:
@@ -411,7 +392,8 @@ def running(state_dir: Path) -> list[dict]:
     return [entry for entry in record["processes"] if _identity(entry).is_alive()]
 
 
-def _work_pools() -> list[str]:
+def work_pools() -> list[str]:
+    """The work pools prefect.yaml's deployments name (each must exist before `prefect deploy --all`)."""
     config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     return sorted({deployment["work_pool"]["name"] for deployment in config["deployments"]})
 
@@ -521,7 +503,7 @@ def up(settings: StackSettings, say: Callable[[str], None] = lambda _: None) -> 
 
         say("Creating the work pools and deploying prefect.yaml")
         prefect = str(bin_dir / "prefect")
-        for pool in _work_pools():  # `prefect deploy --all` stops at the first pool that does not exist
+        for pool in work_pools():  # `prefect deploy --all` stops at the first pool that does not exist
             _run_logged(
                 [prefect, "work-pool", "create", pool, "--type", "process", "--overwrite"], logs / "deploy.log", env=env
             )

@@ -278,9 +278,8 @@ def _failure(
         world = f"{started['world_size']} processes" if started else f"{runtime.processes_per_node()} processes here"
         error = RankDiedError(
             f"A training process of the {stage} stage ({world}) died without a word ({how}; torchrun's log: {log}). "
-            f"The last complete epoch is in {checkpoint}; a retry "
-            "resumes every rank from there. Killed every time, it most often ran out of memory: lower --bs or "
-            "--workers."
+            f"The last complete epoch is in {checkpoint}; a retry resumes every rank from there. Killed every time, "
+            "it most often ran out of memory: lower --bs or --workers."
         )
     elif runtime.nnodes > 1:
         error = RendezvousError(

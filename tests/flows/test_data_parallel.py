@@ -29,8 +29,10 @@ from tests.flows.test_faults import wait_for_first_checkpoint
 from tests.flows.test_train_flow import TINY, task_runs, tiny
 from tests.support.pets import pets_archive
 from tests.support.prefect_server import _free_port
+from tests.support.processes import rank_process_ids
 
-pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]  # torchrun's start-up: ~10 s a stage
+# torchrun's start-up is ~8 s a stage; the first test trains 4 stages of 6 epochs (2-3 minutes on 2 idle CPUs).
+pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow, pytest.mark.timeout(900)]
 
 EPOCHS = 5  # after TINY's one frozen epoch: six epochs in the probe stage, enough to learn the three breeds
 # Two ranks of 8 make the global batch of 16; one thread each (torchrun's default), and one for the single process.
@@ -50,24 +52,6 @@ VALID_LOSS_TOLERANCE = 0.35
 def archive(tmp_path_factory):
     root = tmp_path_factory.mktemp("source")
     return pets_archive(root, breeds=3, images_per_breed=48, max_side=96)
-
-
-def rank_processes(out_dir: Path) -> dict[int, int]:
-    """{rank: PID} of the torchrun ranks training under out_dir, read from /proc."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            arguments = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-            environment = (entry / "environ").read_bytes().decode(errors="replace").split("\0")
-        except OSError:  # it ended while we looked
-            continue
-        if "--rank" in arguments and any(argument.startswith(str(out_dir)) for argument in arguments):
-            ranks = [item.removeprefix("RANK=") for item in environment if item.startswith("RANK=")]
-            if ranks:
-                found[int(ranks[0])] = int(entry.name)
-    return found
 
 
 def request_of(stage_dir: Path, tmp_path: Path, name: str, **runtime) -> Path:
@@ -93,7 +77,7 @@ def test_two_gloo_ranks_train_like_one_process_log_one_run_and_resume_after_a_ra
 
     def kill_rank_1() -> None:
         wait_for_first_checkpoint(out_dir, "probe")
-        pid = rank_processes(out_dir)[1]
+        pid = rank_process_ids(out_dir)[1]
         os.kill(pid, signal.SIGKILL)  # the OOM killer's choice: rank 1, in the probe's second epoch
         kill["pid"] = pid
 
@@ -106,7 +90,7 @@ def test_two_gloo_ranks_train_like_one_process_log_one_run_and_resume_after_a_ra
     killer.join(timeout=60)
     assert state.is_completed(), state.message
     result = state.result()
-    assert kill["pid"] and not rank_processes(out_dir)  # every rank is gone with its torchrun
+    assert kill["pid"] and not rank_process_ids(out_dir)  # every rank is gone with its torchrun
 
     # Prefect retried the stage after the rank died, and every rank resumed from rank 0's checkpoint.
     (probe,) = [run for run in task_runs(state) if run.name == "fine-tune-probe"]
@@ -152,7 +136,7 @@ def test_a_rank_killed_at_every_attempt_fails_the_run_with_the_reason_and_leaves
     def kill_rank_1_whenever_it_trains() -> None:  # memory that never suffices: the OOM killer every time
         wait_for_first_checkpoint(out_dir, "probe")
         while not done.is_set():
-            pid = rank_processes(out_dir).get(1)
+            pid = rank_process_ids(out_dir).get(1)
             if pid is not None and pid not in killed:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -170,7 +154,7 @@ def test_a_rank_killed_at_every_attempt_fails_the_run_with_the_reason_and_leaves
         done.set()
         killer.join(timeout=30)
     assert state.is_failed() and len(killed) == 1 + STAGE_RETRIES, (state.message, killed)
-    assert not rank_processes(out_dir)
+    assert not rank_process_ids(out_dir)
 
     client = mlflow.MlflowClient(mlflow_uri)
     (run,) = client.search_runs([client.get_experiment_by_name(TINY["experiment"]).experiment_id])

@@ -1,5 +1,6 @@
 """`pets demo` (what `make demo` runs) end to end, twice at once in two environments that make torch compute
-differently, the way two machines would: the same numbers, the retraining step in the output, one line per epoch."""
+differently, the way two machines would: the same numbers, the best epoch's choice in the output, one line per
+epoch."""
 
 import os
 import re
@@ -46,7 +47,9 @@ def start_demo(folder: Path, machine: dict[str, str], template_db: Path) -> subp
 
 @pytest.mark.slow
 @pytest.mark.timeout(DEMO_SECONDS + 120)
-def test_the_demo_gives_the_same_result_on_two_machines_and_shows_its_retraining(tmp_path, _mlflow_template_db):
+def test_the_demo_gives_the_same_result_on_two_machines_and_says_what_its_best_epoch_decided(
+    tmp_path, _mlflow_template_db
+):
     demos = {name: start_demo(tmp_path / name, machine, _mlflow_template_db) for name, machine in MACHINES.items()}
     try:
         for demo in demos.values():
@@ -70,12 +73,19 @@ def test_the_demo_gives_the_same_result_on_two_machines_and_shows_its_retraining
     assert first["base_lr"] == second["base_lr"] and first["best_epoch"] == second["best_epoch"]  # the LR finder too
 
     best = int(first["best_epoch"])
-    assert best < DEMO_EPOCHS and first["epochs_trained"] == best  # the best epoch is not the last: retrained
+    # Which branch runs depends on the CPU family's numbers (README, "The same numbers on every machine"): an AMD
+    # EPYC's best epoch was the 5th of 8 (retrained), an Intel Xeon's the 8th (the probe is the final model).
+    retrained = best < DEMO_EPOCHS
+    assert first["epochs_trained"] == (best if retrained else DEMO_EPOCHS)
     for name, output in outputs.items():
         assert "\r" not in output, name  # no progress bar redrawn into a file
-        assert f"after {best} of {DEMO_EPOCHS} epochs: retraining from scratch for {best}." in output  # the flow's log
-        assert f"best epoch {best} of {DEMO_EPOCHS}, so retrained from scratch for {best} epochs" in output  # the CLI's
-        stages = {"baseline": 1 + DEMO_SETTINGS["baseline_epochs"], "probe": 1 + DEMO_EPOCHS, "final": 1 + best}
+        told = f"after {best} of {DEMO_EPOCHS} epochs: retraining from scratch for {best}."  # the flow's log
+        assert (told in output) == retrained, name
+        final = f"retrained from scratch for {best} epochs" if retrained else "the probe is the final model"
+        assert f"best epoch {best} of {DEMO_EPOCHS}, so {final}" in output, name  # the CLI's
+        stages = {"baseline": 1 + DEMO_SETTINGS["baseline_epochs"], "probe": 1 + DEMO_EPOCHS}
+        if retrained:
+            stages["final"] = 1 + best
         for stage, epochs in stages.items():  # one line per epoch, from the flow's log, in the terminal
             counts = [len(re.findall(rf" - {stage} epoch {step}/{epochs} \(", output)) for step in range(1, epochs + 1)]
             assert counts == [1] * epochs, (name, stage, counts)

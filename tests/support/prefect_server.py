@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import yaml
 
-from tests.support.processes import parent_pid, start_time
+from lib.common.processes import descendants
+from lib.ops.stack import work_pools
+from tests.support.processes import start_time
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT = Path(sys.executable).parent / "prefect"
@@ -49,26 +50,6 @@ def _tail(path: Path, lines: int = 60) -> str:
     except OSError as error:
         return f"<{path}: {error}>"
     return "\n".join(text.splitlines()[-lines:])
-
-
-def _descendants(root_pid: int) -> list[tuple[int, str]]:
-    """(pid, start time) of every live descendant of root_pid, read from /proc (empty where there is no /proc)."""
-    children: dict[int, list[int]] = {}
-    with contextlib.suppress(OSError):
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            ppid = parent_pid(int(entry.name))
-            if ppid is not None:
-                children.setdefault(ppid, []).append(int(entry.name))
-    found, stack = [], list(children.get(root_pid, []))
-    while stack:
-        pid = stack.pop()
-        started = start_time(pid)
-        if started is not None:
-            found.append((pid, started))
-        stack.extend(children.get(pid, []))
-    return found
 
 
 def _signal_if_same(pid: int, started: str, signum: int) -> bool:
@@ -102,7 +83,7 @@ class ManagedProcess:
         A second SIGTERM goes out halfway through the grace period: a Prefect worker whose SIGINT is ignored
         (inherited from a shell without job control) only stops on the second one (Prefect 3.9 utilities/processutils).
         """
-        descendants = _descendants(self.pid)
+        family = descendants(self.pid)
         if self.alive():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGTERM)
@@ -121,7 +102,7 @@ class ManagedProcess:
         # Whatever is left of the group we created (pgid == our child's pid, start_new_session=True).
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
-        survivors = [(pid, started) for pid, started in descendants if start_time(pid) == started]
+        survivors = [(pid, started) for pid, started in family if start_time(pid) == started]
         for pid, started in survivors:
             _signal_if_same(pid, started, signal.SIGTERM)
         deadline = time.monotonic() + 10
@@ -184,10 +165,8 @@ class PrefectServer:
         return result
 
     def create_work_pools(self) -> list[str]:
-        """Create, as process pools, every work pool prefect.yaml's deployments name (`prefect deploy --all` stops at
-        the first that does not exist); return their names."""
-        deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
-        pools = sorted({entry["work_pool"]["name"] for entry in deployments})
+        """Create, as process pools, every work pool prefect.yaml's deployments name; return their names."""
+        pools = work_pools()
         for pool in pools:
             self.cli("work-pool", "create", pool, "--type", "process", "--overwrite")
         return pools

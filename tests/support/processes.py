@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 from lib.common.processes import start_ticks as start_time
@@ -34,7 +35,25 @@ def is_reapable(pid: int) -> bool:
 
 def stage_process_ids(out_dir: Path) -> list[int]:
     """PIDs of the `python -m lib.train.stages` processes training under out_dir, read from /proc as `ps` does."""
-    found = []
+    return [int(entry.name) for entry, _ in _stage_processes(out_dir)]
+
+
+def rank_process_ids(out_dir: Path) -> dict[int, int]:
+    """{rank: PID} of the torchrun ranks (`lib.train.stages --rank`) training under out_dir, read from /proc."""
+    found = {}
+    for entry, arguments in _stage_processes(out_dir):
+        try:
+            environment = (entry / "environ").read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # it ended while we looked
+            continue
+        ranks = [item.removeprefix("RANK=") for item in environment if item.startswith("RANK=")]
+        if "--rank" in arguments and ranks:
+            found[int(ranks[0])] = int(entry.name)
+    return found
+
+
+def _stage_processes(out_dir: Path) -> Iterator[tuple[Path, list[str]]]:
+    """(/proc entry, command line) of each `python -m lib.train.stages` process with an argument under out_dir."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -43,5 +62,4 @@ def stage_process_ids(out_dir: Path) -> list[int]:
         except OSError:  # the process ended while we looked
             continue
         if "lib.train.stages" in arguments and any(argument.startswith(str(out_dir)) for argument in arguments):
-            found.append(int(entry.name))
-    return found
+            yield entry, arguments
