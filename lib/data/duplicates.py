@@ -58,10 +58,12 @@ _DCT = _dct_matrix(_SIDE)[:_KEPT]  # only the rows of the kept frequencies are e
 
 def perceptual_hash(image: Image.Image) -> int:
     """Return the 64-bit DCT perceptual hash of a picture, as an int (bit 63 is the DC coefficient's)."""
-    # LANCZOS as imagehash (its ANTIALIAS). reducing_gap=3 first shrinks by a whole factor: on 200 synthetic pets of
-    # 300-600 px it costs 0.47 ms a picture against 1.13 ms, and the hash then differs from imagehash 4.3.2's phash in
-    # 0.8 bits on average (at most 8), small beside a 10-bit threshold; without it the hashes are equal.
-    small = image.convert("L").resize((_SIDE, _SIDE), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    # LANCZOS as imagehash (its ANTIALIAS), but in another order: the colour picture is shrunk first, then made grey
+    # (both are linear, so the order changes only rounding), and reducing_gap=2 first shrinks by a whole factor. On
+    # 100 synthetic pets of 300-600 px that costs 0.34 ms a picture against 1.13 ms for imagehash 4.3.2's order (grey
+    # at full size, then LANCZOS), and the hashes differ from its phash in 1.0 bit on average (at most 6): small
+    # beside a 10-bit threshold.
+    small = image.resize((_SIDE, _SIDE), Image.Resampling.LANCZOS, reducing_gap=2.0).convert("L")
     low = _DCT @ np.asarray(small, dtype=np.float64) @ _DCT.T
     bits = (low > np.median(low)).ravel()
     return int(np.packbits(bits).view(">u8")[0])

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from flows.train import SUMMARY_METRICS, train
+from lib.data.synthetic import duplicate_files
 from lib.recipe import Recipe
 from lib.serve.inference import Classifier
 from lib.train.trainer import NonFiniteLossError
@@ -40,7 +41,7 @@ def tiny(**options) -> Recipe:
 
 DATA_ARTIFACTS = {
     "presized.csv", "vocab.json", "cleaning_report.json", "summary.txt", "show_batch.png", "class_counts.png",
-    "left_out.csv",
+    "left_out.csv", "duplicates.csv", "duplicates.png",
 }  # fmt: skip
 EVALUATION_ARTIFACTS = {"predictions.pt", "confusion_matrix.png", "most_confused.txt", "top_losses.png"}
 
@@ -48,7 +49,11 @@ EVALUATION_ARTIFACTS = {"predictions.pt", "confusion_matrix.png", "most_confused
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
     root = tmp_path_factory.mktemp("source")
-    return pets_archive(root, breeds=BREEDS, images_per_breed=PER_BREED, max_side=96)
+    return pets_archive(root, breeds=BREEDS, images_per_breed=PER_BREED, max_side=96, duplicates=True)
+
+
+def exact_copies() -> set[str]:
+    return {name for name, (_, kind) in duplicate_files(BREEDS).items() if kind == "exact"}
 
 
 def artifact_names(client, run_id, path):
@@ -64,6 +69,19 @@ def task_runs(state):
         return client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
         )
+
+
+def latest_artifact(key: str) -> str:
+    """The newest Prefect artifact with this key, as its text."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC, limit=1
+        )
+    return str(artifact.data)
 
 
 def metric_steps(client, run_id, key):
@@ -141,6 +159,21 @@ def test_the_flow_tracks_the_whole_recipe_in_one_mlflow_run_and_a_warm_rerun_reu
     for stage in ("baseline", "probe", "final"):
         assert artifact_names(client, run.info.run_id, stage) == {"loss_curves.png"}
     assert artifact_names(client, run.info.run_id, "evaluation") == EVALUATION_ARTIFACTS
+
+    # The planted near-duplicates: in the logged table with their originals, the exact copy used once, every group
+    # on one side of the split, and counted in the params and the data summary.
+    table = pd.read_csv(client.download_artifacts(run.info.run_id, "data/duplicates.csv", str(tmp_path)))
+    names = table.assign(name=table["path"].map(lambda path: Path(path).name)).set_index("name")
+    for name, (original, kind) in duplicate_files(BREEDS).items():
+        assert names.loc[name, "group"] == names.loc[original, "group"], kind
+        assert names.loc[name, "used"] == (kind != "exact")
+    assert int(params["duplicate_groups"]) == table["group"].nunique() >= 1
+    assert (manifest.groupby("group")["split"].nunique() == 1).all()
+    assert not manifest["path"].map(lambda path: Path(path).name).isin(exact_copies()).any()
+    summary = (run_dir / "data" / "summary.txt").read_text()
+    assert f"Near-duplicates (hashes within 10 bits): {params['duplicate_groups']} groups" in summary
+    shown = latest_artifact("data-summary")  # the warm rerun's, on the same data
+    assert f"{params['duplicate_groups']} groups" in shown and "duplicates.csv" in shown and "duplicates.png" in shown
 
     # The labelled dataset is the run's training input.
     (dataset_input,) = run.inputs.dataset_inputs
