@@ -642,12 +642,9 @@ def review_show(
     ] = None,
 ) -> None:
     """Print the run's label review: per class, the images whose labels look most wrong first, with their paths."""
-    if tracking_uri:  # every MLflow read below goes through tasks/tracking.py, which reads the variable
-        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    _check_tracking_store()
     from tasks.review import logged_review
 
-    table = logged_review(run_id)
+    table = logged_review(run_id, tracking_uri)
     ranked_by = "label quality" if "label_quality" in table.columns else "loss"
     for label, rows in table.groupby("label", sort=False):
         typer.echo(f"{label}: {len(rows)} images, the {min(per_class, len(rows))} with the worst {ranked_by}")

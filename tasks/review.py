@@ -5,8 +5,10 @@ look (the run's MLflow artifacts under review/, a Prefect artifact linking them)
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
+from unittest.mock import patch
 
 import pandas as pd
 from prefect import task
@@ -90,12 +92,14 @@ class ReviewNotFoundError(InputError):
     """The MLflow run does not exist, or logged no review."""
 
 
-def logged_review(run_id: str) -> pd.DataFrame:
-    """Read back the review table an MLflow run logged (review/review.csv), from the store at `tracking_uri()`."""
+def logged_review(run_id: str, uri: str | None = None) -> pd.DataFrame:
+    """Read back the review table an MLflow run logged (review/review.csv), from the store at `uri` (default:
+    `tracking_uri()`); a store that does not answer is a TrackingStoreUnavailableError."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    uri = tracking.tracking_uri()
+    uri = uri or tracking.tracking_uri()
+    tracking.check_tracking_store(uri)
     client = mlflow.MlflowClient(uri)
     try:
         client.get_run(run_id)
@@ -104,7 +108,11 @@ def logged_review(run_id: str) -> pd.DataFrame:
             f"No MLflow run {run_id} in the tracking store {redact_url(uri)}: give a training run's id, or "
             "point --tracking-uri at the store that holds it."
         ) from None
-    with tempfile.TemporaryDirectory() as folder:
+    # one small file: MLflow's download progress bar would only come between the command and its output
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}),
+    ):
         try:
             path = client.download_artifacts(run_id, f"{REVIEW_DIR}/{REVIEW_CSV}", folder)
         except (MlflowException, OSError):
