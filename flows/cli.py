@@ -7,6 +7,7 @@ pets summary | demo                the data stage alone; the whole recipe offlin
 pets ui | announce-dataset         the MLflow UI on the project's store; tell Prefect about a new dataset
 pets promote VERSION | champion    move the registry's champion alias (recorded); show its history
 pets stack up | down | status      the local production stack: PostgreSQL, Prefect and MLflow servers, a worker
+pets review show RUN_ID | apply CSV  a run's label review per class; record a reviewed table's decisions
 
 An error the user can fix is one line, `Error: ...`, with exit status 2 (`pets --debug` adds the traceback); see
 flows/console.py.
@@ -39,6 +40,7 @@ from lib.recipe import (
     DATA_PARALLEL_SETTINGS,
     DEFAULT_ARCHS,
     DEFAULT_REGISTERED_MODEL,
+    DEFAULT_REVIEW_PER_CLASS,
     PredictSettings,
     Recipe,
     RuntimeSettings,
@@ -609,6 +611,95 @@ def stack_status(state_dir: StateDir = None) -> None:
 
     for line in status(_state_dir(state_dir)):
         typer.echo(line)
+
+
+# -- the label review (flows/review.py, lib/data/overrides.py) -------------------------------------------------------
+review_app = typer.Typer(
+    cls=console.Commands,
+    help="Review a run's labels: its candidates per class, then record which images to keep, delete or relabel.",
+    no_args_is_help=True,
+)
+app.add_typer(review_app, name="review")
+
+DEFAULT_OVERRIDES = default_output_dir() / "overrides.json"  # one file that every review round merges into
+RunId = Annotated[
+    str, typer.Argument(metavar="RUN_ID", help="The MLflow run that logged the review.", show_default=False)
+]
+
+
+@review_app.command("show")
+def review_show(
+    run_id: RunId,
+    per_class: Annotated[int, typer.Option(min=1, help="Candidates shown per class.")] = DEFAULT_REVIEW_PER_CLASS,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MLFLOW_TRACKING_URI", help="The MLflow tracking store.", show_default="./mlflow/mlflow.db"
+        ),
+    ] = None,
+    save: Annotated[
+        Path | None, typer.Option(help="Also write the whole review.csv here, to mark its action column.")
+    ] = None,
+) -> None:
+    """Print the run's label review: per class, the images whose labels look most wrong first, with their paths."""
+    from tasks.review import logged_review
+
+    table = logged_review(run_id, tracking_uri)
+    ranked_by = "label quality" if "label_quality" in table.columns else "loss"
+    for label, rows in table.groupby("label", sort=False):
+        typer.echo(f"{label}: {len(rows)} images, the {min(per_class, len(rows))} with the worst {ranked_by}")
+        for row in rows.head(per_class).itertuples(index=False):
+            issue = "  label issue" if getattr(row, "issue", "") in (True, "True") else ""
+            typer.echo(
+                f"  loss {float(row.loss):7.3f}  predicted {row.predicted} ({float(row.probability):.2f})  "
+                f"{row.split:<5}  {row.file}{issue}"
+            )
+    table_file = "review.csv"
+    if save is not None:
+        save.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(save, index=False)
+        table_file = str(save)
+        typer.echo(f"Review table saved to {save}")
+    typer.echo(
+        f"Mark the action column of {table_file} (keep, delete, relabel:<class>), then `pets review apply "
+        f"{table_file} --run {run_id}`."
+    )
+
+
+@review_app.command("apply")
+def review_apply(
+    reviewed: Annotated[
+        Path,
+        typer.Argument(metavar="REVIEWED_CSV", help="A review.csv with its action column marked.", show_default=False),
+    ],
+    to: Annotated[
+        Path,
+        typer.Option(
+            "--to",
+            metavar="OVERRIDES_JSON",
+            help="The overrides file to write; one already there gets these decisions merged in, as its next version.",
+        ),
+    ] = DEFAULT_OVERRIDES,
+    run: Annotated[
+        str | None,
+        typer.Option(
+            "--run",
+            metavar="RUN_ID",
+            help="The MLflow run whose review this is: the next training run links to it.",
+            show_default="read from the table's place, <out-dir>/RUN_ID/review/review.csv",
+        ),
+    ] = None,
+) -> None:
+    """Record a reviewed table's decisions (by image content) in a versioned overrides file the data stage applies."""
+    from lib.data.overrides import record_review
+
+    to = to.expanduser().resolve()
+    overrides, review = record_review(reviewed.expanduser(), to, review_run=run)
+    source = f" of run {overrides.review_run}" if overrides.review_run else ""
+    typer.echo(
+        f"Overrides v{overrides.version}{source} in {to}: {review.deleted} deleted, {review.relabelled} relabelled, "
+        f"{review.kept} kept. Next: pets train --overrides {to}"
+    )
 
 
 def main() -> None:

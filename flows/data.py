@@ -10,6 +10,7 @@ from lib.common.paths import default_cache_dir, default_output_dir
 from lib.data.source import PETS_URL
 from lib.recipe import DataSettings, Recipe
 from tasks.data import (
+    apply_review,
     clean_images,
     download_dataset,
     find_duplicates,
@@ -29,11 +30,13 @@ def prepare_data(recipe: Recipe = Recipe()) -> dict:
        train a classifier (lib/data/label_gate.py);
     3. clean: exclude files that do not decode; each one that does is presized into the shared cache, and its
        perceptual hash taken, while decoded;
-    4. group near-duplicates (unless data.find_duplicates is off): exact copies are used once, groups with
+    4. apply the review decisions of data.overrides (`pets review apply`): deleted images left out, relabelled ones
+       with their new label, the originals untouched;
+    5. group near-duplicates (unless data.find_duplicates is off): exact copies are used once, groups with
        conflicting labels are reported (and left out with data.exclude_conflicting_duplicates);
-    5. split into training and validation sets, each near-duplicate group on one side;
-    6. presize: collect the cached images (and presize any still missing);
-    7. write the summary and a show_batch grid.
+    6. split into training and validation sets, each near-duplicate group on one side;
+    7. presize: collect the cached images (and presize any still missing);
+    8. write the summary and a show_batch grid.
 
     With neither data.url nor data.dir, the Oxford-IIIT Pet archive the book uses is downloaded. Files go to
     runtime.out_dir (default ./outputs/data).
@@ -57,11 +60,14 @@ def data_stage(data: DataSettings, *, cache_dir: str | None, out_dir: str) -> di
     option = "--data-dir" if data.dir else "--data-url"  # what an error about the images names
     labelled = label_images(images_dir, data, out_dir, cache_dir, option)
     cleaned = clean_images(labelled["manifest"], cache_dir, data.presize, data.find_duplicates)
+    # review decisions are keyed by content, so they apply once cleaning knows each image's sha256
+    reviewed = apply_review(cleaned["manifest"], data.overrides) if data.overrides else None
+    rows = (reviewed or cleaned)["manifest"]
     grouped = None
     if data.find_duplicates:
-        args = (cleaned["manifest"], cache_dir, data.duplicate_distance, data.exclude_conflicting_duplicates)
+        args = (rows, cache_dir, data.duplicate_distance, data.exclude_conflicting_duplicates)
         grouped = find_duplicates(*args)
-    split = split_dataset((grouped or cleaned)["manifest"], data.valid_pct, data.seed)
+    split = split_dataset(grouped["manifest"] if grouped else rows, data.valid_pct, data.seed)
     presized = presize_images(split["manifest"], cache_dir, data.presize)
     summarized = summarize_data(
         presized["manifest"],
@@ -84,6 +90,7 @@ def data_stage(data: DataSettings, *, cache_dir: str | None, out_dir: str) -> di
         "classes": split["classes"],
         "cleaning_report": cleaned["report"],
         "duplicates": grouped,
+        "overrides": reviewed,
         "left_out": labelled["left_out"],
         "label_source": labelled["label_source"],
         "labels_csv": labelled["labels_csv"],

@@ -15,6 +15,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.logging.loggers import flow_run_logger
 
 from flows.data import data_stage
+from flows.review import review_labels
 from lib.common.download import file_name, file_sha256, redact_url
 from lib.common.numbers import significant
 from lib.common.paths import default_output_dir
@@ -46,7 +47,8 @@ def train(recipe: Recipe = Recipe(), comparison: str | None = None, resume: str 
     """Train a pet-breed classifier the fastai way and track it in MLflow.
 
     1. data: download (cached, retried), label, clean, split, presize, summarise (flows/data.py);
-    2. baseline: fastai's default `fine_tune(2)`, as the book does before tuning anything;
+    2. baseline: fastai's default `fine_tune(2)`, as the book does before tuning anything, and the label review from
+       its losses (`review.label_review`: review/review.csv and a contact sheet per class; flows/review.py);
     3. LR finder, whose valley suggestion is the base LR unless `schedule.base_lr` is given;
     4. probe: `fine_tune(epochs, base_lr, freeze_epochs, lr_mult)`, fp16 where the device allows it;
     5. retrain from scratch for the probe's best epoch count (skipped when the best is the last epoch);
@@ -84,6 +86,7 @@ def train(recipe: Recipe = Recipe(), comparison: str | None = None, resume: str 
                 lr_mult=DEFAULT_LR_MULT,
             )  # fmt: skip
             run.log_stage(baseline)
+        review = review_labels(recipe, run, data, baseline, out_dir)  # the recipe's review.label_review
 
         base_lr = _base_lr(run, recipe, inputs)
         tuning = {"base_lr": base_lr, "freeze_epochs": schedule.freeze_epochs, "lr_mult": schedule.lr_mult}
@@ -119,6 +122,7 @@ def train(recipe: Recipe = Recipe(), comparison: str | None = None, resume: str 
     result["out_dir"] = str(out_dir)
     result["data"] = {key: data[key] for key in ("manifest", "cache_hits", "written", "decoded", "sizes", "classes")}
     result["data"]["example_images"] = examples  # validation pictures to try the model on
+    result["review"] = review  # review.csv and the contact sheets, or None
     _report(result, run)
     return result
 
@@ -171,9 +175,15 @@ def _run_tags(recipe: Recipe, comparison: str | None) -> dict[str, str]:
     return tags
 
 
+REVIEW_RUN_TAG = "pets.review_run"  # the MLflow run whose label review the applied overrides came from
+
+
 def _log_data(run: tracking.TrainingRun, data: dict) -> str:
     """Log what the model was trained on (the labelled manifest as a dataset input, the reports, the counts); return
-    the data version: the digest of the images' content, labels and split (`lib.data.digests.dataset_version`)."""
+    the data version: the digest of the images' content, labels and split (`lib.data.digests.dataset_version`).
+
+    With review decisions applied, the overrides file and the rows it changed go under data/ too, its sha256 and
+    version as params, and a tag names the run whose review they came from (when known)."""
     import pandas as pd
 
     source = redact_url(data["data_url"]) or data["images_dir"]
@@ -189,6 +199,11 @@ def _log_data(run: tracking.TrainingRun, data: dict) -> str:
     if data["labels_csv"]:  # the labels themselves, and their digest: the CSV is part of the data's lineage
         facts["labels_csv_sha256"] = file_sha256(Path(data["labels_csv"]))
         data_files.append(data["labels_csv"])
+    if overrides := data["overrides"]:  # review decisions applied: the file, its digest and version, and its review
+        facts.update(overrides_sha256=overrides["sha256"], overrides_version=overrides["version"])
+        data_files += [overrides["overrides"], overrides["changes"]]
+        if overrides["review_run"]:
+            tracking.set_tags(run.run_id, {REVIEW_RUN_TAG: overrides["review_run"]})
     tracking.log_params(run.run_id, {"dataset_digest": digest, "data_version": version, **facts})
     tracking.log_files(run.run_id, data_files, "data")
     return version
@@ -256,7 +271,7 @@ def _example_images(data: dict) -> list[str]:
 
 def _report(result: dict, run: tracking.TrainingRun) -> None:
     create_link_artifact(run.url, link_text=f"MLflow run {run.run_id}", key="mlflow-run")
-    lines = [f"| {key} | {significant(value)} |" for key, value in result.items() if key not in ("data",)]
+    lines = [f"| {key} | {significant(value)} |" for key, value in result.items() if key not in ("data", "review")]
     create_markdown_artifact("| result | value |\n|---|---|\n" + "\n".join(lines), key="training-result")
     print(
         f"{result['arch']}: error_rate {significant(result['error_rate'])}, valid_loss "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -14,8 +15,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from lib.common.download import DownloadError
-from lib.data import cleaning, duplicates, label_gate, labelling, presize, splitting, summary, synthetic
+from lib.common.download import DownloadError, file_sha256
+from lib.data import cleaning, duplicates, label_gate, labelling, overrides, presize, splitting, summary, synthetic
 from lib.data.augment import AugmentSettings, aug_transforms
 from lib.data.digests import DIGESTS_FILE, FileDigests
 from lib.data.source import (
@@ -138,6 +139,42 @@ def clean_images(manifest_path: str, cache_dir: str, size: int, hash_images: boo
     result.kept.to_csv(cleaned_path, index=False)
     report_path = cleaning.write_cleaning_report(result, out)
     return {"manifest": str(cleaned_path), "report": str(report_path), "decoded": result.decoded, **result.counts()}
+
+
+@task(cache_policy=NO_CACHE)
+def apply_review(manifest_path: str, overrides_path: str) -> dict:
+    """Apply review decisions to the cleaned manifest: deleted images left out, relabelled ones with their new label.
+
+    `overrides_path` is an overrides file `pets review apply` wrote, or a reviewed review.csv, which is turned into
+    one as `pets review apply` would. Beside the manifest go reviewed.csv (the rows to train on), overrides.json (the
+    decisions applied, a byte copy of a given overrides file) and overrides_changes.csv (the rows they changed).
+    """
+    logger = get_run_logger()
+    source = Path(overrides_path)
+    manifest = pd.read_csv(manifest_path)
+    out = Path(manifest_path).parent
+    recorded = out / overrides.OVERRIDES_FILE
+    recorded.unlink(missing_ok=True)  # a reused folder: the decisions of an earlier run are never merged into these
+    if source.suffix.lower() == ".csv":
+        decisions, _ = overrides.record_review(source, recorded, classes=set(manifest["label"]))
+    else:
+        decisions = overrides.load_overrides(source)
+        shutil.copyfile(source, recorded)  # the very bytes given: its sha256 is the given file's
+    applied = overrides.apply_overrides(manifest, decisions, source=str(source))
+    reviewed_path = out / "reviewed.csv"
+    applied.manifest.to_csv(reviewed_path, index=False)
+    changes_path = out / overrides.CHANGES_FILE
+    applied.changes.to_csv(changes_path, index=False)
+    logger.info(f"Review decisions v{decisions.version} from {source}: {overrides.describe_counts(applied.counts)}")
+    return {
+        "manifest": str(reviewed_path),
+        "overrides": str(recorded),
+        "changes": str(changes_path),
+        "sha256": file_sha256(recorded),
+        "version": decisions.version,
+        "review_run": decisions.review_run,
+        **applied.counts,
+    }
 
 
 @task(cache_policy=NO_CACHE)

@@ -1,0 +1,123 @@
+"""Prefect tasks of the label review: rank every image by how wrong its label looks, and show the ranking where people
+look (the run's MLflow artifacts under review/, a Prefect artifact linking them); read a logged review back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from unittest.mock import patch
+
+import pandas as pd
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from lib.common.download import redact_url
+from lib.common.errors import InputError
+from lib.common.numbers import significant
+from lib.evaluate.evaluation import validation_predictions
+from lib.evaluate.review import REVIEW_CSV, review_table, write_review
+from lib.recipe import Recipe
+from lib.train.stages import cpu_threads
+from tasks import tracking
+
+REVIEW_DIR = "review"  # under the run's folder, and the artifact path in MLflow
+ARTIFACT_KEY = "label-review"
+ARTIFACT_ROWS = 10  # table rows the Prefect artifact shows: the worst losses over every class
+
+
+@task(cache_policy=NO_CACHE)
+def review_top_losses(model_path: str, manifest_path: str, vocab_path: str, out_dir: str, recipe: Recipe) -> dict:
+    """Predict every image, train and valid, with an exported model and write the review table and contact sheets.
+
+    ImageClassifierCleaner reviews both sets (fastai 2.8 fastai/vision/widgets.py): the training images are where a
+    wrong label does its harm. They are predicted as validation images are (centre crop, no augmentation), through
+    the one evaluation path (`lib.evaluate.evaluation.validation_predictions`). Files go to `<out_dir>/review/`.
+    """
+    manifest = pd.read_csv(manifest_path)
+    vocab = json.loads(Path(vocab_path).read_text("utf-8"))
+    data, runtime = recipe.data, recipe.runtime
+    every_row = manifest.assign(split="valid")  # the evaluation predicts the validation rows, in manifest order
+    with cpu_threads(runtime.threads):
+        predictions = validation_predictions(
+            Path(model_path), every_row, vocab, presize=data.presize, size=data.size, batch_size=data.bs,
+            workers=data.workers, device=runtime.device, precision=recipe.precision,
+        )  # fmt: skip
+    table = review_table(manifest, predictions.probabilities.numpy(), vocab)
+    written = write_review(table, Path(out_dir) / REVIEW_DIR, per_class=recipe.review.review_per_class)
+    return {"table": str(written["table"]), "sheets": {label: str(path) for label, path in written["sheets"].items()}}
+
+
+def publish_review(run: tracking.TrainingRun, review: dict, *, ranking: str) -> None:
+    """Log the review's files under review/ in the MLflow run, and link them from a Prefect artifact with its top rows.
+
+    `ranking` says in the artifact how the rows were ranked.
+    """
+    tracking.log_files(run.run_id, [review["table"], *review["sheets"].values()], REVIEW_DIR)
+    files = f"{run.url}/artifacts/{REVIEW_DIR}"  # the MLflow UI opens the run's artifact browser on that file
+    sheets = " · ".join(f"[{label}]({files}/{Path(path).name})" for label, path in review["sheets"].items())
+    top = pd.read_csv(review["table"]).sort_values("loss", ascending=False, kind="stable").head(ARTIFACT_ROWS)
+    rows = [
+        f"| {row.label} | {row.predicted} | {significant(row.loss)} | {significant(row.probability)} | {row.split} | "
+        f"{row.file} |"
+        for row in top.itertuples(index=False)
+    ]
+    create_markdown_artifact(
+        "\n".join(
+            [
+                f"**Label review** ({ranking}) of MLflow run [{run.run_id}]({run.url}): "
+                f"[{REVIEW_CSV}]({files}/{REVIEW_CSV}) (here: {review['table']})",
+                "",
+                f"Contact sheets per class: {sheets}",
+                "",
+                f"The {len(top)} worst:",
+                "",
+                "| label | predicted | loss | probability | split | file |",
+                "|---|---|---|---|---|---|",
+                *rows,
+                "",
+                f"`pets review show {run.run_id}` lists them per class. Mark the action column of {REVIEW_CSV} (keep, "
+                f"delete, relabel:<class>), then `pets review apply {REVIEW_CSV} --run {run.run_id}`.",
+            ]
+        ),
+        key=ARTIFACT_KEY,
+        description="Images whose labels look wrong, for a person to keep, delete or relabel",
+    )
+
+
+class ReviewNotFoundError(InputError):
+    """The MLflow run does not exist, or logged no review."""
+
+
+def logged_review(run_id: str, uri: str | None = None) -> pd.DataFrame:
+    """Read back the review table an MLflow run logged (review/review.csv), from the store at `uri` (default:
+    `tracking_uri()`); a store that does not answer is a TrackingStoreUnavailableError."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = uri or tracking.tracking_uri()
+    tracking.check_tracking_store(uri)
+    client = mlflow.MlflowClient(uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        raise ReviewNotFoundError(
+            f"No MLflow run {run_id} in the tracking store {redact_url(uri)}: give a training run's id, or "
+            "point --tracking-uri at the store that holds it."
+        ) from None
+    # one small file: MLflow's download progress bar would only come between the command and its output
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}),
+    ):
+        try:
+            path = client.download_artifacts(run_id, f"{REVIEW_DIR}/{REVIEW_CSV}", folder)
+        except (MlflowException, OSError):
+            raise ReviewNotFoundError(
+                f"MLflow run {run_id} logged no {REVIEW_DIR}/{REVIEW_CSV}: train with a baseline (--baseline) and "
+                "--label-review losses to get one."
+            ) from None
+        return pd.read_csv(path, keep_default_na=False)
