@@ -642,7 +642,7 @@ def review_show(
     ] = None,
 ) -> None:
     """Print the run's label review: per class, the images whose labels look most wrong first, with their paths."""
-    from tasks.review import logged_review
+    from tasks.tracking import logged_review
 
     table = logged_review(run_id, tracking_uri)
     ranked_by = "label quality" if "label_quality" in table.columns else "loss"

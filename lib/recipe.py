@@ -187,8 +187,8 @@ class DataSettings(Section):
     )
     overrides: str | None = Field(
         None,
-        description="Review decisions to apply (an overrides file `pets review apply` wrote): files deleted or "
-        "relabelled without touching the originals.",
+        description="Review decisions to apply: an overrides file `pets review apply` wrote, or a reviewed "
+        "review.csv; images deleted or relabelled without touching the originals.",
     )
     presize: int = Field(
         DEFAULT_PRESIZE, ge=8, description="Short side in pixels of the images cached before training."
@@ -463,6 +463,11 @@ class Recipe(Section):
         if self.data.dir is not None and not Path(self.data.dir).expanduser().is_dir():
             what = "is not a folder" if Path(self.data.dir).expanduser().exists() else "does not exist"
             raise RecipeError(f"--data-dir {self.data.dir} {what}: pass the folder that holds the images")
+        if self.data.overrides is not None and not Path(self.data.overrides).expanduser().is_file():
+            raise RecipeError(
+                f"--overrides {self.data.overrides} is not a file: pass the overrides file `pets review apply` wrote "
+                "(or a reviewed review.csv)"
+            )
         for option, folder in (("--out-dir", self.runtime.out_dir), ("--cache-dir", self.runtime.cache_dir)):
             _check_folder(option, folder)
         if training and self.runtime.device is not None:

@@ -5,26 +5,20 @@ look (the run's MLflow artifacts under review/, a Prefect artifact linking them)
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
-from unittest.mock import patch
 
 import pandas as pd
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from lib.common.download import redact_url
-from lib.common.errors import InputError
 from lib.common.numbers import significant
 from lib.evaluate.evaluation import validation_predictions
-from lib.evaluate.review import REVIEW_CSV, review_table, write_review
+from lib.evaluate.review import REVIEW_CSV, REVIEW_DIR, review_table, write_review
 from lib.recipe import Recipe
 from lib.train.stages import cpu_threads
 from tasks import tracking
 
-REVIEW_DIR = "review"  # under the run's folder, and the artifact path in MLflow
 ARTIFACT_KEY = "label-review"
 ARTIFACT_ROWS = 10  # table rows the Prefect artifact shows: the worst losses over every class
 
@@ -86,38 +80,3 @@ def publish_review(run: tracking.TrainingRun, review: dict, *, ranking: str) -> 
         key=ARTIFACT_KEY,
         description="Images whose labels look wrong, for a person to keep, delete or relabel",
     )
-
-
-class ReviewNotFoundError(InputError):
-    """The MLflow run does not exist, or logged no review."""
-
-
-def logged_review(run_id: str, uri: str | None = None) -> pd.DataFrame:
-    """Read back the review table an MLflow run logged (review/review.csv), from the store at `uri` (default:
-    `tracking_uri()`); a store that does not answer is a TrackingStoreUnavailableError."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    uri = uri or tracking.tracking_uri()
-    tracking.check_tracking_store(uri)
-    client = mlflow.MlflowClient(uri)
-    try:
-        client.get_run(run_id)
-    except MlflowException:
-        raise ReviewNotFoundError(
-            f"No MLflow run {run_id} in the tracking store {redact_url(uri)}: give a training run's id, or "
-            "point --tracking-uri at the store that holds it."
-        ) from None
-    # one small file: MLflow's download progress bar would only come between the command and its output
-    with (
-        tempfile.TemporaryDirectory() as folder,
-        patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}),
-    ):
-        try:
-            path = client.download_artifacts(run_id, f"{REVIEW_DIR}/{REVIEW_CSV}", folder)
-        except (MlflowException, OSError):
-            raise ReviewNotFoundError(
-                f"MLflow run {run_id} logged no {REVIEW_DIR}/{REVIEW_CSV}: train with a baseline (--baseline) and "
-                "--label-review losses to get one."
-            ) from None
-        return pd.read_csv(path, keep_default_na=False)

@@ -36,6 +36,8 @@ from lib.recipe import CHAMPION_ALIAS, Recipe
 from tasks.mlflow_ui import ui_url as _ui_url
 
 if TYPE_CHECKING:  # the CLI checks the tracking store with this module as it starts: torch and pandas load later
+    import pandas as pd
+
     from lib.train.trainer import EpochStats
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -1130,3 +1132,56 @@ def log_predictions(
     if model["model_id"]:  # the run's page lists the logged model as its input (MLflow 3.17 `log_inputs(models=)`)
         _client().log_inputs(run_id, models=[LoggedModelInput(model["model_id"])])
     log_files(run_id, files)
+
+
+class ReviewNotFoundError(InputError):
+    """The MLflow run does not exist, or logged no review."""
+
+
+def logged_review(run_id: str, uri: str | None = None) -> pd.DataFrame:
+    """Read back the review table an MLflow run logged (review/review.csv), from the store at `uri` (default:
+    `tracking_uri()`); a store that does not answer is a TrackingStoreUnavailableError."""
+    import tempfile
+
+    import mlflow
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from lib.evaluate.review import REVIEW_CSV, REVIEW_DIR
+
+    uri = uri or tracking_uri()
+    check_tracking_store(uri)
+    client = mlflow.MlflowClient(uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        raise ReviewNotFoundError(
+            f"No MLflow run {run_id} in the tracking store {redact_url(uri)}: give a training run's id, or "
+            "point --tracking-uri at the store that holds it."
+        ) from None
+    logged = f"{REVIEW_DIR}/{REVIEW_CSV}"
+    # one small file: MLflow's download progress bar (mlflow 3.17 mlflow/environment_variables.py) would only come
+    # between the command and its output
+    with tempfile.TemporaryDirectory() as folder, _environment("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
+        try:
+            path = client.download_artifacts(run_id, logged, folder)
+        except (MlflowException, OSError):
+            raise ReviewNotFoundError(
+                f"MLflow run {run_id} logged no {logged}: train with a baseline (--baseline) and --label-review "
+                "losses to get one."
+            ) from None
+        return pd.read_csv(path, keep_default_na=False)
+
+
+@contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    """Set one environment variable for the block, then restore what it was."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before

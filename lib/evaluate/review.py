@@ -22,6 +22,7 @@ from lib.data.images import open_rgb
 from lib.evaluate.interpret import plot_top_losses
 from lib.recipe import DEFAULT_REVIEW_PER_CLASS
 
+REVIEW_DIR = "review"  # under the run's folder, and the artifact path in MLflow
 REVIEW_CSV = "review.csv"
 COLUMNS = ("file", "label", "predicted", "loss", "probability", "split", "sha256")
 RANKING_COLUMNS = ("label_quality", "issue")  # only when an out-of-fold ranking gave them

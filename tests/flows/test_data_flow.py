@@ -237,3 +237,18 @@ def test_two_flow_runs_sharing_one_cache_at_the_same_time_both_finish_and_leave_
             image.load()  # decodes in full: no half-written file
             assert min(image.size) == PRESIZE
     assert not [p for p in cache.rglob("*.tmp")] and not list(cache.rglob("*.part"))
+
+
+def test_a_missing_overrides_file_is_refused_before_the_data_stage_starts(tmp_path):
+    missing = tmp_path / "overrides.json"
+    data_dir = tmp_path / "images"
+    data_dir.mkdir()
+    result = CliRunner().invoke(
+        app, ["summary", "--data-dir", str(data_dir), "--overrides", str(missing), "--cache-dir", str(tmp_path / "c")]
+    )
+
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"Error: --overrides {missing} is not a file: pass the overrides file `pets review apply` wrote (or a "
+        "reviewed review.csv)\n"
+    )
