@@ -4,7 +4,7 @@
 `recipe` is the run's `lib.recipe.Recipe`: every stage reads its data, model and runtime settings from it. The
 fine-tuning stages run in a process apart from the flow's, so a stage killed mid-epoch is retried and resumes (see
 `fine_tune_classifier`); `stage_process` starts that process ahead of the first stage and serves every stage of a
-flow run from it.
+flow run from it, with one more process for each stage that trains at the same time as another.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
@@ -242,25 +243,47 @@ class StageProcess:
 
 
 class _StageProcesses:
-    """A flow run's stage process between stages: stages run one after another, so one process serves them all."""
+    """A flow run's stage processes: one per stage that trains at the same time, and at most one idle between stages.
+
+    Stages that run one after another share one process; stages submitted together (the out-of-fold baselines,
+    tasks/label_issues.py) each get a process of their own, and those handed back beyond the first are stopped, so
+    the rest of the flow keeps one process (and one CUDA context) as before. Prefect's task threads call `take` and
+    `give_back` at once, hence the lock.
+    """
 
     def __init__(self, folder: Path):
         self.folder = folder
+        self.lock = threading.Lock()
         self.idle: StageProcess | None = StageProcess(folder)
+        self.busy: set[StageProcess] = set()
 
     def take(self) -> StageProcess:
-        """The idle process if it is still alive, else a fresh one (it was killed, or it failed a stage)."""
-        process, self.idle = self.idle, None
-        if process is not None and process.alive():
+        """The idle process if it is still alive, else a fresh one (it was killed, failed a stage, or is busy)."""
+        with self.lock:
+            process, self.idle = self.idle, None
+            if process is None or not process.alive():
+                if process is not None:
+                    process.stop()
+                process = StageProcess(self.folder)
+            self.busy.add(process)
             return process
+
+    def give_back(self, process: StageProcess) -> None:
+        """Keep a process that finished its stage for the next one, unless one is kept already or it is gone."""
+        with self.lock:
+            self.busy.discard(process)
+            if self.idle is None and process.alive():
+                self.idle, process = process, None
         if process is not None:
             process.stop()
-        return StageProcess(self.folder)
 
     def close(self) -> None:
-        if self.idle is not None:
-            self.idle.stop()
-            self.idle = None
+        """Stop every process, the ones still training too (the flow is ending: Ctrl-C, or a failed stage)."""
+        with self.lock:
+            processes = [*self.busy, *([self.idle] if self.idle is not None else [])]
+            self.idle, self.busy = None, set()
+        for process in processes:
+            process.stop()
 
 
 _STAGE_PROCESSES: ContextVar[_StageProcesses | None] = ContextVar("stage_processes", default=None)
@@ -295,9 +318,10 @@ def run_stage_process(request_path: Path, on_epoch: Callable[[EpochStats, int], 
         finally:
             process.stop()
     process = processes.take()
-    result = process.train(request_path, on_epoch)  # a process that raised is stopped already
-    processes.idle = process
-    return result
+    try:
+        return process.train(request_path, on_epoch)  # a process that raised is stopped already
+    finally:
+        processes.give_back(process)
 
 
 def _rebuilt(error: Mapping[str, str]) -> Exception:
