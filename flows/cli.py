@@ -825,6 +825,8 @@ def _print_training(result: Mapping[str, Any], *, experiment: str | None = None,
     where = f" (experiment {experiment})" if experiment else ""
     typer.echo(f"MLflow run {result['run_name']!r}{where}: {run_url(result)}")
     typer.echo(f"Open the UI with {ui_hint}.")
+    if result.get("review"):
+        typer.echo(f"Label review ({result['review']['ranking']}): pets review show {result['run_id']}")
 
 
 def _top_k(image: str, probabilities: np.ndarray, vocab: Sequence[str], k: int) -> dict[str, Any]:

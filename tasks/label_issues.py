@@ -20,7 +20,8 @@ from prefect.cache_policies import NO_CACHE
 
 from lib.common.files import write_atomically, write_text_atomically
 from lib.evaluate.evaluation import validation_predictions
-from lib.evaluate.label_issues import FOLD_COLUMN, fold_manifests, out_of_fold_probabilities, rank_label_issues
+from lib.evaluate.label_issues import fold_manifests, out_of_fold_probabilities, rank_label_issues
+from lib.evaluate.review import REVIEW_DIR, review_table, write_review
 from lib.recipe import BASELINE_LR, DEFAULT_LR_MULT, Recipe
 from lib.train.distributed import data_parallel
 from lib.train.stages import cpu_threads
@@ -32,8 +33,6 @@ OOF_DIR = "oof"  # under the run's folder: the fold manifests, the probabilities
 STAGE_PREFIX = "oof-"  # the fold baselines' stages: oof-1 .. oof-K
 HELD_OUT_FILE = "held_out.npz"  # in each fold's stage folder
 PROBABILITIES_FILE = "oof.npz"
-TABLE_FILE = "label_issues.csv"
-ARTIFACT_PATH = "label_review"  # where the MLflow run keeps the table and the probabilities
 
 
 def fold_stage(number: int) -> str:
@@ -59,13 +58,14 @@ def predict_held_out(model_path: str, fold_manifest_path: str, vocab_path: str, 
 
 def out_of_fold_review(manifest_path: str, vocab_path: str, out_dir: str, recipe: Recipe, run_id: str) -> dict:
     """Train `review.folds` baselines on K-1 folds each, at once; rank every image's label by its held-out
-    probabilities; log the table and the probabilities to the MLflow run under `label_review/`.
+    probabilities; write the review table and contact sheets (lib/evaluate/review.py) to `<out_dir>/review/` and log
+    the probabilities to the MLflow run under `review/` (the flow publishes the table and sheets).
 
     Call it from a flow, inside `tasks.training.stage_process` (outside, each fold starts a process of its own). A
     resumed run draws the same folds (seeded by `data.seed`, or by the run's id as the stages are) and each fold's
-    stage resumes from its checkpoint. Returns `paths` (the fold manifests, `oof.npz` with the N x C probabilities,
-    targets, label_quality, is_issue and order, and `label_issues.csv`, one row per image in review order) and
-    `counts` (images, folds, issues) with the out-of-fold error rate.
+    stage resumes from its checkpoint. Returns the review's `table` (review.csv, with label_quality and issue) and
+    `sheets`, `paths` (the fold manifests; `oof.npz` with the N x C probabilities, targets, label_quality, is_issue
+    and cleanlab's order) and `counts` (images, folds, issues) with the out-of-fold error rate.
     """
     folds = recipe.review.folds
     seed = recipe.data.seed if recipe.data.seed is not None else int(run_id[:15], 16)  # fine_tune_classifier's
@@ -99,7 +99,7 @@ def out_of_fold_review(manifest_path: str, vocab_path: str, out_dir: str, recipe
         predict_held_out(result["model"], path, vocab_path, recipe, stage=fold_stage(k))
         for k, (result, path) in enumerate(zip(trained, fold_paths, strict=True), start=1)
     ]
-    return _rank(manifest, fold_paths, held_out, vocab_path, oof_dir, run_id)
+    return _rank(manifest, fold_paths, held_out, vocab_path, out_dir, run_id, recipe.review.review_per_class)
 
 
 def _fold_recipe(recipe: Recipe, folds: int) -> Recipe:
@@ -111,7 +111,13 @@ def _fold_recipe(recipe: Recipe, folds: int) -> Recipe:
 
 
 def _rank(
-    manifest: pd.DataFrame, fold_paths: list[str], held_out: list[str], vocab_path: str, oof_dir: Path, run_id: str
+    manifest: pd.DataFrame,
+    fold_paths: list[str],
+    held_out: list[str],
+    vocab_path: str,
+    out_dir: str,
+    run_id: str,
+    per_class: int,
 ) -> dict:
     folds = [pd.read_csv(path) for path in fold_paths]
     saved = [np.load(path) for path in held_out]
@@ -121,39 +127,25 @@ def _rank(
     targets = manifest["target"].to_numpy()
     label_quality, is_issue, order = rank_label_issues(targets, probabilities)
     vocab = json.loads(Path(vocab_path).read_text())
-    predicted = probabilities.argmax(axis=1)
-    table = pd.DataFrame(
-        {
-            "rank": np.empty(len(order), dtype=np.int64),
-            "path": manifest["path"],
-            "label": manifest["label"],
-            "predicted": [vocab[index] for index in predicted],
-            "label_quality": label_quality,
-            # the cross-entropy of the held-out prediction, as the in-sample review table's loss
-            "loss": -np.log(np.clip(label_quality, np.finfo(np.float64).tiny, None)),
-            "probability": probabilities.max(axis=1),
-            "is_issue": is_issue,
-            FOLD_COLUMN: folds[0][FOLD_COLUMN],
-        }
-    )
-    table.loc[order, "rank"] = np.arange(1, len(order) + 1)
-    table = table.sort_values("rank", kind="stable")
     arrays = {
         "probabilities": probabilities, "targets": targets, "label_quality": label_quality, "is_issue": is_issue,
         "order": order,
     }  # fmt: skip
-    npz = write_atomically(oof_dir / PROBABILITIES_FILE, lambda temporary: _save_npz(temporary, arrays))
-    csv = write_text_atomically(oof_dir / TABLE_FILE, table.to_csv(index=False))
-    error_rate = float((predicted != targets).mean())
+    npz = write_atomically(Path(out_dir) / OOF_DIR / PROBABILITIES_FILE, lambda temporary: _save_npz(temporary, arrays))
+    # The same review table as the baseline's top losses, ranked within each class by label quality instead
+    table = review_table(manifest, probabilities, vocab, label_quality=label_quality, is_issue=is_issue)
+    review = write_review(table, Path(out_dir) / REVIEW_DIR, per_class=per_class)
+    error_rate = float((probabilities.argmax(axis=1) != targets).mean())
     counts = {"images": len(manifest), "folds": len(folds), "issues": int(is_issue.sum())}
-    tracking.log_files(run_id, [csv, npz], ARTIFACT_PATH)
+    tracking.log_files(run_id, [npz], REVIEW_DIR)
     tracking.log_metrics(run_id, {"oof_error_rate": error_rate, "oof_label_issues": counts["issues"]})
     get_run_logger().info(
         f"Out-of-fold label review: {counts['issues']} of {counts['images']} labels look wrong (confident learning); "
-        f"out-of-fold error rate {error_rate:.3f}; the ranked table is {csv}"
+        f"out-of-fold error rate {error_rate:.3f}; the review table is {review['table']}"
     )
-    paths = {"folds": fold_paths, "probabilities": str(npz), "table": str(csv)}
-    return {"paths": paths, "counts": counts, "error_rate": error_rate}
+    sheets = {label: str(path) for label, path in review["sheets"].items()}
+    paths = {"folds": fold_paths, "probabilities": str(npz)}
+    return {"table": str(review["table"]), "sheets": sheets, "paths": paths, "counts": counts, "error_rate": error_rate}
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

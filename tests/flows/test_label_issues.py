@@ -13,8 +13,9 @@ import pytest
 from prefect import flow
 
 from lib.evaluate.evaluation import validation_predictions
+from lib.evaluate.review import REVIEW_CSV, REVIEW_DIR
 from lib.recipe import BASELINE_LR, DEFAULT_LR_MULT, Recipe
-from tasks.label_issues import ARTIFACT_PATH, PROBABILITIES_FILE, TABLE_FILE, fold_stage, out_of_fold_review
+from tasks.label_issues import PROBABILITIES_FILE, fold_stage, out_of_fold_review
 from tasks.tracking import EPOCH_METRICS, ensure_experiment
 from tasks.training import _StageProcesses, fine_tune_classifier, stage_process
 from tests.support.pets import presized_pets
@@ -109,10 +110,13 @@ def test_out_of_fold_self_confidence_finds_more_planted_flips_than_in_sample_top
     result = state.result()
     review = result["review"]
 
-    # The review: every image once, ranked; the flagged ones are cleanlab's.
-    table = pd.read_csv(review["paths"]["table"])
+    # The review: every image once, per class by the held-out probability of its label, lowest first, with
+    # cleanlab's verdict; the probabilities and cleanlab's order beside it.
+    table = pd.read_csv(review["table"])
     saved = np.load(review["paths"]["probabilities"])
-    assert sorted(table["path"]) == sorted(manifest["path"]) and table["rank"].tolist() == list(range(1, 201))
+    assert sorted(table["file"]) == sorted(manifest["path"]) and sorted(saved["order"]) == list(range(200))
+    assert table.groupby("label", sort=False)["label_quality"].apply(lambda q: q.is_monotonic_increasing).all()
+    assert table["issue"].sum() == saved["is_issue"].sum() and set(review["sheets"]) == set(vocab)
     probabilities = saved["probabilities"]
     assert probabilities.shape == (len(manifest), BREEDS) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
     assert np.allclose(saved["label_quality"], probabilities[np.arange(len(manifest)), manifest["target"]])
@@ -128,7 +132,7 @@ def test_out_of_fold_self_confidence_finds_more_planted_flips_than_in_sample_top
     in_sample_found = np.intersect1d(np.argsort(-losses, kind="stable")[:top], flipped).size
     # The in-sample model memorised its training set, planted flips included:
     clean = np.setdiff1d(np.arange(len(manifest)), flipped)
-    oof_losses = table.set_index("path").loc[manifest["path"], "loss"].to_numpy()
+    oof_losses = table.set_index("file").loc[manifest["path"], "loss"].to_numpy()
     print(f"clean images' loss: in-sample {losses[clean].mean():.3f}, out-of-fold {oof_losses[clean].mean():.3f}")
     print(f"OOF found {oof_found}, in-sample {in_sample_found} of {top} flips; the flow took {seconds:.0f} s")
     # The in-sample model fits the images it was trained on better than held-out ones (it has seen them):
@@ -151,8 +155,9 @@ def test_out_of_fold_self_confidence_finds_more_planted_flips_than_in_sample_top
         for key in EPOCH_METRICS:
             steps = [point.step for point in client.get_metric_history(run_id, f"{fold_stage(k)}/{key}")]
             assert steps == list(range(1 + EPOCHS)), (k, key)
-    logged = {item.path.rsplit("/", 1)[-1] for item in client.list_artifacts(run_id, ARTIFACT_PATH)}
-    assert logged == {TABLE_FILE, PROBABILITIES_FILE}
+    logged = {item.path.rsplit("/", 1)[-1] for item in client.list_artifacts(run_id, REVIEW_DIR)}
+    assert logged == {PROBABILITIES_FILE}  # the flow publishes review.csv and the sheets (publish_review)
+    assert Path(review["table"]).name == REVIEW_CSV
     metrics = client.get_run(run_id).data.metrics
     assert metrics["oof_label_issues"] == review["counts"]["issues"]
     assert metrics["oof_error_rate"] == pytest.approx(review["error_rate"])
