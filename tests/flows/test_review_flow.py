@@ -142,9 +142,20 @@ def test_a_review_changes_the_next_runs_data_and_lineage(archive, tmp_path, mlfl
         f"Next: pets train --overrides {overrides}"
     )
 
-    second = train(Recipe().updated({**common, "baseline": False, "overrides": str(overrides)}))
+    # The next run trains on the reviewed data, and reviews it out of fold: two baselines on one fold each.
+    oof = {"baseline": False, "label_review": "oof", "folds": 2, "baseline_epochs": 1}
+    second = train(Recipe().updated({**common, **oof, "overrides": str(overrides)}))
 
-    assert second["review"] is None  # no baseline, so no losses to rank
+    review = second["review"]
+    assert review["ranking"].startswith("out of fold over 2 baselines")
+    ranked = pd.read_csv(review["table"], keep_default_na=False)
+    assert len(ranked) == len(manifest) - 1 and {"label_quality", "issue"} <= set(ranked.columns)
+    assert ranked.groupby("label", sort=False)["label_quality"].apply(lambda q: q.is_monotonic_increasing).all()
+    logged = {item.path.rsplit("/", 1)[-1] for item in client.list_artifacts(second["run_id"], "review")}
+    assert {"review.csv", "oof.npz"} <= logged
+    assert [point.step for point in client.get_metric_history(second["run_id"], "oof-2/valid_loss")] == [0, 1]
+    shown = invoke("review", "show", second["run_id"], "--per-class", "1")
+    assert shown.exit_code == 0 and "the 1 with the worst label quality" in shown.stdout, shown.output
     run = client.get_run(second["run_id"])
     trained_on = pd.read_csv(client.download_artifacts(second["run_id"], "data/presized.csv", str(tmp_path)))
     assert len(trained_on) == len(manifest) - 1 and table.loc[deleted, "sha256"] not in set(trained_on["sha256"])
@@ -158,7 +169,8 @@ def test_a_review_changes_the_next_runs_data_and_lineage(archive, tmp_path, mlfl
     assert {"overrides.json", "overrides_changes.csv"} <= data_files
 
     # A run that logged no review, and one that does not exist: one line each, exit 2.
-    missing = invoke("review", "show", second["run_id"])
-    assert missing.exit_code == 2 and f"MLflow run {second['run_id']} logged no review/review.csv" in missing.output
+    bare = client.create_run(run.info.experiment_id).info.run_id
+    missing = invoke("review", "show", bare)
+    assert missing.exit_code == 2 and f"MLflow run {bare} logged no review/review.csv" in missing.output
     unknown = invoke("review", "show", "0" * 32)
     assert unknown.exit_code == 2 and f"No MLflow run {'0' * 32} in the tracking store" in unknown.output
