@@ -40,8 +40,9 @@ def corpus(tmp_path_factory):
     exif[0x0112] = 6  # rotate 90 degrees to display
     Image.new("RGB", (60, 30), (10, 120, 200)).save(images / ROTATED, "JPEG", exif=exif)
     Image.new("I;16", (50, 50), 40_000).save(images / SIXTEEN_BIT, "PNG")
-    for name in PAIR:
-        Image.new("RGB", (64, 64), (90, 90, 90)).save(images / name, "JPEG")
+    # two different pictures: copies of one would be used once (near-duplicates), leaving the breed one picture
+    for name, angle in zip(PAIR, (0, 90), strict=True):
+        Image.linear_gradient("L").rotate(angle).resize((64, 64)).convert("RGB").save(images / name, "JPEG")
     for name in UNMATCHED:
         (images / name).write_bytes((images / "Abyssinian_1.jpg").read_bytes())
     return images
