@@ -193,9 +193,7 @@ def find_duplicates(manifest_path: str, cache_dir: str, distance: int, exclude_c
     table_path = duplicates.write_table(report, out)
     sheet_path = summary.plot_duplicate_groups(report.table, out / duplicates.DUPLICATES_PNG)
     grouped_path = out / "grouped.csv"
-    report.used.drop(columns=["group_size", "distance", "exact", "conflicting", "near_other_group"]).to_csv(
-        grouped_path, index=False
-    )
+    report.used.drop(columns=list(duplicates.REPORT_COLUMNS)).to_csv(grouped_path, index=False)
     counts = {**report.counts(), "distance": distance, "excluded_conflicting": exclude_conflicting}
     logger.info(summary.duplicates_line(counts))
     if counts["conflicting_groups"]:

@@ -27,7 +27,7 @@ from lib.train.distributed import data_parallel
 from lib.train.stages import cpu_threads
 from lib.train.trainer import resolve_device
 from tasks import tracking
-from tasks.training import fine_tune_classifier
+from tasks.training import fine_tune_classifier, prediction_settings, seeded_for_run
 
 OOF_DIR = "oof"  # under the run's folder: the fold manifests, the probabilities and the ranked table
 STAGE_PREFIX = "oof-"  # the fold baselines' stages: oof-1 .. oof-K
@@ -45,12 +45,8 @@ def predict_held_out(model_path: str, fold_manifest_path: str, vocab_path: str, 
     file's path."""
     manifest = pd.read_csv(fold_manifest_path)
     vocab = json.loads(Path(vocab_path).read_text())
-    data, runtime = recipe.data, recipe.runtime
-    with cpu_threads(runtime.threads):
-        predictions = validation_predictions(
-            Path(model_path), manifest, vocab, presize=data.presize, size=data.size, batch_size=data.bs,
-            workers=data.workers, device=runtime.device, precision=recipe.precision,
-        )  # fmt: skip
+    with cpu_threads(recipe.runtime.threads):
+        predictions = validation_predictions(Path(model_path), manifest, vocab, **prediction_settings(recipe))
     path = Path(model_path).parent / HELD_OUT_FILE
     arrays = {"probabilities": predictions.probabilities.numpy(), "targets": predictions.targets.numpy()}
     return str(write_atomically(path, lambda temporary: _save_npz(temporary, arrays)))
@@ -68,8 +64,8 @@ def out_of_fold_review(manifest_path: str, vocab_path: str, out_dir: str, recipe
     and cleanlab's order) and `counts` (images, folds, issues) with the out-of-fold error rate.
     """
     folds = recipe.review.folds
-    seed = recipe.data.seed if recipe.data.seed is not None else int(run_id[:15], 16)  # fine_tune_classifier's
-    recipe = recipe.updated({"seed": seed})
+    recipe = seeded_for_run(recipe, run_id)  # the seed fine_tune_classifier trains each fold with
+    seed = recipe.data.seed
     manifest = pd.read_csv(manifest_path)
     oof_dir = Path(out_dir) / OOF_DIR
     fold_paths = []

@@ -18,6 +18,7 @@ from lib.evaluate.review import REVIEW_CSV, REVIEW_DIR, review_table, write_revi
 from lib.recipe import Recipe
 from lib.train.stages import cpu_threads
 from tasks import tracking
+from tasks.training import prediction_settings
 
 ARTIFACT_KEY = "label-review"
 ARTIFACT_ROWS = 10  # table rows the Prefect artifact shows: the worst losses over every class
@@ -33,13 +34,9 @@ def review_top_losses(model_path: str, manifest_path: str, vocab_path: str, out_
     """
     manifest = pd.read_csv(manifest_path)
     vocab = json.loads(Path(vocab_path).read_text("utf-8"))
-    data, runtime = recipe.data, recipe.runtime
     every_row = manifest.assign(split="valid")  # the evaluation predicts the validation rows, in manifest order
-    with cpu_threads(runtime.threads):
-        predictions = validation_predictions(
-            Path(model_path), every_row, vocab, presize=data.presize, size=data.size, batch_size=data.bs,
-            workers=data.workers, device=runtime.device, precision=recipe.precision,
-        )  # fmt: skip
+    with cpu_threads(recipe.runtime.threads):
+        predictions = validation_predictions(Path(model_path), every_row, vocab, **prediction_settings(recipe))
     table = review_table(manifest, predictions.probabilities.numpy(), vocab)
     written = write_review(table, Path(out_dir) / REVIEW_DIR, per_class=recipe.review.review_per_class)
     return {"table": str(written["table"]), "sheets": {label: str(path) for label, path in written["sheets"].items()}}

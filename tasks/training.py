@@ -104,6 +104,12 @@ def epoch_line(row: EpochStats, *, stage: str, step: int, steps: int, restored: 
     return line + (" (restored from the checkpoint of an earlier attempt)" if restored else "")
 
 
+def seeded_for_run(recipe: Recipe, run_id: str) -> Recipe:
+    """The recipe with a seed: its own, or without one a seed drawn from the MLflow run's id, so that a resumed
+    attempt draws what the first one drew (one seed per MLflow run)."""
+    return recipe if recipe.data.seed is not None else recipe.updated({"seed": int(run_id[:15], 16)})
+
+
 @task(
     cache_policy=NO_CACHE,
     task_run_name="fine-tune-{stage}",
@@ -133,8 +139,7 @@ def fine_tune_classifier(
     path, the history file, the loss-curve plot and the stage's numbers.
     """
     stage_dir = Path(out_dir) / stage
-    if recipe.data.seed is None:  # a resumed attempt must draw what the first one drew: one seed per MLflow run
-        recipe = recipe.updated({"seed": int(run_id[:15], 16)})
+    recipe = seeded_for_run(recipe, run_id)
     request = {
         "manifest_path": str(Path(manifest_path).resolve()),
         "vocab_path": str(Path(vocab_path).resolve()),
@@ -363,6 +368,16 @@ def find_learning_rate(manifest_path: str, vocab_path: str, out_dir: str, recipe
     }
 
 
+def prediction_settings(recipe: Recipe) -> dict:
+    """The recipe's settings `validation_predictions` and `tta_predictions` take: how the images are read, and the
+    device and precision a model predicts them on."""
+    data, runtime = recipe.data, recipe.runtime
+    return {
+        "presize": data.presize, "size": data.size, "batch_size": data.bs, "workers": data.workers,
+        "device": runtime.device, "precision": recipe.precision,
+    }  # fmt: skip
+
+
 @task(cache_policy=NO_CACHE)
 def evaluate_classifier(model_path: str, manifest_path: str, vocab_path: str, out_dir: str, recipe: Recipe) -> dict:
     """Evaluate an exported model on the validation set, with no optimizer: metrics and the interpretation files.
@@ -374,10 +389,7 @@ def evaluate_classifier(model_path: str, manifest_path: str, vocab_path: str, ou
     manifest = pd.read_csv(manifest_path)
     vocab = json.loads(Path(vocab_path).read_text())
     data, runtime = recipe.data, recipe.runtime
-    settings = {
-        "presize": data.presize, "size": data.size, "batch_size": data.bs, "workers": data.workers,
-        "device": runtime.device, "precision": recipe.precision,
-    }  # fmt: skip
+    settings = prediction_settings(recipe)
     # one validation pass serves the metrics, the interpretation and the plain side of the TTA blend
     with cpu_threads(runtime.threads):
         predictions = validation_predictions(Path(model_path), manifest, vocab, **settings)

@@ -39,7 +39,8 @@ HASH_BITS = 64
 _SIDE = 32  # imagehash phash: hash_size 8 x highfreq_factor 4
 _KEPT = 8  # the 8x8 lowest frequencies: 64 bits
 _BLOCK_ROWS = 1024  # rows of the all-pairs distance matrix computed at once: 1024 x 7390 uint8 is ~7.6 MB
-GROUP_COLUMNS = ("group", "group_size", "distance", "exact", "conflicting")
+# what find_groups adds to a manifest besides `group`: for the reports, not for the split
+REPORT_COLUMNS = ("group_size", "distance", "exact", "conflicting", "near_other_group")
 DUPLICATES_CSV = "duplicates.csv"
 DUPLICATES_PNG = "duplicates.png"
 REASON_EXACT = "exact copy"
